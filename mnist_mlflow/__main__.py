@@ -1,0 +1,3 @@
+from mnist_mlflow.cli import main
+
+main()

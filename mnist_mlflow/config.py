@@ -1,0 +1,80 @@
+"""The one typed training configuration: validated once, logged whole as MLflow params."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from mnist_mlflow.models import MODELS
+
+DEVICES = ("auto", "cpu", "cuda")
+PIPELINES = ("fast", "torchvision")
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad option, missing data); shown as one line, no traceback."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting that decides what a training run learns (defaults are the seed's)."""
+
+    model: str = "opt"
+    dropout: float = 0.0
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 64
+    momentum: float = 0.9
+    step_size: int = 10
+    gamma: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 1
+    device: str = "auto"
+    pipeline: str = "fast"
+    train_limit: int = 0
+    test_limit: int = 0
+
+    def validate(self) -> TrainConfig:
+        """Raise UserError naming the first bad option; return self when all are fine."""
+        checks = [
+            ("model", self.model in MODELS, f"must be one of {', '.join(sorted(MODELS))}"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("momentum", 0.0 <= self.momentum < 1.0, "must be in [0, 1)"),
+            ("step_size", self.step_size >= 1, "must be >= 1"),
+            ("gamma", 0.0 < self.gamma <= 1.0, "must be in (0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
+            ("pipeline", self.pipeline in PIPELINES, f"must be one of {', '.join(PIPELINES)}"),
+            ("train_limit", self.train_limit >= 0, "must be >= 0 (0 means all)"),
+            ("test_limit", self.test_limit >= 0, "must be >= 0 (0 means all)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"invalid {name}: {rule}, got {getattr(self, name)!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("invalid device: 'cuda' was asked for but CUDA is not available here")
+        return self
+
+    def resolved_device(self) -> torch.device:
+        """The device to train on: CUDA for 'auto' when present, else CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def run_name(self) -> str:
+        """Run name like `opt-dropout0.05`."""
+        return f"{self.model}-dropout{self.dropout:g}"
+
+    def as_params(self) -> dict[str, object]:
+        """All settings as a flat dict, ready for `mlflow.log_params`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,218 @@
+"""MNIST on disk (verified), and the two input pipelines that feed the training loop.
+
+`torchvision`: the seed's DataLoader with a per-sample PIL RandomRotation; kept as the reference.
+`fast`: all of MNIST as one uint8 tensor on the training device; each batch is gathered by
+index, rotated as a batch with `affine_grid`/`grid_sample` and normalized there.
+Both derive their data order and augmentation from one integer seed per epoch, so an epoch
+can be replayed exactly (resume) and two runs with the same seed see the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from mnist_mlflow.config import UserError
+from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
+
+ROTATION_DEGREES = 7.0
+EVAL_BATCH_SIZE = 2000
+
+# The four original files: name -> (md5, bytes). torchvision checks the same MD5s.
+RAW_FILES: dict[str, tuple[str, int]] = {
+    "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", 9912422),
+    "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432", 28881),
+    "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3", 1648877),
+    "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c", 4542),
+}
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_raw_files(raw_dir: Path) -> dict[str, str]:
+    """MD5 of each MNIST archive present in `raw_dir`; UserError naming a file that is wrong."""
+    found = {}
+    for name, (md5, size) in RAW_FILES.items():
+        path = raw_dir / name
+        if not path.is_file():
+            continue
+        actual_size = path.stat().st_size
+        if actual_size != size:
+            raise UserError(f"MNIST file {path} is {actual_size} bytes, expected {size}: "
+                            "truncated or replaced; copy the original file there again")
+        actual_md5 = file_md5(path)
+        if actual_md5 != md5:
+            raise UserError(f"MNIST file {path} fails its checksum (md5 {actual_md5}, "
+                            f"expected {md5}); copy the original file there again")
+        found[name] = actual_md5
+    return found
+
+
+@dataclass
+class MnistData:
+    """Verified MNIST: torchvision datasets plus the raw uint8 tensors (on the CPU)."""
+
+    root: Path
+    train: datasets.MNIST
+    test: datasets.MNIST
+    md5s: dict[str, str]
+    train_limit: int = 0
+    test_limit: int = 0
+
+    def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _first(self.train.data, self.train_limit), _first(self.train.targets, self.train_limit)
+
+    def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _first(self.test.data, self.test_limit), _first(self.test.targets, self.test_limit)
+
+
+def _first(tensor: torch.Tensor, limit: int) -> torch.Tensor:
+    return tensor[:limit] if limit else tensor
+
+
+def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> MnistData:
+    """Verify (or, with network, download) MNIST under `root`/MNIST/raw and open it."""
+    root = Path(root)
+    raw_dir = root / "MNIST" / "raw"
+    md5s = verify_raw_files(raw_dir)
+    try:
+        train = datasets.MNIST(root, train=True, download=True)
+        test = datasets.MNIST(root, train=False)
+    except (RuntimeError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"MNIST not found in {raw_dir} and could not be downloaded ({reason}); "
+                        f"put the four original .gz files there") from None
+    md5s.update(verify_raw_files(raw_dir))
+    return MnistData(root, train, test, md5s, train_limit, test_limit)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed that decides data order, augmentation and dropout of one epoch."""
+    return seed * 1_000_003 + epoch
+
+
+class TorchvisionPipeline:
+    """The seed's pipeline: DataLoader, per-sample PIL rotation, host-to-device copies."""
+
+    def __init__(self, data: MnistData, batch_size: int, device: torch.device,
+                 num_workers: int = 1) -> None:
+        normalize = transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))
+        train_tf = transforms.Compose([
+            transforms.RandomRotation((-ROTATION_DEGREES, ROTATION_DEGREES), fill=0),
+            transforms.ToTensor(),
+            normalize,
+        ])
+        test_tf = transforms.Compose([transforms.ToTensor(), normalize])
+        train_set = datasets.MNIST(data.root, train=True, transform=train_tf)
+        test_set = datasets.MNIST(data.root, train=False, transform=test_tf)
+        self.train_set = _limited(train_set, data.train_limit)
+        self.test_set = _limited(test_set, data.test_limit)
+        self.batch_size = batch_size
+        self.device = device
+        self.num_workers = num_workers
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_set)
+
+    def train_batches(self, seed: int) -> Iterator[Batch]:
+        # The generator decides the shuffle and the workers' seeds (hence the rotations).
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(self.train_set, self.batch_size, shuffle=True, generator=generator,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        yield from self._to_device(loader)
+
+    def test_batches(self) -> Iterator[Batch]:
+        loader = DataLoader(self.test_set, EVAL_BATCH_SIZE, num_workers=self.num_workers)
+        yield from self._to_device(loader)
+
+    def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+def _limited(dataset: datasets.MNIST, limit: int) -> datasets.MNIST | Subset:
+    return Subset(dataset, range(limit)) if limit else dataset
+
+
+def rotate_batch(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, 1, H, W) images counter-clockwise by per-image `degrees`, black fill.
+
+    Same geometry as torchvision's `rotate` (centre of the image, nearest neighbour).
+    """
+    radians = degrees * (math.pi / 180)
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], 1),
+                         torch.stack([sin, cos, zeros], 1)], 1).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+class FastPipeline:
+    """MNIST resident on the training device; batches gathered, rotated and normalized there."""
+
+    def __init__(self, data: MnistData, batch_size: int, device: torch.device) -> None:
+        train_images, train_labels = data.train_tensors()
+        test_images, test_labels = data.test_tensors()
+        self.train_images = train_images.to(device).unsqueeze(1)  # uint8 (N, 1, 28, 28)
+        self.train_labels = train_labels.to(device)
+        self.test_images = _normalize(test_images.to(device).unsqueeze(1))
+        self.test_labels = test_labels.to(device)
+        self.batch_size = batch_size
+        self.device = device
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    def train_batches(self, seed: int) -> Iterator[Batch]:
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        order = torch.randperm(self.num_train, device=self.device, generator=generator)
+        angles = (torch.rand(self.num_train, device=self.device, generator=generator) * 2 - 1)
+        angles *= ROTATION_DEGREES
+        for start in range(0, self.num_train, self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.train_images[index].float().div_(255)
+            # Black stays black after rotation; normalize afterwards, as torchvision does.
+            yield _normalize_float(rotate_batch(images, angles[index])), self.train_labels[index]
+
+    def test_batches(self) -> Iterator[Batch]:
+        for start in range(0, len(self.test_labels), EVAL_BATCH_SIZE):
+            yield (self.test_images[start:start + EVAL_BATCH_SIZE],
+                   self.test_labels[start:start + EVAL_BATCH_SIZE])
+
+
+def _normalize(images_u8: torch.Tensor) -> torch.Tensor:
+    return _normalize_float(images_u8.float().div_(255))
+
+
+def _normalize_float(images: torch.Tensor) -> torch.Tensor:
+    return images.sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+Pipeline = TorchvisionPipeline | FastPipeline
+
+
+def build_pipeline(kind: str, data: MnistData, batch_size: int, device: torch.device) -> Pipeline:
+    """The input pipeline named `kind` ('fast' or 'torchvision')."""
+    if kind == "torchvision":
+        return TorchvisionPipeline(data, batch_size, device)
+    return FastPipeline(data, batch_size, device)

@@ -1,0 +1,119 @@
+"""Model variants by name, the inference wrapper that is logged, and a layer summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+def conv_block(
+    in_channels: int, out_channels: int, dropout: float, padding: int = 0
+) -> list[nn.Module]:
+    """3x3 conv without bias, BatchNorm, ReLU, and Dropout(p) when p > 0."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, 3, padding=padding, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    ]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return layers
+
+
+class OptNet(nn.Module):
+    """The seed's network (Opt-1 / Opt-2): 6,132 parameters, dropout after every block but the first.
+
+    28x28 -> three 3x3 convs (10 channels) -> pool -> two convs (8) -> pool -> two padded
+    convs (8) -> 72 features -> Linear(72, 20) -> Linear(20, 10).
+    """
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_block(1, 10, dropout=0.0),
+            *conv_block(10, 10, dropout),
+            *conv_block(10, 10, dropout),
+            nn.MaxPool2d(2),
+            *conv_block(10, 8, dropout),
+            *conv_block(8, 8, dropout),
+            nn.MaxPool2d(2),
+            *conv_block(8, 8, dropout, padding=1),
+            *conv_block(8, 8, dropout, padding=1),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(72, 20), nn.Linear(20, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named variant: how to build it and what it is for."""
+
+    build: Callable[[float], nn.Module]
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "opt": ModelSpec(OptNet, "the seed's 6,132-parameter CNN (Opt-1, Opt-2 with dropout)"),
+}
+
+
+def build_model(name: str, dropout: float) -> nn.Module:
+    """Instantiate the variant `name` with dropout probability `dropout`."""
+    return MODELS[name].build(dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class InferenceModel(nn.Module):
+    """What gets logged: raw [0, 1] pixels in, 10 class probabilities out.
+
+    Normalization lives inside so that a served model takes plain images.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net((images - MNIST_MEAN) / MNIST_STD), dim=1)
+
+
+def model_summary(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> str:
+    """A layer table (name, type, output shape, parameters) from one forward pass."""
+    rows: list[tuple[str, str, str, int]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue
+
+        def record(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
+            params = sum(p.numel() for p in mod.parameters())
+            rows.append((name, type(mod).__name__, str(list(out.shape)), params))
+
+        hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(input_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    header = f"{'layer':<24}{'type':<14}{'output shape':<20}{'params':>8}"
+    lines = [header, "-" * len(header)]
+    lines += [f"{n:<24}{t:<14}{s:<20}{p:>8,}" for n, t, s, p in rows]
+    lines += ["-" * len(header), f"{'total trainable parameters':<58}{count_parameters(model):>8,}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""The training loop. Knows nothing of MLflow: it returns plain numbers per epoch.
+
+The whole state of a run (model, optimizer, scheduler, completed epochs) is one explicit
+object; data order, augmentation and dropout of epoch `e` are derived from (seed, e), so
+training can stop after any epoch and go on later exactly as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from mnist_mlflow.config import TrainConfig
+from mnist_mlflow.data import Batch, Pipeline, epoch_seed
+from mnist_mlflow.models import build_model
+
+log = logging.getLogger("mnist_mlflow")
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch produced; accuracies in percent, `lr` is the rate the epoch used."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    lr: float
+    epoch_seconds: float
+
+    def as_metrics(self) -> dict[str, float]:
+        """Everything but the epoch number, which is the MLflow step."""
+        values = asdict(self)
+        del values["epoch"]
+        return values
+
+    def log_line(self, epochs: int) -> str:
+        return (f"epoch {self.epoch}/{epochs} train_loss {self.train_loss:.4f} "
+                f"train_acc {self.train_acc:.2f}% test_loss {self.test_loss:.4f} "
+                f"test_acc {self.test_acc:.2f}% lr {self.lr:.6g} {self.epoch_seconds:.1f}s")
+
+
+@dataclass
+class TrainState:
+    """Everything that training changes; `epoch` counts completed epochs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+
+
+def create_state(config: TrainConfig, device: torch.device) -> TrainState:
+    """Fresh model (initialized from `config.seed`), optimizer and scheduler."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.dropout).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return TrainState(model, optimizer, scheduler)
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterable[Batch], progress: tqdm | None = None) -> tuple[float, float]:
+    """One pass over `batches`; returns (mean loss, accuracy %).
+
+    Sums stay on the device and are read once, at the end of the epoch.
+    """
+    model.train()
+    loss_sum = correct = None
+    seen = 0
+    for images, labels in batches:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        batch_loss = loss.detach() * len(labels)
+        batch_correct = (logits.detach().argmax(1) == labels).sum()
+        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        correct = batch_correct if correct is None else correct + batch_correct
+        seen += len(labels)
+        if progress is not None:
+            progress.update(1)
+    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
+    """Mean loss and accuracy % over `batches`, in eval mode."""
+    model.eval()
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    seen = 0
+    for images, labels in batches:
+        logits = model(images)
+        loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits, labels, reduction="sum")
+        correct = correct.to(logits.device) + (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+
+
+def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
+        on_epoch: Callable[[EpochMetrics, TrainState], None] | None = None,
+        progress: bool = True) -> list[EpochMetrics]:
+    """Train from `state.epoch + 1` to `config.epochs`, calling `on_epoch` after each epoch."""
+    history = []
+    steps_per_epoch = math.ceil(pipeline.num_train / config.batch_size)
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        seed = epoch_seed(config.seed, epoch)
+        torch.manual_seed(seed)  # dropout masks of this epoch
+        lr = state.optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                  disable=None if progress else True, unit="batch") as bar:
+            train_loss, train_acc = train_one_epoch(state.model, state.optimizer,
+                                                    pipeline.train_batches(seed), bar)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+        test_loss, test_acc = evaluate(state.model, pipeline.test_batches())
+        state.scheduler.step()
+        state.epoch = epoch
+        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, lr,
+                               time.perf_counter() - start)
+        log.info(metrics.log_line(config.epochs))
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics, state)
+    return history

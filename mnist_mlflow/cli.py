@@ -78,6 +78,132 @@ def train(**options: Any) -> None:
                f"{result.history[-1].test_acc:.2f}%")
 
 
+@cli.command()
+@training_options
+@click.option("--variant", "variants", multiple=True, metavar="MODEL:DROPOUT",
+              help="A variant to train (repeatable or comma-separated); "
+                   "default: the seed's opt:0 and opt:0.05.")
+@click.pass_context
+def sweep(ctx: click.Context, variants: tuple[str, ...], **options: Any) -> None:
+    """Train every variant as a nested child run under one parent run."""
+    from mnist_mlflow.sweep import DEFAULT_VARIANTS, parse_variants, run_sweep, sweep_configs
+
+    for name in ("model", "dropout"):
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            raise UserError(f"--{name} does not apply to a sweep; use --variant MODEL:DROPOUT")
+    chosen = parse_variants(variants) if variants else list(DEFAULT_VARIANTS)
+    configs = sweep_configs(config_from(options), chosen)
+    result = run_sweep(configs, options["data_dir"], options["experiment"])
+    for child in result.children:
+        detail = f": {child.error}" if child.error else ""
+        click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
+    if result.failed:
+        raise click.ClickException(
+            f"{len(result.failed)} of {len(result.children)} sweep children failed "
+            f"({', '.join(c.config.run_name for c in result.failed)}); "
+            f"parent run {result.parent_run_id} ended FAILED")
+    click.echo(f"sweep {result.parent_run_id}: all {len(result.children)} children finished")
+
+
+@cli.command()
+@click.option("--experiment", default="mnist-optimization", show_default=True,
+              help="Experiment whose runs are compared (under `mlflow run`, the run's wins).")
+@click.option("--filter", "filter_string", default="",
+              help="MLflow filter string, e.g. \"params.epochs = '20'\".")
+@click.option("--metric", default="best_test_acc", show_default=True,
+              help="Selection metric.")
+@click.option("--goal", type=click.Choice(["max", "min"]), default=None,
+              help="Whether the metric is maximized [default: min for losses/gaps, else max].")
+@click.option("--max-params", type=int, default=8000, show_default=True,
+              help="Only runs with at most this many parameters are eligible.")
+@click.option("--top", type=int, default=5, show_default=True,
+              help="Runs shown side by side and plotted.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write comparison.md and comparison.png to this folder.")
+@click.option("--register/--no-register", default=True, show_default=True,
+              help="Register the chosen run's model and consider it for production.")
+@click.option("--model-name", default="mnist-cnn", show_default=True,
+              help="Registered model name.")
+@click.option("--force", is_flag=True, help="Move `production` even if it is not better.")
+def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
+            max_params: int, top: int, report_dir: str | None, register: bool,
+            model_name: str, force: bool) -> None:
+    """Compare finished runs, pick the production candidate, register and promote it."""
+    from pathlib import Path
+
+    from mnist_mlflow import comparison
+
+    higher_is_better = comparison.metric_goal(metric) if goal is None else goal == "max"
+    rule = comparison.SelectionRule(metric, max_params, higher_is_better)
+    result = comparison.compare(experiment, filter_string, rule, top,
+                                Path(report_dir) if report_dir else None)
+    click.echo(comparison.markdown_table(
+        comparison.summary_table(result.ranked, result.chosen, rule)))
+    click.echo()
+    click.echo(comparison.markdown_table(
+        comparison.side_by_side_table(result.ranked[:top], rule)))
+    click.echo(f"\nRule: {rule.describe()}.")
+    click.echo(f"Chosen: {result.chosen.name} ({result.chosen.run_id}): {result.reason}.")
+    click.echo(f"Report logged to comparison run {result.comparison_run_id}"
+               + (f" and written to {report_dir}" if report_dir else ""))
+    if not register:
+        return
+    from mnist_mlflow import registry  # imports the training stack (torch): only when needed
+
+    description = (f"{result.chosen.name} (run {result.chosen.run_id}): {metric} "
+                   f"{result.chosen.metrics[metric]:.6g}, {result.chosen.num_params:,} "
+                   f"parameters. Chosen by `mnist-mlflow compare` (comparison run "
+                   f"{result.comparison_run_id}): {rule.describe()}.")
+    version = registry.register_run(result.chosen.run_id, model_name, metric, description)
+    click.echo(f"Registered {model_name} version {version.version}")
+    promotion = registry.promote_if_better(model_name, version.version, metric,
+                                           higher_is_better, force)
+    click.echo(promotion.message)
+
+
+@cli.command()
+@click.option("--version", required=True, help="Version to make `production` (rollback).")
+@click.option("--model-name", default="mnist-cnn", show_default=True)
+def promote(version: str, model_name: str) -> None:
+    """Point alias `production` at a version; the one that held it becomes `previous`."""
+    from mnist_mlflow.registry import promote as move_production
+
+    click.echo(move_production(model_name, version).message)
+
+
+@cli.command()
+@click.option("--model-name", default="mnist-cnn", show_default=True)
+def models(model_name: str) -> None:
+    """List the registered versions: aliases, selection metric, source run."""
+    from mnist_mlflow.comparison import markdown_table
+    from mnist_mlflow.registry import list_versions
+
+    rows = [["Version", "Aliases", "Metric", "Run name", "Run", "Registered"]]
+    rows += [[v.version, ", ".join(v.aliases), v.metric, v.run_name, v.run_id, v.created]
+             for v in list_versions(model_name)]
+    click.echo(markdown_table(rows))
+
+
+@cli.command()
+@click.option("--model-uri", default="models:/mnist-cnn@production", show_default=True)
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def predict(model_uri: str, images: tuple[str, ...]) -> None:
+    """Print the digit and its probability for each PNG/JPEG image."""
+    from pathlib import Path
+
+    from mnist_mlflow.predict import load_model, predict_files
+
+    results = predict_files(load_model(model_uri), [Path(p) for p in images])
+    for result in results:
+        if result.error:
+            click.echo(f"Error: {result.error}", err=True)
+        else:
+            click.echo(f"{result.path}: {result.digit} (p={result.probability:.3f})")
+    failed = sum(1 for r in results if r.error)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(results)} files could not be predicted")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, no traceback."""
     try:

@@ -1,0 +1,178 @@
+"""The model registry: register a chosen run's model, move aliases `production`/`previous`.
+
+Aliases, not the deprecated stages. `production` only ever points at a version whose run
+FINISHED; the version that loses it gets `previous`, so a rollback is one `promote`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import mlflow
+from mlflow.entities import LoggedModelStatus, Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mnist_mlflow.config import UserError
+from mnist_mlflow.tracking import MODEL_NAME_IN_RUN
+
+DEFAULT_MODEL_NAME = "mnist-cnn"
+PRODUCTION = "production"
+PREVIOUS = "previous"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What happened to the `production` alias and why."""
+
+    version: str
+    moved: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    version: str
+    aliases: list[str]
+    metric: str
+    run_name: str
+    run_id: str
+    created: str
+
+
+def _production(client: MlflowClient, model_name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(model_name, PRODUCTION)
+    except MlflowException as err:
+        # No registered model yet, or no version holds the alias.
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _finished_run(client: MlflowClient, run_id: str) -> Run:
+    """The run behind a version; UserError when it is gone or did not finish."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"run {run_id} no longer exists in the tracking store") from None
+    if run.info.status != "FINISHED" or run.info.lifecycle_stage != "active":
+        raise UserError(f"run {run.info.run_name} ({run_id}) is {run.info.status}"
+                        f"{' and deleted' if run.info.lifecycle_stage != 'active' else ''}; "
+                        f"only a FINISHED run may be {PRODUCTION}")
+    return run
+
+
+def _metric(run: Run, metric: str) -> float:
+    if metric not in run.data.metrics:
+        raise UserError(f"run {run.info.run_name} ({run.info.run_id}) has no metric {metric!r}")
+    return run.data.metrics[metric]
+
+
+def register_run(run_id: str, model_name: str, metric: str, description: str) -> ModelVersion:
+    """The run's `model` as a version of `model_name`; the existing version if already there."""
+    client = MlflowClient()
+    run = _finished_run(client, run_id)
+    value, run_name = _metric(run, metric), run.info.run_name
+    tags = {"selection_metric": metric, metric: f"{value}", "run_name": run_name}
+    existing = [v for v in _versions(client, model_name) if v.run_id == run_id]
+    if existing:
+        version = existing[0]
+        for key, tag in tags.items():
+            client.set_model_version_tag(model_name, version.version, key, tag)
+    else:
+        # Looked up first so that a run without a model leaves the registry untouched.
+        logged = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list",
+            filter_string=f"source_run_id = '{run_id}' and name = '{MODEL_NAME_IN_RUN}'")
+        ready = [m for m in logged if m.status == LoggedModelStatus.READY]
+        if not ready:
+            raise UserError(f"run {run_name} ({run_id}) has no logged model "
+                            f"'{MODEL_NAME_IN_RUN}' to register")
+        uri = f"models:/{ready[0].model_id}"
+        version = mlflow.register_model(uri, model_name, tags=tags)
+    client.update_model_version(model_name, version.version, description)
+    return client.get_model_version(model_name, version.version)
+
+
+def promote_if_better(model_name: str, version: str, metric: str, higher_is_better: bool,
+                      force: bool = False) -> Promotion:
+    """Move `production` to `version` when it beats the current one on `metric` (or `force`)."""
+    client = MlflowClient()
+    candidate = client.get_model_version(model_name, version)
+    value = _metric(_finished_run(client, candidate.run_id), metric)
+    current = _production(client, model_name)
+    if current is None:
+        return _move(client, model_name, version, None, "no version was production yet")
+    if current.version == version:
+        return Promotion(version, False, f"version {version} is already {PRODUCTION}")
+    current_value = client.get_run(current.run_id).data.metrics.get(metric)
+    if force:
+        return _move(client, model_name, version, current, "--force")
+    if current_value is None:
+        return Promotion(current.version, False,
+                         f"{PRODUCTION} stays at version {current.version}: its run has no "
+                         f"{metric} to compare with; use --force to move it anyway")
+    better = value > current_value if higher_is_better else value < current_value
+    if not better:
+        return Promotion(current.version, False,
+                         f"{PRODUCTION} stays at version {current.version}: version {version} "
+                         f"has {metric} {value:.6g}, which does not beat {current_value:.6g}; "
+                         "use --force to move it anyway")
+    return _move(client, model_name, version, current,
+                 f"{metric} {value:.6g} beats {current_value:.6g} of version {current.version}")
+
+
+def promote(model_name: str, version: str) -> Promotion:
+    """Point `production` at `version` unconditionally (rollback), if its run FINISHED."""
+    client = MlflowClient()
+    try:
+        target = client.get_model_version(model_name, version)
+    except MlflowException:
+        raise UserError(f"registered model {model_name!r} has no version {version!r}; "
+                        "see `mnist-mlflow models`") from None
+    _finished_run(client, target.run_id)
+    current = _production(client, model_name)
+    if current is not None and current.version == target.version:
+        return Promotion(target.version, False, f"version {version} is already {PRODUCTION}")
+    return _move(client, model_name, target.version, current, "asked for with --version")
+
+
+def _move(client: MlflowClient, model_name: str, version: str, current: ModelVersion | None,
+          why: str) -> Promotion:
+    """Set `production` on `version`; the version that held it becomes `previous`."""
+    _finished_run(client, client.get_model_version(model_name, version).run_id)
+    client.set_registered_model_alias(model_name, PRODUCTION, version)
+    if current is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS, current.version)
+    held = f"; version {current.version} is now {PREVIOUS}" if current is not None else ""
+    return Promotion(version, True, f"{PRODUCTION} -> version {version} ({why}){held}")
+
+
+def _versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    return sorted(versions, key=lambda v: int(v.version))
+
+
+def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
+    """Every version of `model_name` with its aliases, selection metric and source run."""
+    client = MlflowClient()
+    versions = _versions(client, model_name)
+    if not versions:
+        raise UserError(f"no registered model {model_name!r} with versions; "
+                        "run `mnist-mlflow compare` first")
+    # Searched versions come without their aliases; the registered model has them all.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(model_name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for v in versions:
+        metric = v.tags.get("selection_metric", "")
+        rows.append(VersionRow(v.version, sorted(aliases.get(str(v.version), [])),
+                               f"{metric} {v.tags.get(metric, '?')}" if metric else "",
+                               v.tags.get("run_name", ""), v.run_id or "",
+                               datetime.fromtimestamp(v.creation_timestamp / 1000)
+                               .strftime("%Y-%m-%d %H:%M")))
+    return rows

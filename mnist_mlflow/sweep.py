@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import RunStatus
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -97,23 +98,25 @@ def run_child(config: TrainConfig, data_dir: Path | str, parent_run_id: str,
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     experiment = client.get_experiment(experiment_id).name
-    previous_run = mlflow.last_active_run()
+    earlier_children = _child_run_ids(client, experiment_id, parent_run_id)
     try:
         result = train_tracked(config, data_dir, experiment, parent_run_id=parent_run_id,
                                progress=progress)
     except Exception as err:  # one child's crash must not stop the others
         reason = f"{type(err).__name__}: {err}"
         log.error("child %s failed: %s", config.run_name, reason)
-        failed_run = mlflow.last_active_run()
-        if failed_run is not None and failed_run.info.run_id != _run_id(previous_run):
-            return ChildOutcome(config, failed_run.info.run_id, "FAILED", reason)
-        run_id = _record_failure(client, experiment_id, parent_run_id, config, reason)
+        # Training ends its run FAILED itself, unless it failed before starting one.
+        started = _child_run_ids(client, experiment_id, parent_run_id) - earlier_children
+        run_id = (started.pop() if started else
+                  _record_failure(client, experiment_id, parent_run_id, config, reason))
         return ChildOutcome(config, run_id, "FAILED", reason)
     return ChildOutcome(config, result.run_id, "FINISHED")
 
 
-def _run_id(run: Run | None) -> str | None:
-    return run.info.run_id if run is not None else None
+def _child_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) -> set[str]:
+    runs = client.search_runs([experiment_id], f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}'",
+                              max_results=SEARCH_MAX_RESULTS_THRESHOLD)
+    return {run.info.run_id for run in runs}
 
 
 def _record_failure(client: MlflowClient, experiment_id: str, parent_run_id: str,

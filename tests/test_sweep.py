@@ -1,0 +1,149 @@
+"""`mnist-mlflow sweep`: a parent run with one nested child per variant, failures isolated."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mnist_mlflow.cli import main
+from mnist_mlflow.comparison import ROLE_TAG
+from mnist_mlflow.sweep import parse_variants, run_sweep, sweep_configs
+from tests.conftest import tiny_config
+
+TINY = ["--epochs", "1", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite store for the module: creating one costs seconds; tests differ by experiment."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture
+def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{module_store / 'mlflow.db'}"
+    monkeypatch.chdir(module_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
+            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """Run the real entry point (`main`, with its error mapping); (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mnist-mlflow", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def all_runs(experiment: str) -> list[mlflow.entities.Run]:
+    found = MlflowClient().get_experiment_by_name(experiment)
+    return [] if found is None else MlflowClient().search_runs([found.experiment_id])
+
+
+def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
+    children = [r for r in all_runs(experiment)
+                if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
+    return sorted(children, key=lambda r: r.info.start_time)
+
+
+def test_default_sweep_trains_the_seeds_two_variants_as_children(
+        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = run_cli(["sweep", *TINY, "--data-dir", str(mnist_root),
+                              "--experiment", "default-sweep"], capsys, monkeypatch)
+    assert code == 0, err
+    parents = [r for r in all_runs("default-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["variants"] == "opt:0,opt:0.05"
+    assert parent.data.params["epochs"] == "1"
+    children = children_of("default-sweep", parent.info.run_id)
+    assert [c.info.run_name for c in children] == ["opt-dropout0", "opt-dropout0.05"]
+    assert [c.data.params["dropout"] for c in children] == ["0.0", "0.05"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["train_limit"] == "512"  # pass-through options reached it
+        assert "best_test_acc" in child.data.metrics
+        assert f"run {child.info.run_id} FINISHED" in out
+    assert parent.data.tags["children_finished"] == "2"
+    assert parent.data.tags["children_failed"] == "0"
+
+
+def test_failing_children_are_recorded_and_the_others_still_run(
+        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # lr 1e6 makes the loss non-finite in the first epoch: a real failure, in both children.
+    code, _, err = run_cli(["sweep", *TINY, "--lr", "1e6", "--variant", "opt:0",
+                            "--variant", "opt:0.1", "--data-dir", str(mnist_root),
+                            "--experiment", "diverging-sweep"], capsys, monkeypatch)
+    assert code == 1
+    assert "2 of 2 sweep children failed" in err.strip().splitlines()[-1]
+    parent = next(r for r in all_runs("diverging-sweep") if r.data.tags.get(ROLE_TAG) == "sweep")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["children_failed"] == "2"
+    children = children_of("diverging-sweep", parent.info.run_id)
+    assert [c.info.run_name for c in children] == ["opt-dropout0", "opt-dropout0.1"]
+    for child in children:
+        assert child.info.status == "FAILED"
+        assert "TrainingDiverged" in child.data.tags["failure_reason"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--variant", "opt"], "invalid --variant 'opt': expected MODEL:DROPOUT"),
+    (["--variant", "opt:x"], "invalid --variant 'opt:x'"),
+    (["--variant", "opt:0,opt:0"], "a variant is given twice"),
+    (["--variant", "nope:0"], "invalid model"),
+    (["--variant", "opt:1.5"], "invalid dropout"),
+    (["--dropout", "0.1"], "--dropout does not apply to a sweep"),
+    (["--model", "opt"], "--model does not apply to a sweep"),
+])
+def test_bad_sweep_options_fail_in_one_line_before_any_run(
+        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
+    code, out, err = run_cli(["sweep", *TINY, *args, "--data-dir", str(mnist_root),
+                              "--experiment", "never-created"], capsys, monkeypatch)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
+    assert all_runs("never-created") == []
+
+
+def test_parse_variants_accepts_repeated_and_comma_separated_specs() -> None:
+    assert parse_variants(["opt:0", "opt:0.05, opt:0.1"]) == [
+        ("opt", 0.0), ("opt", 0.05), ("opt", 0.1)]
+
+
+def test_a_child_failing_before_its_run_began_still_leaves_a_failed_run(
+        store: str, mnist_root: Path, tmp_path: Path) -> None:
+    bad_root = tmp_path / "bad-data"
+    (bad_root / "MNIST" / "raw").mkdir(parents=True)
+    for source in (mnist_root / "MNIST" / "raw").glob("*.gz"):
+        (bad_root / "MNIST" / "raw" / source.name).write_bytes(source.read_bytes())
+    truncated = bad_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    configs = sweep_configs(tiny_config(epochs=1), [("opt", 0.0), ("opt", 0.05)])
+
+    result = run_sweep(configs, bad_root, "bad-data-sweep", progress=False)
+
+    assert [c.status for c in result.children] == ["FAILED", "FAILED"]
+    children = children_of("bad-data-sweep", result.parent_run_id)
+    assert [c.info.run_name for c in children] == ["opt-dropout0", "opt-dropout0.05"]
+    for child, outcome in zip(children, result.children, strict=True):
+        assert child.info.run_id == outcome.run_id
+        assert child.info.status == "FAILED"
+        assert "t10k-labels-idx1-ubyte.gz" in child.data.tags["failure_reason"]
+        assert child.data.params["dropout"] == str(outcome.config.dropout)
+    assert MlflowClient().get_run(result.parent_run_id).info.status == "FAILED"

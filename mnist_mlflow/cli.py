@@ -10,7 +10,14 @@ from typing import Any
 
 import click
 
-from mnist_mlflow.config import DEVICES, PIPELINES, TrainConfig, UserError
+from mnist_mlflow.config import (
+    COMPILE_MODES,
+    DEVICES,
+    PIPELINES,
+    PRECISIONS,
+    TrainConfig,
+    UserError,
+)
 from mnist_mlflow.models import MODELS
 from mnist_mlflow.training import TrainingDiverged
 
@@ -40,6 +47,15 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"{'|'.join(DEVICES)}; auto picks CUDA when available."),
         click.option("--pipeline", default=DEFAULTS.pipeline, show_default=True,
                      help=f"Input pipeline: {'|'.join(PIPELINES)} (torchvision is the seed's)."),
+        click.option("--precision", default=DEFAULTS.precision, show_default=True,
+                     help=f"{'|'.join(PRECISIONS)}: bf16 autocast for training; auto is bf16 "
+                          "on CUDA, fp32 on the CPU. Evaluation is always fp32."),
+        click.option("--compile", default=DEFAULTS.compile, show_default=True,
+                     help=f"{'|'.join(COMPILE_MODES)}: torch.compile the model; auto is on "
+                          "(with CUDA graphs) on CUDA, off on the CPU."),
+        click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True,
+                     help="CPU threads for torch (0: torch's default). 1 is far faster on a "
+                          "2-core machine that is running other work."),
         click.option("--train-limit", type=int, default=0, show_default=True,
                      help="Train on the first N examples only (0: all)."),
         click.option("--test-limit", type=int, default=0, show_default=True,

@@ -11,6 +11,8 @@ from mnist_mlflow.models import MODELS
 
 DEVICES = ("auto", "cpu", "cuda")
 PIPELINES = ("fast", "torchvision")
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 class UserError(Exception):
@@ -33,6 +35,9 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"
     pipeline: str = "fast"
+    precision: str = "auto"
+    compile: str = "auto"
+    threads: int = 0
     train_limit: int = 0
     test_limit: int = 0
 
@@ -50,6 +55,11 @@ class TrainConfig:
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
             ("pipeline", self.pipeline in PIPELINES, f"must be one of {', '.join(PIPELINES)}"),
+            ("precision", self.precision in PRECISIONS,
+             f"must be one of {', '.join(PRECISIONS)}"),
+            ("compile", self.compile in COMPILE_MODES,
+             f"must be one of {', '.join(COMPILE_MODES)}"),
+            ("threads", self.threads >= 0, "must be >= 0 (0 keeps torch's default)"),
             ("train_limit", self.train_limit >= 0, "must be >= 0 (0 means all)"),
             ("test_limit", self.test_limit >= 0, "must be >= 0 (0 means all)"),
         ]
@@ -65,6 +75,22 @@ class TrainConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 for 'bf16', and for 'auto' on CUDA; None (plain fp32) otherwise.
+
+        'auto' keeps fp32 on the CPU: this CPU has AVX512-BF16 but no AMX, and bf16 autocast
+        measured slower there than fp32.
+        """
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        return torch.bfloat16 if bf16 else None
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether to torch.compile the model: 'on', or 'auto' on CUDA (CUDA graphs).
+
+        On the CPU compiling cost about a minute and made the step slower, hence off there.
+        """
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
 
     @property
     def run_name(self) -> str:

@@ -24,7 +24,6 @@ from mnist_mlflow.config import UserError
 from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
 
 ROTATION_DEGREES = 7.0
-EVAL_BATCH_SIZE = 2000
 
 # The four original files: name -> (md5, bytes). torchvision checks the same MD5s.
 RAW_FILES: dict[str, tuple[str, int]] = {
@@ -76,7 +75,8 @@ class MnistData:
     test_limit: int = 0
 
     def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _first(self.train.data, self.train_limit), _first(self.train.targets, self.train_limit)
+        limit = self.train_limit
+        return _first(self.train.data, limit), _first(self.train.targets, limit)
 
     def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _first(self.test.data, self.test_limit), _first(self.test.targets, self.test_limit)
@@ -100,6 +100,21 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> M
                         f"put the four original .gz files there") from None
     md5s.update(verify_raw_files(raw_dir))
     return MnistData(root, train, test, md5s, train_limit, test_limit)
+
+
+def eval_batch_size(device: torch.device) -> int:
+    """Test batch size: the whole test set on CUDA; 500 on the CPU, where activations of
+    larger batches fall out of cache (500 evaluated 2.5x faster than 2000 here)."""
+    return 10_000 if device.type == "cuda" else 500
+
+
+def chunk_images(device: torch.device) -> int:
+    """Training images rotated and normalized in one go, so that a step only slices them.
+
+    On CUDA the whole epoch (fewer launches, 200 MB); on the CPU 1024, which stays in cache
+    (measured 20% less time per epoch than per batch, and 3x less than 16k at a time).
+    """
+    return 65_536 if device.type == "cuda" else 1024
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -139,7 +154,8 @@ class TorchvisionPipeline:
         yield from self._to_device(loader)
 
     def test_batches(self) -> Iterator[Batch]:
-        loader = DataLoader(self.test_set, EVAL_BATCH_SIZE, num_workers=self.num_workers)
+        loader = DataLoader(self.test_set, eval_batch_size(self.device),
+                            num_workers=self.num_workers)
         yield from self._to_device(loader)
 
     def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
@@ -170,14 +186,16 @@ class FastPipeline:
     """MNIST resident on the training device; batches gathered, rotated and normalized there."""
 
     def __init__(self, data: MnistData, batch_size: int, device: torch.device) -> None:
+        self.batch_size = batch_size
+        self.device = device
         train_images, train_labels = data.train_tensors()
         test_images, test_labels = data.test_tensors()
         self.train_images = train_images.to(device).unsqueeze(1)  # uint8 (N, 1, 28, 28)
         self.train_labels = train_labels.to(device)
-        self.test_images = _normalize(test_images.to(device).unsqueeze(1))
+        self.test_images = self._laid_out(_normalize(test_images.to(device).unsqueeze(1)))
         self.test_labels = test_labels.to(device)
-        self.batch_size = batch_size
-        self.device = device
+        # A whole number of batches, so that chunks never split one.
+        self.chunk = batch_size * max(1, chunk_images(device) // batch_size)
 
     @property
     def num_train(self) -> int:
@@ -188,16 +206,26 @@ class FastPipeline:
         order = torch.randperm(self.num_train, device=self.device, generator=generator)
         angles = (torch.rand(self.num_train, device=self.device, generator=generator) * 2 - 1)
         angles *= ROTATION_DEGREES
-        for start in range(0, self.num_train, self.batch_size):
-            index = order[start:start + self.batch_size]
+        for chunk_start in range(0, self.num_train, self.chunk):
+            index = order[chunk_start:chunk_start + self.chunk]
             images = self.train_images[index].float().div_(255)
             # Black stays black after rotation; normalize afterwards, as torchvision does.
-            yield _normalize_float(rotate_batch(images, angles[index])), self.train_labels[index]
+            images = self._laid_out(_normalize_float(rotate_batch(images, angles[index])))
+            labels = self.train_labels[index]
+            for start in range(0, len(index), self.batch_size):
+                yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
 
     def test_batches(self) -> Iterator[Batch]:
-        for start in range(0, len(self.test_labels), EVAL_BATCH_SIZE):
-            yield (self.test_images[start:start + EVAL_BATCH_SIZE],
-                   self.test_labels[start:start + EVAL_BATCH_SIZE])
+        size = eval_batch_size(self.device)
+        for start in range(0, len(self.test_labels), size):
+            yield self.test_images[start:start + size], self.test_labels[start:start + size]
+
+    def _laid_out(self, images: torch.Tensor) -> torch.Tensor:
+        # The model is channels_last on CUDA (see training.create_state); for one channel
+        # this only relabels strides, no copy.
+        if self.device.type == "cuda":
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
 
 def _normalize(images_u8: torch.Tensor) -> torch.Tensor:

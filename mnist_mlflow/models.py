@@ -27,7 +27,7 @@ def conv_block(
 
 
 class OptNet(nn.Module):
-    """The seed's network (Opt-1 / Opt-2): 6,132 parameters, dropout after every block but the first.
+    """The seed's network (Opt-1/Opt-2): 6,132 parameters, dropout after each block but the first.
 
     28x28 -> three 3x3 convs (10 channels) -> pool -> two convs (8) -> pool -> two padded
     convs (8) -> 72 features -> Linear(72, 20) -> Linear(20, 10).

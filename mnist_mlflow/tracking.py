@@ -60,7 +60,9 @@ def summary_metrics(history: list[EpochMetrics]) -> dict[str, float]:
 
 def run_params(config: TrainConfig, state: TrainState, device: torch.device) -> dict[str, object]:
     return {**config.as_params(), "num_params": count_parameters(state.model),
-            "resolved_device": str(device), "torch_version": torch.__version__,
+            "resolved_device": str(device),
+            "resolved_precision": str(config.autocast_dtype(device) or torch.float32),
+            "resolved_compile": config.compiles(device), "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__}
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import mlflow
@@ -10,42 +9,22 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.cli import main
 from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.sweep import parse_variants, run_sweep, sweep_configs
 from tests.conftest import tiny_config
+from tests.helpers import run_cli, use_store
 
 TINY = ["--epochs", "1", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One SQLite store for the module: creating one costs seconds; tests differ by experiment."""
     return tmp_path_factory.mktemp("store")
 
 
 @pytest.fixture
 def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{module_store / 'mlflow.db'}"
-    monkeypatch.chdir(module_store)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
-            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """Run the real entry point (`main`, with its error mapping); (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mnist-mlflow", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    return use_store(module_store, monkeypatch)
 
 
 def all_runs(experiment: str) -> list[mlflow.entities.Run]:

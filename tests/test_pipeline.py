@@ -1,0 +1,184 @@
+"""The fast input pipeline against the seed's: same rotation, every example once, both log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.data import (
+    FastPipeline,
+    MnistData,
+    build_pipeline,
+    chunk_images,
+    load_mnist,
+    rotate_batch,
+)
+from mnist_mlflow.tracking import train_tracked
+from mnist_mlflow.training import create_state, fit
+from tests.conftest import tiny_config
+
+ANGLES = [-7.0, -3.3, 0.0, 1.7, 5.0, 7.0]
+# Nearest-neighbour rotations disagree only where a sampling point falls on a pixel edge.
+# Measured on 256 digits: identical to torchvision's tensor rotate, and at most 0.11% of
+# pixels differ from PIL's (which rounds its inverse matrix differently).
+MAX_DIFFERING_PIXELS = 0.01
+
+
+@pytest.fixture(scope="module")
+def data(mnist_root: Path) -> MnistData:
+    return load_mnist(mnist_root, train_limit=3000, test_limit=500)
+
+
+@pytest.fixture(scope="module")
+def digits(data: MnistData) -> torch.Tensor:
+    """Sixteen test digits as uint8 (16, 1, 28, 28)."""
+    return data.test_tensors()[0][:16].unsqueeze(1)
+
+
+def ours(digits: torch.Tensor, angle: float) -> torch.Tensor:
+    rotated = rotate_batch(digits.float(), torch.full((len(digits),), angle))
+    return rotated.round().to(torch.uint8)
+
+
+def differing_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a != b).float().mean().item()
+
+
+@pytest.mark.parametrize("angle", ANGLES)
+def test_batched_rotation_matches_torchvision_tensor_rotate(digits: torch.Tensor,
+                                                            angle: float) -> None:
+    reference = TF.rotate(digits, angle, interpolation=TF.InterpolationMode.NEAREST, fill=0)
+    assert differing_fraction(ours(digits, angle), reference) <= MAX_DIFFERING_PIXELS
+
+
+@pytest.mark.parametrize("angle", ANGLES)
+def test_batched_rotation_matches_the_seeds_pil_random_rotation(digits: torch.Tensor,
+                                                                angle: float) -> None:
+    # The seed's transform, pinned to one angle, on PIL images as its DataLoader sees them.
+    rotation = transforms.RandomRotation((angle, angle), fill=0)
+    reference = torch.stack([TF.pil_to_tensor(rotation(TF.to_pil_image(d))) for d in digits])
+    assert differing_fraction(ours(digits, angle), reference) <= MAX_DIFFERING_PIXELS
+
+
+def test_rotation_turns_counter_clockwise() -> None:
+    # A dot right of centre goes up (smaller row index) for a positive angle, as in torchvision.
+    image = torch.zeros(1, 1, 29, 29)
+    image[0, 0, 14, 24] = 1.0
+    rotated = rotate_batch(image, torch.tensor([90.0]))
+    assert rotated[0, 0, 4, 14] == 1.0 and rotated.sum() == 1.0
+
+
+def id_labelled(data: MnistData, batch_size: int) -> FastPipeline:
+    """A fast pipeline whose labels are the examples' indices, to see which ones it serves."""
+    pipeline = FastPipeline(data, batch_size, torch.device("cpu"))
+    pipeline.train_labels = torch.arange(pipeline.num_train)
+    return pipeline
+
+
+def collect(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    return [labels for _images, labels in batches]
+
+
+@pytest.mark.parametrize("batch_size", [64, 1000, 4096])
+def test_fast_loader_visits_every_example_once_per_epoch(data: MnistData,
+                                                         batch_size: int) -> None:
+    pipeline = id_labelled(data, batch_size)
+    assert pipeline.num_train > chunk_images(torch.device("cpu"))  # several chunks
+    for seed in (11, 12):
+        labels = collect(pipeline.train_batches(seed))
+        assert all(len(b) == batch_size for b in labels[:-1]) and len(labels[-1]) <= batch_size
+        served = torch.cat(labels)
+        assert torch.equal(served.sort().values, torch.arange(pipeline.num_train))
+
+
+def test_fast_loader_order_and_rotation_come_from_the_seed_alone(data: MnistData) -> None:
+    pipeline = id_labelled(data, 64)
+    first = list(pipeline.train_batches(5))
+    again = list(pipeline.train_batches(5))
+    other = collect(pipeline.train_batches(6))
+    assert len(first) == len(again)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(first, again, strict=True))
+    assert not torch.equal(torch.cat(collect(iter(first))), torch.cat(other))
+    # Chunked preparation serves the same tensors as rotating each batch on its own would.
+    generator = torch.Generator().manual_seed(5)
+    order = torch.randperm(pipeline.num_train, generator=generator)
+    angles = (torch.rand(pipeline.num_train, generator=generator) * 2 - 1) * 7.0
+    for step in (0, 17, len(first) - 1):
+        index = order[step * 64:(step + 1) * 64]
+        expected = rotate_batch(pipeline.train_images[index].float().div_(255), angles[index])
+        expected = (expected - 0.1307) / 0.3081
+        assert torch.equal(first[step][1], index)
+        torch.testing.assert_close(first[step][0], expected)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("precision", "fp16"), ("compile", "yes"), ("threads", -1),
+])
+def test_new_options_are_validated(option: str, value: object) -> None:
+    with pytest.raises(UserError, match=f"invalid {option}"):
+        TrainConfig(**{option: value}).validate()
+
+
+def test_auto_means_bf16_and_cuda_graphs_on_cuda_only() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    auto = TrainConfig()
+    assert auto.autocast_dtype(cpu) is None and not auto.compiles(cpu)
+    assert auto.autocast_dtype(cuda) == torch.bfloat16 and auto.compiles(cuda)
+    forced = TrainConfig(precision="fp32", compile="off")
+    assert forced.autocast_dtype(cuda) is None and not forced.compiles(cuda)
+    assert TrainConfig(precision="bf16").autocast_dtype(cpu) == torch.bfloat16
+
+
+def test_bf16_on_cpu_is_reproducible(data: MnistData) -> None:
+    config = tiny_config(precision="bf16", dropout=0.05, threads=1, train_limit=256, epochs=1)
+
+    def run() -> list[tuple[float, float, float]]:
+        state = create_state(config, torch.device("cpu"))
+        pipeline = build_pipeline("fast", data, config.batch_size, torch.device("cpu"))
+        return [(m.train_loss, m.test_loss, m.test_acc)
+                for m in fit(config, state, pipeline, progress=False)]
+
+    assert run() == run()
+
+
+@pytest.fixture(scope="module")
+def tracked_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, mlflow.entities.Run]:
+    """One tiny tracked run per pipeline, in one SQLite store (creating one costs seconds)."""
+    folder = tmp_path_factory.mktemp("pipelines")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        mlflow.set_tracking_uri(uri)
+        runs = {}
+        for pipeline in ("fast", "torchvision"):
+            result = train_tracked(tiny_config(pipeline=pipeline), mnist_root,
+                                   experiment="pipelines", progress=False)
+            runs[pipeline] = mlflow.get_run(result.run_id)
+        yield runs
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "torchvision"])
+def test_both_pipelines_train_and_log(tracked_runs: dict[str, mlflow.entities.Run],
+                                      pipeline: str) -> None:
+    run = tracked_runs[pipeline]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["pipeline"] == pipeline
+    assert (params["precision"], params["compile"], params["threads"]) == ("auto", "auto", "0")
+    assert params["resolved_precision"] == "torch.float32"
+    assert params["resolved_compile"] == "False"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_acc")
+    assert [m.step for m in history] == [1, 2]
+    assert run.data.metrics["train_acc"] > 10.0  # better than chance after 2 tiny epochs

@@ -106,7 +106,7 @@ def promote_if_better(model_name: str, version: str, metric: str, higher_is_bett
     current = _production(client, model_name)
     if current is None:
         return _move(client, model_name, version, None, "no version was production yet")
-    if current.version == version:
+    if str(current.version) == str(version):
         return Promotion(version, False, f"version {version} is already {PRODUCTION}")
     current_value = client.get_run(current.run_id).data.metrics.get(metric)
     if force:
@@ -135,7 +135,7 @@ def promote(model_name: str, version: str) -> Promotion:
                         "see `mnist-mlflow models`") from None
     _finished_run(client, target.run_id)
     current = _production(client, model_name)
-    if current is not None and current.version == target.version:
+    if current is not None and str(current.version) == str(target.version):
         return Promotion(target.version, False, f"version {version} is already {PRODUCTION}")
     return _move(client, model_name, target.version, current, "asked for with --version")
 
@@ -170,7 +170,7 @@ def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
     rows = []
     for v in versions:
         metric = v.tags.get("selection_metric", "")
-        rows.append(VersionRow(v.version, sorted(aliases.get(str(v.version), [])),
+        rows.append(VersionRow(str(v.version), sorted(aliases.get(str(v.version), [])),
                                f"{metric} {v.tags.get(metric, '?')}" if metric else "",
                                v.tags.get("run_name", ""), v.run_id or "",
                                datetime.fromtimestamp(v.creation_timestamp / 1000)

@@ -141,6 +141,19 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
+def training_model(config: TrainConfig, model: nn.Module,
+                   device: torch.device) -> tuple[nn.Module, bool]:
+    """The module to train with (compiled or not) and whether it replays CUDA graphs."""
+    if not config.compiles(device):
+        return model, False
+    cuda_graphs = device.type == "cuda"
+    # One static graph per batch shape (the full batch and the epoch's last one); on CUDA
+    # replayed as CUDA graphs, which removes the per-kernel launch cost of this tiny net.
+    compiled = torch.compile(model, dynamic=False,
+                             mode="reduce-overhead" if cuda_graphs else None)
+    return compiled, cuda_graphs
+
+
 def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
         on_epoch: Callable[[EpochMetrics, TrainState], None] | None = None,
         progress: bool = True) -> list[EpochMetrics]:
@@ -151,14 +164,7 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
     if config.threads:
         torch.set_num_threads(config.threads)
     autocast_dtype = config.autocast_dtype(device)
-    train_model = state.model
-    compiled = config.compiles(device)
-    cuda_graphs = compiled and device.type == "cuda"
-    if compiled:
-        # One static graph per batch shape (the full batch and the epoch's last one); on CUDA
-        # replayed as CUDA graphs, which removes the per-kernel launch cost of this tiny net.
-        train_model = torch.compile(state.model, dynamic=False,
-                                    mode="reduce-overhead" if cuda_graphs else None)
+    train_model, cuda_graphs = training_model(config, state.model, device)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         seed = epoch_seed(config.seed, epoch)
         torch.manual_seed(seed)  # dropout masks of this epoch

@@ -1,0 +1,137 @@
+"""Seconds per 60,000-image training epoch, fast pipeline vs the seed's, and tracking overhead.
+
+In one process on one device, both pipelines train the `opt` variant on the same first
+`--images` training examples (interleaved, `--repeats` times, median kept); the figure is
+scaled to 60,000 images. Then one whole tracked run (`train_tracked`, SQLite store in a
+temporary folder) is timed against the same training untracked (`fit` with no MLflow).
+
+    python benchmarks/epoch_speed.py                      # CPU or CUDA (auto), ~3 min on 2 cores
+    python benchmarks/epoch_speed.py --device cuda --images 60000 --repeats 3
+    python benchmarks/epoch_speed.py --overhead-epochs 20 --overhead-images 0   # a full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mnist_mlflow.config import TrainConfig
+from mnist_mlflow.data import build_pipeline, epoch_seed, load_mnist
+from mnist_mlflow.training import create_state, fit, train_one_epoch, training_model
+
+EPOCH_IMAGES = 60_000
+WARMUP_STEPS = 20
+PIPELINES = ("torchvision", "fast")
+
+
+def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int, repeat: int) -> float:
+    """Train one pass over `images` examples with `config.pipeline`; seconds scaled to 60k."""
+    device = config.resolved_device()
+    data = load_mnist(data_dir, images, config.test_limit)
+    pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
+    state = create_state(config, device)
+    model, cuda_graphs = training_model(config, state.model, device)
+
+    def one_pass(seed: int, steps: int | None = None) -> None:
+        batches = itertools.islice(pipeline.train_batches(seed), steps)
+        train_one_epoch(model, state.optimizer, batches,
+                        autocast_dtype=config.autocast_dtype(device), cuda_graphs=cuda_graphs)
+
+    # Warm-up: oneDNN/cuDNN kernels, compilation, CUDA graph capture. `images` is a whole
+    # number of batches, so the timed pass meets no new batch shape.
+    one_pass(epoch_seed(config.seed, 0), WARMUP_STEPS)
+    start = time.perf_counter()
+    one_pass(epoch_seed(config.seed, repeat + 1))  # its .item() waits for the device
+    return (time.perf_counter() - start) * EPOCH_IMAGES / pipeline.num_train
+
+
+def untracked_seconds(config: TrainConfig, data_dir: str) -> float:
+    """Wall time of what train_tracked does, without MLflow: load, build, fit."""
+    start = time.perf_counter()
+    device = config.resolved_device()
+    data = load_mnist(data_dir, config.train_limit, config.test_limit)
+    pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
+    fit(config, create_state(config, device), pipeline, progress=False)
+    return time.perf_counter() - start
+
+
+def tracked_seconds(config: TrainConfig, data_dir: str) -> float:
+    """Wall time of one whole train_tracked run (params, metrics, plots, log, model)."""
+    from mnist_mlflow.tracking import train_tracked
+
+    start = time.perf_counter()
+    train_tracked(config, data_dir, experiment="epoch-speed", progress=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--images", type=int, default=6400,
+                        help="training images per timed pass (scaled to 60k)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes per pipeline")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--overhead-epochs", type=int, default=2,
+                        help="epochs of the tracked/untracked run (0 skips that part)")
+    parser.add_argument("--overhead-images", type=int, default=12800,
+                        help="training images of that run (0: all 60,000)")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
+    args = parser.parse_args()
+
+    base = TrainConfig(device=args.device, batch_size=args.batch_size, dropout=args.dropout,
+                       precision=args.precision, compile=args.compile, threads=args.threads,
+                       epochs=1).validate()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = base.resolved_device()
+    images = max(1, args.images // args.batch_size) * args.batch_size
+    print(f"device {device} ({torch.get_num_threads()} threads, {os.cpu_count()} cpus), "
+          f"torch {torch.__version__}, batch {args.batch_size}, dropout {args.dropout}, "
+          f"precision {base.autocast_dtype(device) or torch.float32}, "
+          f"compile {base.compiles(device)}; {images} images x {args.repeats} repeats")
+
+    times: dict[str, list[float]] = {name: [] for name in PIPELINES}
+    for repeat in range(args.repeats):
+        for name in PIPELINES:
+            config = dataclasses.replace(base, pipeline=name)
+            times[name].append(seconds_per_epoch(config, args.data_dir, images, repeat))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    for name in PIPELINES:
+        runs = ", ".join(f"{t:.1f}" for t in times[name])
+        print(f"{name:<12} {median[name]:7.2f} s per 60k-image epoch (runs: {runs})")
+    print(f"fast is {median['torchvision'] / median['fast']:.2f}x faster per epoch")
+
+    if args.overhead_epochs:
+        config = dataclasses.replace(base, epochs=args.overhead_epochs,
+                                     train_limit=args.overhead_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            import mlflow
+
+            mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+            mlflow.set_experiment("epoch-speed")  # a store exists before a real run starts
+            os.environ.pop("MLFLOW_RUN_ID", None)
+            plain = untracked_seconds(config, args.data_dir)
+            tracked = tracked_seconds(config, args.data_dir)
+        images = config.train_limit or EPOCH_IMAGES
+        print(f"tracked run {tracked:.1f} s vs untracked {plain:.1f} s "
+              f"({config.epochs} epochs x {images} images, fast): ratio {tracked / plain:.3f}, "
+              f"overhead {tracked - plain:.1f} s")
+        full = 20 * median["fast"]
+        print(f"projected, not measured: that overhead on a 20-epoch 60k run of "
+              f"~{full:.0f} s training gives a ratio of {(full + tracked - plain) / full:.3f}")
+
+
+if __name__ == "__main__":
+    main()

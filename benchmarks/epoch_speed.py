@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import itertools
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -32,8 +33,20 @@ WARMUP_STEPS = 20
 PIPELINES = ("torchvision", "fast")
 
 
-def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int, repeat: int) -> float:
-    """Train one pass over `images` examples with `config.pipeline`; seconds scaled to 60k."""
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader's workers)."""
+    own, children = (resource.getrusage(who) for who in
+                     (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int,
+                      repeat: int) -> tuple[float, float]:
+    """One pass over `images` examples with `config.pipeline`: (wall, CPU) seconds per 60k.
+
+    CPU seconds are what the pass costs whatever else the machine runs; on a busy machine
+    the wall figure mostly measures the others.
+    """
     device = config.resolved_device()
     data = load_mnist(data_dir, images, config.test_limit)
     pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
@@ -48,9 +61,10 @@ def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int, repeat: i
     # Warm-up: oneDNN/cuDNN kernels, compilation, CUDA graph capture. `images` is a whole
     # number of batches, so the timed pass meets no new batch shape.
     one_pass(epoch_seed(config.seed, 0), WARMUP_STEPS)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     one_pass(epoch_seed(config.seed, repeat + 1))  # its .item() waits for the device
-    return (time.perf_counter() - start) * EPOCH_IMAGES / pipeline.num_train
+    scale = EPOCH_IMAGES / pipeline.num_train
+    return (time.perf_counter() - start) * scale, (cpu_seconds() - cpu_start) * scale
 
 
 def untracked_seconds(config: TrainConfig, data_dir: str) -> float:
@@ -103,15 +117,21 @@ def main() -> None:
           f"compile {base.compiles(device)}; {images} images x {args.repeats} repeats")
 
     times: dict[str, list[float]] = {name: [] for name in PIPELINES}
+    cpu_times: dict[str, list[float]] = {name: [] for name in PIPELINES}
     for repeat in range(args.repeats):
         for name in PIPELINES:
             config = dataclasses.replace(base, pipeline=name)
-            times[name].append(seconds_per_epoch(config, args.data_dir, images, repeat))
+            wall, cpu = seconds_per_epoch(config, args.data_dir, images, repeat)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
     median = {name: statistics.median(values) for name, values in times.items()}
+    cpu = {name: statistics.median(values) for name, values in cpu_times.items()}
     for name in PIPELINES:
         runs = ", ".join(f"{t:.1f}" for t in times[name])
-        print(f"{name:<12} {median[name]:7.2f} s per 60k-image epoch (runs: {runs})")
-    print(f"fast is {median['torchvision'] / median['fast']:.2f}x faster per epoch")
+        print(f"{name:<12} {median[name]:7.2f} s per 60k-image epoch (runs: {runs}); "
+              f"CPU {cpu[name]:.2f} s")
+    print(f"fast is {median['torchvision'] / median['fast']:.2f}x faster per epoch "
+          f"(wall); {cpu['torchvision'] / cpu['fast']:.2f}x less CPU time")
 
     if args.overhead_epochs:
         config = dataclasses.replace(base, epochs=args.overhead_epochs,

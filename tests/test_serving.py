@@ -1,0 +1,170 @@
+"""The production model in use: `predict` on image files and a real `mlflow models serve`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from mnist_mlflow.data import load_mnist
+from mnist_mlflow.predict import DEFAULT_MODEL_URI
+from mnist_mlflow.registry import promote, register_run
+from mnist_mlflow.tracking import train_tracked
+from tests.conftest import tiny_config
+from tests.helpers import run_cli, use_store
+
+COUNT = 10  # the first MNIST test images
+SERVER_START_LIMIT_S = 120
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture
+def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    return use_store(module_store, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def production(module_store: Path, mnist_root: Path) -> str:
+    """`mnist-cnn@production`: one epoch on 6,000 images (about 93%), enough for easy digits."""
+    with pytest.MonkeyPatch.context() as patch:
+        use_store(module_store, patch)
+        config = tiny_config(epochs=1, train_limit=6000, test_limit=1000, lr=0.05,
+                             batch_size=32)
+        run_id = train_tracked(config, mnist_root, "serving", progress=False).run_id
+        version = register_run(run_id, "mnist-cnn", "best_test_acc", "for the serving tests")
+        promote("mnist-cnn", str(version.version))
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def test_images(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first MNIST test images as uint8 (N, 28, 28) and their labels."""
+    images, labels = load_mnist(mnist_root, test_limit=COUNT).test_tensors()
+    return images.numpy(), labels.numpy()
+
+
+def as_model_input(images: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) / 255)[:, np.newaxis]
+
+
+def test_pngs_of_mnist_test_images_are_predicted_as_their_labels(
+        store: str, production: str, test_images: tuple[np.ndarray, np.ndarray],
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = test_images
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"digit{index}.png")
+        Image.fromarray(image).save(paths[-1])
+
+    code, out, err = run_cli(["predict", *map(str, paths)], capsys, monkeypatch)
+
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(p) for p in paths]
+    assert [int(line.split(": ")[1].split(" ")[0]) for line in lines] == labels.tolist()
+    probabilities = [float(line.split("(p=")[1].rstrip(")")) for line in lines]
+    assert all(0.1 < p <= 1.0 for p in probabilities)
+
+
+def test_any_size_dark_on_light_image_reads_like_mnist_and_bad_files_are_named(
+        store: str, production: str, test_images: tuple[np.ndarray, np.ndarray],
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = test_images
+    # Ink on paper, three times the size, as a colour JPEG.
+    paper = Image.fromarray(255 - images[0]).resize((84, 84)).convert("RGB")
+    paper.save(tmp_path / "paper.jpg", quality=95)
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.fromarray(images[1]).save(tmp_path / "digit.png")
+
+    code, out, err = run_cli(["predict", str(tmp_path / "paper.jpg"), str(tmp_path / "notes.png"),
+                              str(tmp_path / "digit.png"), str(tmp_path / "missing.png")],
+                             capsys, monkeypatch)
+
+    assert code == 1
+    assert out.splitlines()[0].startswith(f"{tmp_path / 'paper.jpg'}: {labels[0]} (p=")
+    assert out.splitlines()[1].startswith(f"{tmp_path / 'digit.png'}: {labels[1]} (p=")
+    errors = err.splitlines()
+    assert f"Error: {tmp_path / 'notes.png'}: not a readable image" in errors[0]
+    assert f"Error: {tmp_path / 'missing.png'}: no such file" in errors[1]
+    assert "2 of 4 files could not be predicted" in errors[2]
+
+
+def test_an_unknown_model_is_one_line(store: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("L", (28, 28)).save(tmp_path / "blank.png")
+    code, _, err = run_cli(["predict", "--model-uri", "models:/no-such-model@production",
+                            str(tmp_path / "blank.png")], capsys, monkeypatch)
+    assert code == 2
+    assert err.count("\n") == 1 and "cannot load model 'models:/no-such-model@production'" in err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_with_ten_scores_per_image(
+        store: str, production: str, test_images: tuple[np.ndarray, np.ndarray],
+        module_store: Path) -> None:
+    images, labels = test_images
+    port = free_port()
+    log_path = module_store / "serve.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", DEFAULT_MODEL_URI,
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            start_new_session=True)  # its own process group, so its workers go with it
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log_path)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations",
+                                 json={"inputs": as_model_input(images).tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        scores = np.array(response.json()["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    assert scores.shape == (COUNT, 10)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    assert scores.argmax(axis=1).tolist() == labels.tolist()
+    direct = mlflow.pyfunc.load_model(DEFAULT_MODEL_URI).predict(as_model_input(images))
+    np.testing.assert_allclose(scores, np.asarray(direct), atol=1e-5)
+    assert MlflowClient().get_model_version_by_alias("mnist-cnn", "production").run_id == \
+        production
+
+
+def wait_until_up(url: str, server: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Poll `url` until it answers, the server exits, or the start limit passes."""
+    deadline = time.monotonic() + SERVER_START_LIMIT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow models serve exited {server.returncode}:\n"
+                        f"{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not answer within {SERVER_START_LIMIT_S} s:\n"
+                f"{log_path.read_text()[-3000:]}")

@@ -15,6 +15,7 @@ from mlflow.entities import Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from mnist_mlflow.config import UserError
 from mnist_mlflow.plots import plot_comparison
@@ -310,6 +311,8 @@ def _log_comparison_run(comparison: Comparison, folder: Path, run_id: str | None
     if not run_id:
         experiment_id = client.get_experiment_by_name(comparison.experiment).experiment_id
         run_id = client.create_run(experiment_id, run_name="comparison").info.run_id
+    else:
+        client.set_tag(run_id, MLFLOW_RUN_NAME, "comparison")
     os.environ.pop("MLFLOW_RUN_ID", None)
     params = {"metric": comparison.rule.metric, "max_params": comparison.rule.max_params,
               "higher_is_better": comparison.rule.higher_is_better,

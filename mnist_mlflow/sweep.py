@@ -17,7 +17,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.config import TrainConfig, UserError
@@ -81,6 +81,8 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig]) -> str:
     if run_id is None:
         experiment_id = mlflow.set_experiment(experiment).experiment_id
         run_id = client.create_run(experiment_id, run_name="sweep").info.run_id
+    else:
+        client.set_tag(run_id, MLFLOW_RUN_NAME, "sweep")
     base = {k: v for k, v in configs[0].as_params().items() if k not in ("model", "dropout")}
     params = {**base, "variants": ",".join(f"{c.model}:{c.dropout:g}" for c in configs)}
     # `mlflow run` has already logged its -P values; MLflow forbids changing a param.

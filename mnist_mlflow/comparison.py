@@ -285,6 +285,10 @@ def compare(experiment: str, filter_string: str = "",
     runs, skipped = find_runs(experiment, filter_string, rule.metric)
     for warning in skipped:
         log.warning(warning)
+    if skipped and not runs:
+        raise UserError(f"none of the {len(skipped)} FINISHED runs has every metric the "
+                        f"comparison needs ({', '.join(sorted({*TABLE_METRICS, rule.metric}))}); "
+                        "check --metric and --filter")
     chosen, reason = select(runs, rule)
     ranked = rank(runs, rule)
     shown = ranked[:top]

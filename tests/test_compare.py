@@ -197,6 +197,7 @@ def test_filter_string_narrows_the_candidates(store: str) -> None:
     (["--experiment", "too-big", "--max-params", "8000"], "no run has num_params <= 8,000"),
     (["--experiment", "too-big", "--filter", "params.lr = "], "invalid --filter"),
     (["--experiment", "too-big", "--top", "0"], "invalid --top"),
+    (["--experiment", "too-big", "--metric", "typo_acc"], "check --metric and --filter"),
 ])
 def test_nothing_to_choose_is_one_line_and_leaves_the_registry_alone(
         store: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,

@@ -100,6 +100,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
         handler = logging.FileHandler(Path(tmp) / "training.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
+        log.setLevel(logging.INFO)  # training.log records every epoch, whatever the root level
         try:
             _log_start(config, state, device, data)
             log.info("run %s: training %s on %s (%d parameters)", run_id, config.run_name,

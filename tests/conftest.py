@@ -1,0 +1,62 @@
+"""Shared fixtures: a private copy of MNIST and a real SQLite MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mnist_mlflow.config import TrainConfig
+from mnist_mlflow.data import load_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = Path(os.environ.get("MNIST_SHARED_DIR", REPO.parent / "shared" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding a copy of ../shared/mnist/MNIST, extracted once per session."""
+    source = SHARED_MNIST / "MNIST"
+    if not (source / "raw").is_dir():
+        pytest.fail(f"MNIST copy not found at {source} (set MNIST_SHARED_DIR)")
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(source, root / "MNIST")
+    load_mnist(root)
+    return root
+
+
+def use_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Point MLflow at a new SQLite store in `folder` and make `folder` the working directory."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite tracking store in `tmp_path`, which is also the working directory."""
+    yield use_store(tmp_path, monkeypatch)
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Like `tracking_store`, shared by the tests of one module (for runs worth reusing)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield use_store(tmp_path_factory.mktemp("store"), monkeypatch)
+        while mlflow.active_run():
+            mlflow.end_run()
+
+
+def tiny_config(**overrides: object) -> TrainConfig:
+    """A configuration that trains in about a second: a slice of MNIST, few epochs, CPU."""
+    settings = {"train_limit": 512, "test_limit": 256, "epochs": 2, "device": "cpu"}
+    return TrainConfig(**(settings | overrides))

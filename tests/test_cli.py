@@ -1,0 +1,76 @@
+"""User mistakes: one line naming the problem, a non-zero exit, and no run created."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from mnist_mlflow.cli import main
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+            *args: str) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["mnist-mlflow", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def all_runs() -> int:
+    return len(mlflow.search_runs(search_all_experiments=True))
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--dropout", "abc"], "--dropout"),
+    (["--epochs", "2.5"], "--epochs"),
+    (["--dropout", "1.0"], "dropout"),
+    (["--dropout", "-0.1"], "dropout"),
+    (["--lr", "0"], "lr"),
+    (["--lr", "-1"], "lr"),
+    (["--epochs", "0"], "epochs"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--model", "resnet"], "model"),
+    (["--device", "tpu"], "device"),
+    (["--pipeline", "dali"], "pipeline"),
+])
+def test_bad_option_is_one_line_and_creates_no_run(
+    tracking_store: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], args: list[str], named: str,
+) -> None:
+    code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(mnist_root), *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and named in lines[0], err
+    assert "Traceback" not in err
+    assert all_runs() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(
+    tracking_store: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(mnist_root),
+                        "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err and all_runs() == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_damaged_mnist_file_is_named_and_creates_no_run(
+    tracking_store: str, mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], damage: str,
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(mnist_root / "MNIST", root / "MNIST")
+    victim = root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    content = victim.read_bytes()
+    victim.write_bytes(content[:1000] if damage == "truncate" else content[:-1] + b"\0")
+    code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(root))
+    assert code == 2 and str(victim) in err and len(err.strip().splitlines()) == 1
+    assert ("bytes" if damage == "truncate" else "checksum") in err
+    assert victim.exists() and all_runs() == 0

@@ -1,0 +1,63 @@
+"""`mlflow run . --env-manager local` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+TINY = ["-P", "train_limit=256", "-P", "test_limit=128", "-P", "epochs=2"]
+
+
+def mlflow_run(tracking_store: str, *args: str) -> subprocess.CompletedProcess[str]:
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    # A user's shell: no run or experiment chosen by an earlier in-process test.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env["MLFLOW_TRACKING_URI"] = tracking_store
+    return subprocess.run([str(mlflow_cli), "run", str(REPO), "--env-manager", "local",
+                           "--experiment-name", "projects", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def only_run(tracking_store: str):
+    client = MlflowClient(tracking_store)
+    experiment = client.get_experiment_by_name("projects")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_mlflow_run_trains_and_logs_into_the_run_it_created(
+    tracking_store: str, mnist_root: Path
+) -> None:
+    done = mlflow_run(tracking_store, *TINY, "-P", "dropout=0.05",
+                      "-P", f"data_dir={mnist_root}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    client, run = only_run(tracking_store)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dropout"] == "0.05" and run.data.params["num_params"] == "6132"
+    assert run.data.tags["mlflow.project.entryPoint"] == "main"
+    assert run.info.run_name == "opt-dropout0.05"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_acc"))
+    assert steps == [1, 2]
+    assert {"training.log", "model_summary.txt"} <= {
+        f.path for f in client.list_artifacts(run.info.run_id)}
+
+
+def test_bad_parameter_under_mlflow_run_fails_the_run_and_logs_nothing(
+    tracking_store: str, mnist_root: Path
+) -> None:
+    done = mlflow_run(tracking_store, *TINY, "-P", "dropout=1.5", "-P", f"data_dir={mnist_root}")
+    assert done.returncode != 0
+    assert "Error: invalid dropout: must be in [0, 1), got 1.5" in done.stderr
+    client, run = only_run(tracking_store)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {}
+    assert "num_params" not in run.data.params
+    assert client.list_artifacts(run.info.run_id) == []

@@ -1,0 +1,101 @@
+"""A training run leaves a complete MLflow run: params, metrics per epoch, tags, artifacts, model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mnist_mlflow.data import build_pipeline, load_mnist
+from mnist_mlflow.tracking import train_tracked
+from mnist_mlflow.training import create_state, fit
+from tests.conftest import tiny_config
+
+EPOCH_METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(module_store: str, mnist_root: Path):
+    config = tiny_config(dropout=0.05, epochs=3)
+    result = train_tracked(config, mnist_root, "unit", progress=False)
+    return config, result, MlflowClient().get_run(result.run_id)
+
+
+def test_run_logs_every_setting_as_a_param(finished_run) -> None:
+    config, _, run = finished_run
+    params = run.data.params
+    for name, value in config.as_params().items():
+        assert params[name] == str(value), name
+    assert params["num_params"] == "6132"
+    assert params["resolved_device"] == "cpu"
+    assert params["torch_version"] == torch.__version__
+    assert "torchvision_version" in params
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "opt-dropout0.05"
+
+
+def test_run_logs_one_value_per_epoch_for_each_metric(finished_run) -> None:
+    config, result, run = finished_run
+    client = MlflowClient()
+    for name in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [1, 2, 3], name
+    test_acc = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "test_acc"),
+                                        key=lambda m: m.step)]
+    assert test_acc == pytest.approx([m.test_acc for m in result.history])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "lr")] == [0.01] * 3
+    metrics = run.data.metrics
+    assert metrics["best_test_acc"] == pytest.approx(max(test_acc))
+    assert test_acc[int(metrics["best_epoch"]) - 1] == pytest.approx(max(test_acc))
+    last = result.history[-1]
+    assert metrics["final_gap"] == pytest.approx(last.train_acc - last.test_acc)
+
+
+def test_run_tags_and_artifacts(finished_run) -> None:
+    _, _, run = finished_run
+    tags = run.data.tags
+    assert tags["variant"] == "opt" and tags["dropout_enabled"] == "true"
+    assert tags["mnist_md5.train-images-idx3-ubyte"] == "f68b3c2dcbeaaa9fbdd348bbdeb94873"
+    assert tags["mnist_md5.t10k-labels-idx1-ubyte"] == "ec29112dd5afa0611ce80d1b7f02629c"
+    client = MlflowClient()
+    paths = {f.path for f in client.list_artifacts(run.info.run_id)}
+    paths |= {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/training_curves.png", "training.log", "model_summary.txt"} <= paths
+    log_text = Path(client.download_artifacts(run.info.run_id, "training.log")).read_text()
+    assert log_text.count("epoch ") >= 3 and "test_acc" in log_text
+    summary = Path(client.download_artifacts(run.info.run_id, "model_summary.txt")).read_text()
+    assert "[1, 10, 26, 26]" in summary and "6,132" in summary
+
+
+def test_logged_model_predicts_real_test_images(finished_run, mnist_root: Path) -> None:
+    config, result, run = finished_run
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    data = load_mnist(mnist_root, test_limit=config.test_limit)
+    images, labels = data.test_tensors()
+    pixels = (images.float() / 255).unsqueeze(1).numpy()
+    scores = np.asarray(model.predict(pixels))
+    assert scores.shape == (len(labels), 10)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    # Normalization lives in the logged model: raw pixels in, the run's own test accuracy out.
+    accuracy = 100.0 * (scores.argmax(axis=1) == labels.numpy()).mean()
+    assert accuracy == pytest.approx(result.history[-1].test_acc, abs=0.5)
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "torchvision"])
+def test_same_seed_on_cpu_gives_the_same_metrics(mnist_root: Path, pipeline: str) -> None:
+    config = tiny_config(dropout=0.05, pipeline=pipeline)
+    data = load_mnist(mnist_root, config.train_limit, config.test_limit)
+    device = torch.device("cpu")
+    runs = [fit(config, create_state(config, device),
+                build_pipeline(pipeline, data, config.batch_size, device), progress=False)
+            for _ in range(2)]
+    strip = [[{k: v for k, v in vars(m).items() if k != "epoch_seconds"} for m in h] for h in runs]
+    assert strip[0] == strip[1]
+    other_seed = fit(tiny_config(dropout=0.05, pipeline=pipeline, seed=2),
+                     create_state(tiny_config(seed=2), device),
+                     build_pipeline(pipeline, data, config.batch_size, device), progress=False)
+    assert other_seed[0].train_loss != runs[0][0].train_loss

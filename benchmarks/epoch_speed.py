@@ -2,9 +2,10 @@
 
 In one process on one device, both pipelines train the `opt` variant on the same first
 `--images` training examples (interleaved, `--repeats` times, the fastest kept: other jobs
-only ever add time); the figure is
-scaled to 60,000 images. Then one whole tracked run (`train_tracked`, SQLite store in a
-temporary folder) is timed against the same training untracked (`fit` with no MLflow).
+only ever add time); the figure is scaled to 60,000 images. Then one whole tracked run
+(`train_tracked`, SQLite store in a temporary folder) is timed against the same training
+untracked (`fit` with no MLflow). On a shared machine pass `--threads 1`: with torch's
+default threads, OpenMP waits on descheduled threads and times grow 10-40x.
 
     python benchmarks/epoch_speed.py                      # CPU or CUDA (auto), ~3 min on 2 cores
     python benchmarks/epoch_speed.py --device cuda --images 60000 --repeats 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -220,8 +221,22 @@ def predict(model_uri: str, images: tuple[str, ...]) -> None:
         raise click.ClickException(f"{failed} of {len(results)} files could not be predicted")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run ends KILLED with what it had logged.
+
+    `mlflow run` answers Ctrl-C by sending SIGTERM to the entry point.
+    """
+
+    exit_code = 143
+
+
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    raise Terminated("SIGTERM")
+
+
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, no traceback."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -235,6 +250,6 @@ def main() -> None:
     except TrainingDiverged as err:
         click.echo(f"Error: training diverged: {err}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        click.echo(f"Interrupted ({err or 'SIGINT'}).", err=True)
+        sys.exit(getattr(err, "exit_code", 130))

@@ -110,8 +110,9 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
             mlflow.log_metrics(summary_metrics(history), step=config.epochs)
             handler.flush()
             _log_artifacts(config, state, data, history, Path(tmp))
-        except KeyboardInterrupt:
-            _end(run_id, RunStatus.KILLED, "interrupted by the user")
+        except KeyboardInterrupt as err:
+            _end(run_id, RunStatus.KILLED, f"interrupted ({err or 'SIGINT'}) after epoch "
+                                           f"{state.epoch} of {config.epochs}")
             raise
         except BaseException as err:
             _end(run_id, RunStatus.FAILED, f"{type(err).__name__}: {err}")

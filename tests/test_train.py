@@ -1,4 +1,4 @@
-"""A training run leaves a complete MLflow run: params, metrics per epoch, tags, artifacts, model."""
+"""A training run leaves a complete MLflow run: params, per-epoch metrics, tags, files, model."""
 
 from __future__ import annotations
 

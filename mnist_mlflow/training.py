@@ -24,9 +24,26 @@ from mnist_mlflow.models import build_model
 
 log = logging.getLogger("mnist_mlflow")
 
+# Steps between two looks at the loss on an accelerator (each look is one tiny async copy).
+CUDA_FINITE_CHECK_EVERY = 50
+
 
 class TrainingDiverged(Exception):
-    """The loss became NaN or infinite."""
+    """The training loss became NaN or infinite at `step` (a batch of the epoch)."""
+
+    def __init__(self, loss: float, step: int, steps: int, exact: bool = True) -> None:
+        super().__init__(loss, step, steps, exact)
+        self.loss = loss
+        self.step = step
+        self.steps = steps
+        # On CUDA the loss is checked every few steps only: it went bad at `step` or before.
+        self.exact = exact
+        self.epoch = 0  # filled in by `fit`, which knows the epoch
+
+    def __str__(self) -> str:
+        where = "at" if self.exact else "by"
+        return (f"non-finite training loss ({self.loss}) in epoch {self.epoch}, "
+                f"{where} step {self.step} of {self.steps}")
 
 
 @dataclass(frozen=True)
@@ -63,18 +80,29 @@ class TrainState:
     epoch: int = 0
 
     def state_dict(self) -> dict[str, object]:
+        """Tensors, numbers and containers only, so it loads with `weights_only=True`."""
+        # `fit` reseeds from (seed, epoch) before every epoch, so the RNG states are not needed
+        # to resume exactly; they are kept so that a checkpoint is the whole state all the same.
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
+            "rng": rng,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what `state_dict` returned (the CUDA RNG only when CUDA is in use)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_initialized():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 def create_state(config: TrainConfig, device: torch.device) -> TrainState:
@@ -94,15 +122,21 @@ def create_state(config: TrainConfig, device: torch.device) -> TrainState:
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable[Batch], progress: tqdm | None = None,
                     autocast_dtype: torch.dtype | None = None,
-                    cuda_graphs: bool = False) -> tuple[float, float]:
+                    cuda_graphs: bool = False, steps: int = 0) -> tuple[float, float]:
     """One pass over `batches`; returns (mean loss, accuracy %).
 
+    Raises TrainingDiverged when the loss is not finite: on the CPU at that very step, before
+    the optimizer uses it; on an accelerator within CUDA_FINITE_CHECK_EVERY steps.
     Sums stay on the device and are read once, at the end of the epoch: no per-step sync.
     """
     model.train()
     loss_sum = correct = None
     seen = 0
-    for images, labels in batches:
+    # Accelerator: a flag copied to pinned host memory without waiting and read at the next
+    # check, so that watching the loss never stalls the device queue.
+    bad_flag: torch.Tensor | None = None
+    step = 0
+    for step, (images, labels) in enumerate(batches, 1):
         if cuda_graphs:
             # CUDA graph trees reuse output memory; this says the previous step is done with it.
             torch.compiler.cudagraph_mark_step_begin()
@@ -111,6 +145,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                             enabled=autocast_dtype is not None):
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
+        if loss.device.type == "cpu" and not torch.isfinite(loss):
+            raise TrainingDiverged(loss.item(), step, steps)
         loss.backward()
         optimizer.step()
         batch_loss = loss.detach() * len(labels)
@@ -118,9 +154,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         correct = batch_correct if correct is None else correct + batch_correct
         seen += len(labels)
+        if loss.device.type != "cpu" and step % CUDA_FINITE_CHECK_EVERY == 0:
+            # A non-finite step loss makes the running sum non-finite for good.
+            if bad_flag is not None and bool(bad_flag):
+                raise TrainingDiverged(math.nan, step, steps, exact=False)
+            bad_flag = bad_flag if bad_flag is not None else torch.zeros(
+                (), dtype=torch.bool, pin_memory=True)
+            bad_flag.copy_(~torch.isfinite(loss_sum), non_blocking=True)
         if progress is not None:
             progress.update(1)
-    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+    mean_loss = loss_sum.item() / seen
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(mean_loss, step, steps, exact=False)
+    return mean_loss, 100.0 * correct.item() / seen
 
 
 @torch.inference_mode()
@@ -172,11 +218,14 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
         start = time.perf_counter()
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                   disable=None if progress else True, unit="batch") as bar:
-            train_loss, train_acc = train_one_epoch(train_model, state.optimizer,
-                                                    pipeline.train_batches(seed), bar,
-                                                    autocast_dtype, cuda_graphs)
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"non-finite training loss ({train_loss}) in epoch {epoch}")
+            try:
+                train_loss, train_acc = train_one_epoch(train_model, state.optimizer,
+                                                        pipeline.train_batches(seed), bar,
+                                                        autocast_dtype, cuda_graphs,
+                                                        steps_per_epoch)
+            except TrainingDiverged as err:
+                err.epoch = epoch
+                raise
         test_loss, test_acc = evaluate(state.model, pipeline.test_batches())
         state.scheduler.step()
         state.epoch = epoch

@@ -83,14 +83,32 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+def given_settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The settings the user gave on the command line.
+
+    `mlflow run` passes every -P value, defaults included, so there a value equal to the
+    default counts as not given.
+    """
+    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    return {name: options[name] for name in TrainConfig.field_names()
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+            and not (under_mlflow_run and options[name] == getattr(DEFAULTS, name))}
+
+
 @cli.command()
 @training_options
-def train(**options: Any) -> None:
+@click.option("--resume", "resume_run_id", default="", metavar="RUN_ID",
+              help="Go on with this interrupted run from its last checkpoint, with its settings.")
+@click.pass_context
+def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
     """Train one variant as one MLflow run."""
-    from mnist_mlflow.tracking import train_tracked
+    from mnist_mlflow.tracking import resume_tracked, train_tracked
 
-    config = config_from(options).validate()
-    result = train_tracked(config, options["data_dir"], options["experiment"])
+    if resume_run_id:
+        result = resume_tracked(resume_run_id, options["data_dir"], given_settings(ctx, options))
+    else:
+        config = config_from(options).validate()
+        result = train_tracked(config, options["data_dir"], options["experiment"])
     click.echo(f"run {result.run_id} finished: final test_acc "
                f"{result.history[-1].test_acc:.2f}%")
 
@@ -239,8 +257,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        sys.exit(130)
+    except click.exceptions.Abort as abort:
+        # Click turns KeyboardInterrupt (so SIGTERM's Terminated too) into Abort; report the cause.
+        _interrupted(abort.__cause__ if isinstance(abort.__cause__, KeyboardInterrupt)
+                     else KeyboardInterrupt())
     except click.ClickException as err:
         click.echo(f"Error: {err.format_message()}", err=True)
         sys.exit(err.exit_code)
@@ -251,5 +271,12 @@ def main() -> None:
         click.echo(f"Error: training diverged: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt as err:
-        click.echo(f"Interrupted ({err or 'SIGINT'}).", err=True)
-        sys.exit(getattr(err, "exit_code", 130))
+        _interrupted(err)
+
+
+def _interrupted(err: KeyboardInterrupt) -> None:
+    """One line on stderr, then exit 130 (SIGINT) or 143 (SIGTERM)."""
+    # A RunInterrupted says which run stopped and the command that resumes it.
+    message = f"{err}" if hasattr(err, "run_id") else f"({err or 'SIGINT'})."
+    click.echo(f"Interrupted {message}", err=True)
+    sys.exit(getattr(err, "exit_code", 130))

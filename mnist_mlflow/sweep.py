@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.config import TrainConfig, UserError
-from mnist_mlflow.tracking import DEFAULT_EXPERIMENT, train_tracked
+from mnist_mlflow.tracking import DEFAULT_EXPERIMENT, check_tracking_store, train_tracked
 
 log = logging.getLogger("mnist_mlflow")
 
@@ -135,6 +135,7 @@ def _record_failure(client: MlflowClient, experiment_id: str, parent_run_id: str
 def run_sweep(configs: Sequence[TrainConfig], data_dir: Path | str,
               experiment: str = DEFAULT_EXPERIMENT, progress: bool = True) -> SweepResult:
     """Train every config as a child of one new parent; the parent ends FAILED if any did."""
+    check_tracking_store()
     parent_run_id = start_parent(experiment, configs)
     client = MlflowClient()
     children: list[ChildOutcome] = []

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import signal
+import socket
 import tempfile
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
 import torch
 import torchvision
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from mnist_mlflow.config import TrainConfig
-from mnist_mlflow.data import MnistData, build_pipeline, load_mnist
+from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.data import MnistData, Pipeline, build_pipeline, load_mnist
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_training_curves
 from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit
@@ -28,6 +37,11 @@ log = logging.getLogger("mnist_mlflow")
 
 DEFAULT_EXPERIMENT = "mnist-optimization"
 MODEL_NAME_IN_RUN = "model"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+# An HTTP tracking server that does not accept a connection within this is reported as down.
+STORE_CONNECT_TIMEOUT_S = 5.0
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
@@ -78,6 +92,42 @@ def input_example(data: MnistData, count: int = 4) -> np.ndarray:
     return (images[:count].float() / 255).unsqueeze(1).numpy()
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped a run, which ended KILLED with its last checkpoint kept."""
+
+    def __init__(self, signal_name: str, run_id: str, epoch: int, epochs: int,
+                 command: str, exit_code: int) -> None:
+        super().__init__(signal_name, run_id, epoch, epochs, command, exit_code)
+        self.run_id = run_id
+        self.exit_code = exit_code
+        self.message = (f"{signal_name} after epoch {epoch} of {epochs}; run {run_id} ended "
+                        f"KILLED; resume it with: {command}")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def resume_command(run_id: str, under_mlflow_run: bool) -> str:
+    """The command that resumes `run_id`, in the form the user started it."""
+    if under_mlflow_run:
+        return f"mlflow run . -e main -P resume={run_id}"
+    return f"mnist-mlflow train --resume {run_id}"
+
+
+def check_tracking_store() -> None:
+    """UserError at once when an HTTP tracking server does not answer (not minutes of retries)."""
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return  # a local store (SQLite, files) is opened, or created, by MLflow itself
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=STORE_CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UserError(f"tracking store {uri} cannot be reached ({err.strerror or err}); "
+                        "start the server or set MLFLOW_TRACKING_URI") from None
+
+
 def train_tracked(config: TrainConfig, data_dir: Path | str,
                   experiment: str = DEFAULT_EXPERIMENT, parent_run_id: str | None = None,
                   progress: bool = True) -> RunResult:
@@ -87,33 +137,141 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     run is started in `experiment`, as a child of `parent_run_id` when given.
     """
     config.validate()
+    check_tracking_store()
     device = config.resolved_device()
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
     pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
     state = create_state(config, device)
-
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    if not under_mlflow_run:
         mlflow.set_experiment(experiment)
-    run = mlflow.start_run(run_name=config.run_name, parent_run_id=parent_run_id)
-    run_id = run.info.run_id
+    run_id = mlflow.start_run(run_name=config.run_name, parent_run_id=parent_run_id).info.run_id
+    return _train_in_run(run_id, config, data, pipeline, state, [], progress,
+                         resume_command(run_id, under_mlflow_run))
+
+
+def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object] | None = None,
+                   progress: bool = True) -> RunResult:
+    """Reopen run `run_id`, restore its checkpoint and train the epochs it has left.
+
+    Settings come from the run's params; `given` (options the user set) must agree with them.
+    Every check happens before the run is touched: a refused resume changes nothing.
+    """
+    check_tracking_store()
+    client = MlflowClient()
+    run = resumable_run(client, run_id)
+    config = config_from_params(run, given or {})
+    device = config.resolved_device()
+    data = load_mnist(data_dir, config.train_limit, config.test_limit)
+    pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
+    state = create_state(config, device)
+    checkpoint = load_checkpoint(client, run_id)
+    state.load_state_dict(checkpoint["state"])
+    history = [EpochMetrics(**m) for m in checkpoint["history"]]
+    runner_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    command = resume_command(run_id, runner_run_id is not None)
+    if runner_run_id:
+        # `mlflow run` made a new run for this command; say that it only resumed another.
+        client.set_tag(runner_run_id, MLFLOW_RUN_NAME, f"resume-{run_id[:8]}")
+        client.set_tag(runner_run_id, "resumes_run_id", run_id)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    mlflow.start_run(run_id=run_id)
+    if "failure_reason" in run.data.tags:  # it is going on: the interruption is no failure
+        client.delete_tag(run_id, "failure_reason")
+    resumed_at = run.data.tags.get("resumed_after_epochs", "")
+    mlflow.set_tag("resumed_after_epochs", ",".join(filter(None, [resumed_at, str(state.epoch)])))
+    _log_missing_epochs(client, run_id, history)
+    log.info("run %s: resuming %s after epoch %d of %d", run_id, config.run_name, state.epoch,
+             config.epochs)
+    return _train_in_run(run_id, config, data, pipeline, state, history, progress, command)
+
+
+def resumable_run(client: MlflowClient, run_id: str) -> Run:
+    """The run to resume; UserError when it is unknown, FINISHED or has no checkpoint."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run {run_id!r} in the tracking store "
+                        f"{mlflow.get_tracking_uri()}") from None
+    if run.info.status == "FINISHED":
+        raise UserError(f"run {run_id} is FINISHED: there is nothing left to resume")
+    artifacts = client.list_artifacts(run_id, CHECKPOINT_DIR)
+    if not any(a.path == CHECKPOINT_ARTIFACT for a in artifacts):
+        raise UserError(f"run {run_id} ({run.info.status}) has no checkpoint: it stopped before "
+                        "its first epoch ended; start a new run instead")
+    return run
+
+
+def config_from_params(run: Run, given: Mapping[str, object]) -> TrainConfig:
+    """The run's TrainConfig from its params; UserError when `given` contradicts one."""
+    params = run.data.params
+    defaults = TrainConfig()
+    settings: dict[str, object] = {}
+    for name in TrainConfig.field_names():
+        if name not in params:
+            raise UserError(f"run {run.info.run_id} has no param {name!r}: "
+                            "it is not a training run")
+        kind = type(getattr(defaults, name))
+        # `mlflow run` logs -P values as typed (say epochs "20.0"), hence int via float.
+        settings[name] = int(float(params[name])) if kind is int else kind(params[name])
+    for name, value in given.items():
+        if value != settings[name]:
+            raise UserError(f"--{name.replace('_', '-')} {value} conflicts with run "
+                            f"{run.info.run_id}, which has {name} {settings[name]}; "
+                            "leave it out to resume")
+    return TrainConfig(**settings).validate()
+
+
+def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, object]:
+    """The run's last checkpoint, loaded without unpickling anything but tensors and numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _log_missing_epochs(client: MlflowClient, run_id: str, history: list[EpochMetrics]) -> None:
+    """Log the checkpointed epochs whose metrics never reached the store (checkpoint is first)."""
+    logged = {m.step for m in client.get_metric_history(run_id, "test_acc")}
+    for metrics in history:
+        if metrics.epoch not in logged:
+            mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+
+
+def _train_in_run(run_id: str, config: TrainConfig, data: MnistData, pipeline: Pipeline,
+                  state: TrainState, history: list[EpochMetrics], progress: bool,
+                  command: str) -> RunResult:
+    """Train the active run `run_id` from `state` to the end, checkpointing every epoch."""
+    device = next(state.model.parameters()).device
     with tempfile.TemporaryDirectory() as tmp:
         handler = logging.FileHandler(Path(tmp) / "training.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)  # training.log records every epoch, whatever the root level
+
+        def on_epoch(metrics: EpochMetrics, trained: TrainState) -> None:
+            history.append(metrics)
+            # Held signals: a checkpoint is never half-written, and the checkpoint goes first,
+            # so a resume can log any epoch whose metrics were lost (never one twice).
+            with signals_deferred():
+                _log_checkpoint(trained, history, Path(tmp))
+                mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
+
         try:
-            _log_start(config, state, device, data)
-            log.info("run %s: training %s on %s (%d parameters)", run_id, config.run_name,
-                     device, count_parameters(state.model))
-            history = fit(config, state, pipeline, on_epoch=_log_epoch, progress=progress)
+            if not history:
+                _log_start(config, state, device, data)
+                log.info("run %s: training %s on %s (%d parameters)", run_id, config.run_name,
+                         device, count_parameters(state.model))
+            fit(config, state, pipeline, on_epoch=on_epoch, progress=progress)
             mlflow.flush_async_logging()
             mlflow.log_metrics(summary_metrics(history), step=config.epochs)
             handler.flush()
             _log_artifacts(config, state, data, history, Path(tmp))
         except KeyboardInterrupt as err:
-            _end(run_id, RunStatus.KILLED, f"interrupted ({err or 'SIGINT'}) after epoch "
+            name = str(err) or "SIGINT"
+            _end(run_id, RunStatus.KILLED, f"interrupted ({name}) after epoch "
                                            f"{state.epoch} of {config.epochs}")
-            raise
+            raise RunInterrupted(name, run_id, state.epoch, config.epochs, command,
+                                 getattr(err, "exit_code", 130)) from err
         except BaseException as err:
             _end(run_id, RunStatus.FAILED, f"{type(err).__name__}: {err}")
             raise
@@ -124,6 +282,32 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     return RunResult(run_id, history)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then deliver them as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals (and may set handlers)
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda got, _frame: caught.append(got))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default then.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now handled by the restored handler
+
+
+def _log_checkpoint(state: TrainState, history: list[EpochMetrics], tmp: Path) -> None:
+    """Replace the run's `checkpoints/last.pt` with the state after the latest epoch."""
+    path = tmp / CHECKPOINT_FILE
+    torch.save({"state": state.state_dict(), "history": [asdict(m) for m in history]}, path)
+    mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+
+
 def _log_start(config: TrainConfig, state: TrainState, device: torch.device,
                data: MnistData) -> None:
     # `mlflow run` has already logged the -P values as given (say "0.050"); MLflow forbids
@@ -132,10 +316,6 @@ def _log_start(config: TrainConfig, state: TrainState, device: torch.device,
     params = {k: v for k, v in run_params(config, state, device).items() if k not in existing}
     mlflow.log_params(params)
     mlflow.set_tags(run_tags(config, data))
-
-
-def _log_epoch(metrics: EpochMetrics, _state: TrainState) -> None:
-    mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
 
 
 def _log_artifacts(config: TrainConfig, state: TrainState, data: MnistData,

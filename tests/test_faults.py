@@ -1,0 +1,97 @@
+"""Faults that end a run honestly: divergence, a tracking store that is down, refused resumes."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import run_cli
+
+TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
+
+
+def runs_of(experiment: str) -> list[mlflow.entities.Run]:
+    found = MlflowClient().get_experiment_by_name(experiment)
+    return [] if found is None else MlflowClient().search_runs([found.experiment_id])
+
+
+def test_huge_learning_rate_fails_the_run_at_the_diverging_step_and_logs_no_model(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(["train", *TINY, "--lr", "1e6", "--data-dir", str(mnist_root),
+                            "--experiment", "diverging"], capsys, monkeypatch)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("Error: training diverged: non-finite training loss (nan) in "
+                                "epoch 1, at step ")
+    assert "Traceback" not in err
+    [run] = runs_of("diverging")
+    assert run.info.status == "FAILED"
+    reason = run.data.tags["failure_reason"]
+    assert reason.startswith("TrainingDiverged: non-finite training loss (nan) in epoch 1, at step")
+    step, steps = (int(n) for n in reason.split("at step ")[1].split(" of "))
+    assert 1 <= step < steps == 8  # stopped inside the epoch, not at its end
+    client = MlflowClient()
+    assert client.get_metric_history(run.info.run_id, "test_acc") == []
+    assert client.list_artifacts(run.info.run_id) == []  # no model, no checkpoint, no plot
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                       output_format="list") == []
+
+    # It diverged before its first checkpoint: nothing to resume, and the record stays as is.
+    code, _, err = run_cli(["train", "--resume", run.info.run_id, "--data-dir", str(mnist_root)],
+                           capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1
+    assert f"run {run.info.run_id} (FAILED) has no checkpoint" in err
+    after = client.get_run(run.info.run_id)
+    assert (after.info.status, after.data.tags) == ("FAILED", run.data.tags)
+
+
+def test_resuming_a_finished_run_or_an_unknown_id_is_refused_and_changes_nothing(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, err = run_cli(["train", *TINY, "--data-dir", str(mnist_root), "--experiment",
+                              "finished"], capsys, monkeypatch)
+    assert code == 0, err
+    [run] = runs_of("finished")
+    code, _, err = run_cli(["train", "--resume", run.info.run_id, "--data-dir",
+                            str(mnist_root)], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1
+    assert f"run {run.info.run_id} is FINISHED: there is nothing left to resume" in err
+    [after] = runs_of("finished")
+    assert after.info == run.info and after.data.tags == run.data.tags
+    assert after.data.metrics == run.data.metrics
+
+    code, _, err = run_cli(["train", "--resume", "0123456789abcdef0123456789abcdef",
+                            "--data-dir", str(mnist_root)], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1
+    assert "no run '0123456789abcdef0123456789abcdef' in the tracking store" in err
+    assert [r.info.run_id for r in runs_of("finished")] == [run.info.run_id]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_unreachable_tracking_store_fails_at_once_in_one_line(
+        mnist_root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        command: str) -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        start = time.monotonic()
+        code, _, err = run_cli([command, *TINY, "--data-dir", str(mnist_root)], capsys,
+                               monkeypatch)
+        elapsed = time.monotonic() - start
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"tracking store {uri} cannot be reached" in err
+    assert elapsed < 10

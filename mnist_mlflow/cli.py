@@ -118,17 +118,31 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
 @click.option("--variant", "variants", multiple=True, metavar="MODEL:DROPOUT",
               help="A variant to train (repeatable or comma-separated); "
                    "default: the seed's opt:0 and opt:0.05.")
+@click.option("--resume", "resume_run_id", default="", metavar="PARENT_RUN_ID",
+              help="Train only the unfinished children of this sweep, under the same parent.")
 @click.pass_context
-def sweep(ctx: click.Context, variants: tuple[str, ...], **options: Any) -> None:
+def sweep(ctx: click.Context, variants: tuple[str, ...], resume_run_id: str,
+          **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
-    from mnist_mlflow.sweep import DEFAULT_VARIANTS, parse_variants, run_sweep, sweep_configs
+    from mnist_mlflow.sweep import (
+        DEFAULT_VARIANTS,
+        parse_variants,
+        resume_sweep,
+        run_sweep,
+        sweep_configs,
+    )
 
     for name in ("model", "dropout"):
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
             raise UserError(f"--{name} does not apply to a sweep; use --variant MODEL:DROPOUT")
-    chosen = parse_variants(variants) if variants else list(DEFAULT_VARIANTS)
-    configs = sweep_configs(config_from(options), chosen)
-    result = run_sweep(configs, options["data_dir"], options["experiment"])
+    if resume_run_id:
+        if variants:
+            raise UserError("--variant does not apply with --resume: the sweep's own are used")
+        result = resume_sweep(resume_run_id, options["data_dir"], given_settings(ctx, options))
+    else:
+        chosen = parse_variants(variants) if variants else list(DEFAULT_VARIANTS)
+        configs = sweep_configs(config_from(options), chosen)
+        result = run_sweep(configs, options["data_dir"], options["experiment"])
     for child in result.children:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")

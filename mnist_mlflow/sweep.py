@@ -9,19 +9,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.config import TrainConfig, UserError
-from mnist_mlflow.tracking import DEFAULT_EXPERIMENT, check_tracking_store, train_tracked
+from mnist_mlflow.tracking import (
+    DEFAULT_EXPERIMENT,
+    RunInterrupted,
+    check_tracking_store,
+    config_from_params,
+    resumable_run,
+    resume_tracked,
+    train_tracked,
+)
 
 log = logging.getLogger("mnist_mlflow")
 
@@ -48,6 +57,9 @@ class SweepResult:
     @property
     def failed(self) -> list[ChildOutcome]:
         return [c for c in self.children if c.status != "FINISHED"]
+
+    def count(self, status: str) -> int:
+        return sum(1 for c in self.children if c.status == status)
 
 
 def parse_variants(specs: Iterable[str]) -> list[tuple[str, float]]:
@@ -95,22 +107,26 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig]) -> str:
 
 
 def run_child(config: TrainConfig, data_dir: Path | str, parent_run_id: str,
-              progress: bool = True) -> ChildOutcome:
-    """Train `config` as a child of `parent_run_id`; a failure is recorded, not raised."""
+              progress: bool = True, resume_run_id: str | None = None) -> ChildOutcome:
+    """Train `config` as a child of `parent_run_id` (or go on with child `resume_run_id`);
+    a failure is recorded, not raised."""
     client = MlflowClient()
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     experiment = client.get_experiment(experiment_id).name
     earlier_children = _child_run_ids(client, experiment_id, parent_run_id)
     try:
-        result = train_tracked(config, data_dir, experiment, parent_run_id=parent_run_id,
-                               progress=progress)
+        if resume_run_id:
+            result = resume_tracked(resume_run_id, data_dir, progress=progress)
+        else:
+            result = train_tracked(config, data_dir, experiment, parent_run_id=parent_run_id,
+                                   progress=progress)
     except Exception as err:  # one child's crash must not stop the others
         reason = f"{type(err).__name__}: {err}"
         log.error("child %s failed: %s", config.run_name, reason)
         # Training ends its run FAILED itself, unless it failed before starting one.
         started = _child_run_ids(client, experiment_id, parent_run_id) - earlier_children
-        run_id = (started.pop() if started else
-                  _record_failure(client, experiment_id, parent_run_id, config, reason))
+        run_id = (resume_run_id or (started.pop() if started else
+                  _record_failure(client, experiment_id, parent_run_id, config, reason)))
         return ChildOutcome(config, run_id, "FAILED", reason)
     return ChildOutcome(config, result.run_id, "FINISHED")
 
@@ -137,17 +153,87 @@ def run_sweep(configs: Sequence[TrainConfig], data_dir: Path | str,
     """Train every config as a child of one new parent; the parent ends FAILED if any did."""
     check_tracking_store()
     parent_run_id = start_parent(experiment, configs)
+    return _train_children(parent_run_id, [(c, None, None) for c in configs], data_dir,
+                           progress)
+
+
+def resume_sweep(parent_run_id: str, data_dir: Path | str,
+                 given: Mapping[str, object] | None = None,
+                 progress: bool = True) -> SweepResult:
+    """Train, under the same parent, only the children of a sweep that did not finish.
+
+    Children are matched to the sweep's variants by their whole configuration; a killed one
+    goes on from its checkpoint, any other unfinished one is trained again as a new child.
+    """
+    check_tracking_store()
+    client = MlflowClient()
+    try:
+        parent = client.get_run(parent_run_id)
+    except MlflowException:
+        raise UserError(f"no run {parent_run_id!r} in the tracking store "
+                        f"{mlflow.get_tracking_uri()}") from None
+    if parent.data.tags.get(ROLE_TAG) != SWEEP_ROLE:
+        raise UserError(f"run {parent_run_id} is not a sweep's parent run")
+    if parent.info.status == "FINISHED":
+        raise UserError(f"sweep {parent_run_id} is FINISHED: every child finished")
+    params = parent.data.params
+    configs = [config_from_params(parent_run_id, {**params, "model": m, "dropout": str(d)},
+                                  given or {})
+               for m, d in parse_variants([params["variants"]])]
+    latest = _latest_children(client, parent)
+    plan: list[tuple[TrainConfig, ChildOutcome | None, str | None]] = []
+    for config in configs:
+        child = latest.get(config)
+        if child is not None and child.info.status == "FINISHED":
+            plan.append((config, ChildOutcome(config, child.info.run_id, "FINISHED"), None))
+        else:
+            plan.append((config, None, child and _resumable(client, child.info.run_id)))
+    client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    return _train_children(parent_run_id, plan, data_dir, progress)
+
+
+def _latest_children(client: MlflowClient, parent: Run) -> dict[TrainConfig, Run]:
+    """The most recent child run of each configuration under `parent`."""
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent.info.run_id}'",
+                              max_results=SEARCH_MAX_RESULTS_THRESHOLD,
+                              order_by=["attributes.start_time ASC"])
+    return {config_from_params(run.info.run_id, run.data.params, {}): run for run in runs}
+
+
+def _resumable(client: MlflowClient, run_id: str) -> str | None:
+    """`run_id` when it can go on from a checkpoint, else None (it is trained anew)."""
+    try:
+        return resumable_run(client, run_id).info.run_id
+    except UserError:
+        return None
+
+
+def _train_children(parent_run_id: str,
+                    plan: Sequence[tuple[TrainConfig, ChildOutcome | None, str | None]],
+                    data_dir: Path | str, progress: bool) -> SweepResult:
+    """Each (config, outcome if already finished, child to resume) in turn; end the parent."""
     client = MlflowClient()
     children: list[ChildOutcome] = []
     try:
-        for config in configs:
-            children.append(run_child(config, data_dir, parent_run_id, progress))
+        for config, finished, resume_run_id in plan:
+            children.append(finished or run_child(config, data_dir, parent_run_id, progress,
+                                                  resume_run_id))
+    except RunInterrupted as err:
+        children.append(ChildOutcome(config, err.run_id, "KILLED", str(err)))
+        _end_parent(client, SweepResult(parent_run_id, children), RunStatus.KILLED)
+        err.command = f"mnist-mlflow sweep --resume {parent_run_id}"
+        raise
     except KeyboardInterrupt:
-        client.set_terminated(parent_run_id, RunStatus.to_string(RunStatus.KILLED))
+        _end_parent(client, SweepResult(parent_run_id, children), RunStatus.KILLED)
         raise
     result = SweepResult(parent_run_id, children)
-    client.set_tag(parent_run_id, "children_finished", str(len(children) - len(result.failed)))
-    client.set_tag(parent_run_id, "children_failed", str(len(result.failed)))
-    status = RunStatus.FAILED if result.failed else RunStatus.FINISHED
-    client.set_terminated(parent_run_id, RunStatus.to_string(status))
+    _end_parent(client, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
     return result
+
+
+def _end_parent(client: MlflowClient, result: SweepResult, status: int) -> None:
+    """Record how many children finished, failed and were killed, and end the parent."""
+    for name in ("finished", "failed", "killed"):
+        client.set_tag(result.parent_run_id, f"children_{name}", str(result.count(name.upper())))
+    client.set_terminated(result.parent_run_id, RunStatus.to_string(status))

@@ -98,13 +98,16 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, signal_name: str, run_id: str, epoch: int, epochs: int,
                  command: str, exit_code: int) -> None:
         super().__init__(signal_name, run_id, epoch, epochs, command, exit_code)
+        self.signal_name = signal_name
         self.run_id = run_id
+        self.epoch = epoch
+        self.epochs = epochs
+        self.command = command  # a sweep puts its own in place of the child's
         self.exit_code = exit_code
-        self.message = (f"{signal_name} after epoch {epoch} of {epochs}; run {run_id} ended "
-                        f"KILLED; resume it with: {command}")
 
     def __str__(self) -> str:
-        return self.message
+        return (f"{self.signal_name} after epoch {self.epoch} of {self.epochs}; run "
+                f"{self.run_id} ended KILLED; resume it with: {self.command}")
 
 
 def resume_command(run_id: str, under_mlflow_run: bool) -> str:
@@ -160,7 +163,7 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
     check_tracking_store()
     client = MlflowClient()
     run = resumable_run(client, run_id)
-    config = config_from_params(run, given or {})
+    config = config_from_params(run_id, run.data.params, given or {})
     device = config.resolved_device()
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
     pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
@@ -202,14 +205,14 @@ def resumable_run(client: MlflowClient, run_id: str) -> Run:
     return run
 
 
-def config_from_params(run: Run, given: Mapping[str, object]) -> TrainConfig:
-    """The run's TrainConfig from its params; UserError when `given` contradicts one."""
-    params = run.data.params
+def config_from_params(run_id: str, params: Mapping[str, str],
+                       given: Mapping[str, object]) -> TrainConfig:
+    """Run `run_id`'s TrainConfig from its params; UserError when `given` contradicts one."""
     defaults = TrainConfig()
     settings: dict[str, object] = {}
     for name in TrainConfig.field_names():
         if name not in params:
-            raise UserError(f"run {run.info.run_id} has no param {name!r}: "
+            raise UserError(f"run {run_id} has no param {name!r}: "
                             "it is not a training run")
         kind = type(getattr(defaults, name))
         # `mlflow run` logs -P values as typed (say epochs "20.0"), hence int via float.
@@ -217,7 +220,7 @@ def config_from_params(run: Run, given: Mapping[str, object]) -> TrainConfig:
     for name, value in given.items():
         if value != settings[name]:
             raise UserError(f"--{name.replace('_', '-')} {value} conflicts with run "
-                            f"{run.info.run_id}, which has {name} {settings[name]}; "
+                            f"{run_id}, which has {name} {settings[name]}; "
                             "leave it out to resume")
     return TrainConfig(**settings).validate()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -9,8 +10,15 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from mnist_mlflow.comparison import ROLE_TAG
 from tests.helpers import run_cli
+from tests.test_interrupt import mnist_mlflow, wait_for_epoch
+
+# Two epochs of about 2 s each: long enough to damage a file while the first child trains.
+TRAIN_ARGS = ["--epochs", "2", "--train-limit", "6144", "--test-limit", "256", "--device",
+              "cpu", "--threads", "1"]
 
 TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
 
@@ -18,6 +26,12 @@ TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--devic
 def runs_of(experiment: str) -> list[mlflow.entities.Run]:
     found = MlflowClient().get_experiment_by_name(experiment)
     return [] if found is None else MlflowClient().search_runs([found.experiment_id])
+
+
+def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
+    children = [r for r in runs_of(experiment)
+                if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
+    return sorted(children, key=lambda r: r.info.start_time)
 
 
 def test_huge_learning_rate_fails_the_run_at_the_diverging_step_and_logs_no_model(
@@ -95,3 +109,53 @@ def test_unreachable_tracking_store_fails_at_once_in_one_line(
     assert code == 2 and err.count("\n") == 1, err
     assert f"tracking store {uri} cannot be reached" in err
     assert elapsed < 10
+
+
+def test_sweep_resume_trains_only_the_child_that_failed(
+        tracking_store: str, mnist_root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(mnist_root / "MNIST", data / "MNIST")
+    victim = data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    original = victim.read_bytes()
+    args = ["sweep", "--variant", "opt:0,opt:0.05", "--data-dir", str(data),
+            "--experiment", "faulty-sweep", *TRAIN_ARGS]
+    process = mnist_mlflow(tracking_store, *args)
+    try:
+        client = MlflowClient(tracking_store)
+        # The first child has its data in memory; the second will find a cut-short file.
+        wait_for_epoch(client, process, "faulty-sweep", 1)
+        victim.write_bytes(original[:100])
+        _, err = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err[-2000:]
+    assert "1 of 2 sweep children failed (opt-dropout0.05)" in err.strip().splitlines()[-1]
+    [parent] = [r for r in runs_of("faulty-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
+    parent_id = parent.info.run_id
+    assert parent.info.status == "FAILED"
+    assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
+        "1", "1", "0"]
+    first, failed = children_of("faulty-sweep", parent_id)
+    assert (first.info.run_name, first.info.status) == ("opt-dropout0", "FINISHED")
+    assert (failed.info.run_name, failed.info.status) == ("opt-dropout0.05", "FAILED")
+    assert str(victim) in failed.data.tags["failure_reason"]
+
+    victim.write_bytes(original)  # the file is fetched again
+    resumed = mnist_mlflow(tracking_store, "sweep", "--resume", parent_id, "--data-dir",
+                           str(data))
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"sweep {parent_id}: all 2 children finished" in out
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
+        "2", "0", "0"]
+    children = children_of("faulty-sweep", parent_id)
+    assert [c.info.run_id for c in children[:2]] == [first.info.run_id, failed.info.run_id]
+    assert client.get_run(first.info.run_id).info == first.info  # not trained again
+    assert client.get_run(failed.info.run_id).info.status == "FAILED"  # its record stays
+    [retrained] = children[2:]
+    assert (retrained.info.run_name, retrained.info.status) == ("opt-dropout0.05", "FINISHED")
+    assert retrained.data.params == {**failed.data.params, **retrained.data.params}
+    assert [m.step for m in client.get_metric_history(retrained.info.run_id, "test_acc")] == [
+        1, 2]

@@ -256,7 +256,7 @@ def _train_in_run(run_id: str, config: TrainConfig, data: MnistData, pipeline: P
             # Held signals: a checkpoint is never half-written, and the checkpoint goes first,
             # so a resume can log any epoch whose metrics were lost (never one twice).
             with signals_deferred():
-                _log_checkpoint(trained, history, Path(tmp))
+                log_checkpoint(trained, history, Path(tmp))
                 mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
 
         try:
@@ -304,7 +304,7 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(caught[0])  # now handled by the restored handler
 
 
-def _log_checkpoint(state: TrainState, history: list[EpochMetrics], tmp: Path) -> None:
+def log_checkpoint(state: TrainState, history: list[EpochMetrics], tmp: Path) -> None:
     """Replace the run's `checkpoints/last.pt` with the state after the latest epoch."""
     path = tmp / CHECKPOINT_FILE
     torch.save({"state": state.state_dict(), "history": [asdict(m) for m in history]}, path)

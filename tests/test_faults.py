@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -111,7 +112,7 @@ def test_unreachable_tracking_store_fails_at_once_in_one_line(
     assert elapsed < 10
 
 
-def test_sweep_resume_trains_only_the_child_that_failed(
+def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_checkpoint(
         tracking_store: str, mnist_root: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(mnist_root / "MNIST", data / "MNIST")
@@ -141,6 +142,24 @@ def test_sweep_resume_trains_only_the_child_that_failed(
     assert str(victim) in failed.data.tags["failure_reason"]
 
     victim.write_bytes(original)  # the file is fetched again
+    # sweep --resume, itself stopped by SIGTERM while it trains the child again...
+    resumed = mnist_mlflow(tracking_store, "sweep", "--resume", parent_id, "--data-dir",
+                           str(data))
+    try:
+        retrained_id = wait_for_epoch(client, resumed, "faulty-sweep", 1, {first.info.run_id})
+        resumed.send_signal(signal.SIGTERM)
+        _, err = resumed.communicate(timeout=60)
+    finally:
+        resumed.kill()
+    assert resumed.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].endswith(
+        f"run {retrained_id} ended KILLED; resume it with: mnist-mlflow sweep --resume {parent_id}")
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED"
+    assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
+        "1", "0", "1"]
+
+    # ...and once more: the killed child goes on from its checkpoint, in the same run.
     resumed = mnist_mlflow(tracking_store, "sweep", "--resume", parent_id, "--data-dir",
                            str(data))
     out, err = resumed.communicate(timeout=240)
@@ -151,11 +170,12 @@ def test_sweep_resume_trains_only_the_child_that_failed(
     assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
         "2", "0", "0"]
     children = children_of("faulty-sweep", parent_id)
-    assert [c.info.run_id for c in children[:2]] == [first.info.run_id, failed.info.run_id]
-    assert client.get_run(first.info.run_id).info == first.info  # not trained again
+    assert [c.info.run_id for c in children] == [first.info.run_id, failed.info.run_id,
+                                                 retrained_id]
+    assert client.get_run(first.info.run_id).info == first.info  # never trained again
     assert client.get_run(failed.info.run_id).info.status == "FAILED"  # its record stays
-    [retrained] = children[2:]
+    retrained = client.get_run(retrained_id)
     assert (retrained.info.run_name, retrained.info.status) == ("opt-dropout0.05", "FINISHED")
-    assert retrained.data.params == {**failed.data.params, **retrained.data.params}
-    assert [m.step for m in client.get_metric_history(retrained.info.run_id, "test_acc")] == [
-        1, 2]
+    assert retrained.data.params["dropout"] == failed.data.params["dropout"] == "0.05"
+    assert retrained.data.tags["resumed_after_epochs"] == "1"
+    assert [m.step for m in client.get_metric_history(retrained_id, "test_acc")] == [1, 2]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,15 @@ def mnist_mlflow(store: str, *args: str) -> subprocess.Popen[str]:
 
 
 def wait_for_epoch(client: MlflowClient, process: subprocess.Popen[str], experiment: str,
-                   epochs: int) -> str:
-    """Poll the store until the training subprocess has logged `epochs` epochs; its run id."""
+                   epochs: int, ignore: Collection[str] = ()) -> str:
+    """Poll the store until the training subprocess has logged `epochs` epochs in a run not
+    in `ignore`; that run's id."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
         found = client.get_experiment_by_name(experiment)
         for run in client.search_runs([found.experiment_id]) if found else []:
+            if run.info.run_id in ignore:
+                continue
             if len(client.get_metric_history(run.info.run_id, "test_acc")) >= epochs:
                 return run.info.run_id
         time.sleep(0.05)

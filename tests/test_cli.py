@@ -69,7 +69,9 @@ def test_damaged_mnist_file_is_named_and_creates_no_run(
     shutil.copytree(mnist_root / "MNIST", root / "MNIST")
     victim = root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
     content = victim.read_bytes()
-    victim.write_bytes(content[:1000] if damage == "truncate" else content[:-1] + b"\0")
+    altered = content[:500] + bytes([content[500] ^ 0xFF]) + content[501:]
+    victim.write_bytes(content[:1000] if damage == "truncate" else altered)
+    assert victim.read_bytes() != content
     code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(root))
     assert code == 2 and str(victim) in err and len(err.strip().splitlines()) == 1
     assert ("bytes" if damage == "truncate" else "checksum") in err

@@ -30,8 +30,11 @@ COMPARED = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]  # not epo
 def mnist_mlflow(store: str, *args: str) -> subprocess.Popen[str]:
     """The real command line in a subprocess, reporting to `store`."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as a user's terminal delivers it: a shell's background job (CI may be one)
+    # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "mnist_mlflow", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_epoch(client: MlflowClient, process: subprocess.Popen[str], experiment: str,

@@ -48,12 +48,16 @@ def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 @pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Like `tracking_store`, shared by the tests of one module (for runs worth reusing)."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        yield use_store(tmp_path_factory.mktemp("store"), monkeypatch)
-        while mlflow.active_run():
-            mlflow.end_run()
+def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of one SQLite store for all tests of a module: a new store costs seconds,
+    so tests share it and keep apart by experiment or registered-model name."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture
+def store(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLflow pointed at the module's shared store for this test."""
+    return use_store(store_dir, monkeypatch)
 
 
 def tiny_config(**overrides: object) -> TrainConfig:

@@ -1,29 +1,15 @@
-"""Helpers shared by the sweep/compare/registry/serving tests: a reused store, the real CLI."""
+"""Test helpers: the real command line in this process, and runs of an experiment."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.cli import main
-
-
-def use_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point MLflow (this process and subprocesses) at the SQLite store in `folder`.
-
-    Creating a store costs seconds (schema migrations), so a module creates one and its
-    tests keep apart by experiment or registered-model name.
-    """
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    monkeypatch.chdir(folder)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
@@ -38,3 +24,16 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
         code = exit_.code if isinstance(exit_.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def runs_of(experiment: str) -> list[mlflow.entities.Run]:
+    """Every run of `experiment` in the current store (none when it does not exist)."""
+    found = MlflowClient().get_experiment_by_name(experiment)
+    return [] if found is None else MlflowClient().search_runs([found.experiment_id])
+
+
+def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
+    """The child runs of `parent_id`, oldest first."""
+    children = [r for r in runs_of(experiment)
+                if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
+    return sorted(children, key=lambda r: r.info.start_time)

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
-from mnist_mlflow.cli import main
-
-
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-            *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["mnist-mlflow", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code, capsys.readouterr().err
+from tests.helpers import run_cli
 
 
 def all_runs() -> int:
@@ -42,7 +33,7 @@ def test_bad_option_is_one_line_and_creates_no_run(
     tracking_store: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], args: list[str], named: str,
 ) -> None:
-    code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(mnist_root), *args)
+    code, _, err = run_cli(["train", "--data-dir", str(mnist_root), *args], capsys, monkeypatch)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and named in lines[0], err
@@ -55,8 +46,8 @@ def test_cuda_without_cuda_is_a_clear_error(
     tracking_store: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(mnist_root),
-                        "--device", "cuda")
+    code, _, err = run_cli(["train", "--data-dir", str(mnist_root),
+                            "--device", "cuda"], capsys, monkeypatch)
     assert code == 2 and "CUDA is not available" in err and all_runs() == 0
 
 
@@ -72,7 +63,7 @@ def test_damaged_mnist_file_is_named_and_creates_no_run(
     altered = content[:500] + bytes([content[500] ^ 0xFF]) + content[501:]
     victim.write_bytes(content[:1000] if damage == "truncate" else altered)
     assert victim.read_bytes() != content
-    code, err = run_cli(monkeypatch, capsys, "train", "--data-dir", str(root))
+    code, _, err = run_cli(["train", "--data-dir", str(root)], capsys, monkeypatch)
     assert code == 2 and str(victim) in err and len(err.strip().splitlines()) == 1
     assert ("bytes" if damage == "truncate" else "checksum") in err
     assert victim.exists() and all_runs() == 0

@@ -23,25 +23,15 @@ from mnist_mlflow.comparison import (
 )
 from mnist_mlflow.config import UserError
 from mnist_mlflow.tracking import train_tracked
-from tests.conftest import tiny_config
-from tests.helpers import run_cli, use_store
+from tests.conftest import tiny_config, use_store
+from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture
-def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_store(module_store, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def real_runs(module_store: Path, mnist_root: Path) -> list[str]:
+def real_runs(store_dir: Path, mnist_root: Path) -> list[str]:
     """Two real tiny training runs (two epochs each) in experiment `real`."""
     with pytest.MonkeyPatch.context() as patch:
-        use_store(module_store, patch)
+        use_store(store_dir, patch)
         return [train_tracked(tiny_config(epochs=2, dropout=dropout), mnist_root, "real",
                               progress=False).run_id for dropout in (0.0, 0.05)]
 

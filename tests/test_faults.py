@@ -11,10 +11,9 @@ from pathlib import Path
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.comparison import ROLE_TAG
-from tests.helpers import run_cli
+from tests.helpers import children_of, run_cli, runs_of
 from tests.test_interrupt import mnist_mlflow, wait_for_epoch
 
 # Two epochs of about 2 s each: long enough to damage a file while the first child trains.
@@ -22,17 +21,6 @@ TRAIN_ARGS = ["--epochs", "2", "--train-limit", "6144", "--test-limit", "256", "
               "cpu", "--threads", "1"]
 
 TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
-
-
-def runs_of(experiment: str) -> list[mlflow.entities.Run]:
-    found = MlflowClient().get_experiment_by_name(experiment)
-    return [] if found is None else MlflowClient().search_runs([found.experiment_id])
-
-
-def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
-    children = [r for r in runs_of(experiment)
-                if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
-    return sorted(children, key=lambda r: r.info.start_time)
 
 
 def test_huge_learning_rate_fails_the_run_at_the_diverging_step_and_logs_no_model(

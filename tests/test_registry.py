@@ -13,27 +13,17 @@ from mnist_mlflow.data import load_mnist
 from mnist_mlflow.models import InferenceModel, build_model
 from mnist_mlflow.registry import PREVIOUS, PRODUCTION
 from mnist_mlflow.tracking import SIGNATURE, pip_requirements, train_tracked
-from tests.conftest import tiny_config
-from tests.helpers import run_cli, use_store
+from tests.conftest import tiny_config, use_store
+from tests.helpers import run_cli
 
 EXPERIMENT = "registry"
 
 
 @pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture
-def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_store(module_store, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def better_worse(module_store: Path, mnist_root: Path) -> tuple[str, str]:
+def better_worse(store_dir: Path, mnist_root: Path) -> tuple[str, str]:
     """Two real tiny runs, as (lower test_loss, higher test_loss): a strict order for the rule."""
     with pytest.MonkeyPatch.context() as patch:
-        use_store(module_store, patch)
+        use_store(store_dir, patch)
         run_ids = [train_tracked(tiny_config(epochs=1, dropout=dropout), mnist_root, EXPERIMENT,
                                  progress=False).run_id for dropout in (0.0, 0.05)]
         losses = {r: MlflowClient().get_run(r).data.metrics["test_loss"] for r in run_ids}

@@ -21,28 +21,18 @@ from mnist_mlflow.data import load_mnist
 from mnist_mlflow.predict import DEFAULT_MODEL_URI
 from mnist_mlflow.registry import promote, register_run
 from mnist_mlflow.tracking import train_tracked
-from tests.conftest import tiny_config
-from tests.helpers import run_cli, use_store
+from tests.conftest import tiny_config, use_store
+from tests.helpers import run_cli
 
 COUNT = 10  # MNIST test images per test
 SERVER_START_LIMIT_S = 120
 
 
 @pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture
-def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_store(module_store, monkeypatch)
-
-
-@pytest.fixture(scope="module")
-def production(module_store: Path, mnist_root: Path) -> str:
+def production(store_dir: Path, mnist_root: Path) -> str:
     """`mnist-cnn@production`: one epoch on 6,000 images (about 93%), enough for easy digits."""
     with pytest.MonkeyPatch.context() as patch:
-        use_store(module_store, patch)
+        use_store(store_dir, patch)
         config = tiny_config(epochs=1, train_limit=6000, test_limit=1000, lr=0.05,
                              batch_size=32)
         run_id = train_tracked(config, mnist_root, "serving", progress=False).run_id
@@ -52,7 +42,7 @@ def production(module_store: Path, mnist_root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def test_images(module_store: Path, production: str,
+def test_images(store_dir: Path, production: str,
                 mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
     """MNIST test images (uint8 (N, 28, 28)) and labels that the model gets right from arrays.
 
@@ -61,7 +51,7 @@ def test_images(module_store: Path, production: str,
     """
     images, labels = load_mnist(mnist_root, test_limit=100).test_tensors()
     with pytest.MonkeyPatch.context() as patch:
-        use_store(module_store, patch)
+        use_store(store_dir, patch)
         model = mlflow.pyfunc.load_model(f"runs:/{production}/model")
         predicted = np.asarray(model.predict(as_model_input(images.numpy()))).argmax(axis=1)
     right = np.flatnonzero(predicted == labels.numpy())[:COUNT]
@@ -135,10 +125,10 @@ def free_port() -> int:
 
 def test_mlflow_models_serve_answers_with_ten_scores_per_image(
         store: str, production: str, test_images: tuple[np.ndarray, np.ndarray],
-        module_store: Path) -> None:
+        store_dir: Path) -> None:
     images, labels = test_images
     port = free_port()
-    log_path = module_store / "serve.log"
+    log_path = store_dir / "serve.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", DEFAULT_MODEL_URI,

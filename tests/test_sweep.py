@@ -4,38 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.sweep import parse_variants, run_sweep, sweep_configs
 from tests.conftest import tiny_config
-from tests.helpers import run_cli, use_store
+from tests.helpers import children_of, run_cli, runs_of
 
 TINY = ["--epochs", "1", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def module_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("store")
-
-
-@pytest.fixture
-def store(module_store: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    return use_store(module_store, monkeypatch)
-
-
-def all_runs(experiment: str) -> list[mlflow.entities.Run]:
-    found = MlflowClient().get_experiment_by_name(experiment)
-    return [] if found is None else MlflowClient().search_runs([found.experiment_id])
-
-
-def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
-    children = [r for r in all_runs(experiment)
-                if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
-    return sorted(children, key=lambda r: r.info.start_time)
 
 
 def test_default_sweep_trains_the_seeds_two_variants_as_children(
@@ -44,7 +21,7 @@ def test_default_sweep_trains_the_seeds_two_variants_as_children(
     code, out, err = run_cli(["sweep", *TINY, "--data-dir", str(mnist_root),
                               "--experiment", "default-sweep"], capsys, monkeypatch)
     assert code == 0, err
-    parents = [r for r in all_runs("default-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
+    parents = [r for r in runs_of("default-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -71,7 +48,7 @@ def test_failing_children_are_recorded_and_the_others_still_run(
                             "--experiment", "diverging-sweep"], capsys, monkeypatch)
     assert code == 1
     assert "2 of 2 sweep children failed" in err.strip().splitlines()[-1]
-    parent = next(r for r in all_runs("diverging-sweep") if r.data.tags.get(ROLE_TAG) == "sweep")
+    parent = next(r for r in runs_of("diverging-sweep") if r.data.tags.get(ROLE_TAG) == "sweep")
     assert parent.info.status == "FAILED"
     assert parent.data.tags["children_failed"] == "2"
     children = children_of("diverging-sweep", parent.info.run_id)
@@ -97,7 +74,7 @@ def test_bad_sweep_options_fail_in_one_line_before_any_run(
                               "--experiment", "never-created"], capsys, monkeypatch)
     assert code == 2
     assert err.count("\n") == 1 and message in err
-    assert all_runs("never-created") == []
+    assert runs_of("never-created") == []
 
 
 def test_parse_variants_accepts_repeated_and_comma_separated_specs() -> None:

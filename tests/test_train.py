@@ -13,19 +13,22 @@ from mlflow import MlflowClient
 from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import create_state, fit
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, use_store
 
 EPOCH_METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds"]
 
 
 @pytest.fixture(scope="module")
-def finished_run(module_store: str, mnist_root: Path):
+def finished_run(store_dir: Path, mnist_root: Path):
+    """One tracked tiny run, shared by the tests that read what it logged."""
     config = tiny_config(dropout=0.05, epochs=3)
-    result = train_tracked(config, mnist_root, "unit", progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        use_store(store_dir, patch)
+        result = train_tracked(config, mnist_root, "unit", progress=False)
     return config, result, MlflowClient().get_run(result.run_id)
 
 
-def test_run_logs_every_setting_as_a_param(finished_run) -> None:
+def test_run_logs_every_setting_as_a_param(store: str, finished_run) -> None:
     config, _, run = finished_run
     params = run.data.params
     for name, value in config.as_params().items():
@@ -38,7 +41,7 @@ def test_run_logs_every_setting_as_a_param(finished_run) -> None:
     assert run.info.run_name == "opt-dropout0.05"
 
 
-def test_run_logs_one_value_per_epoch_for_each_metric(finished_run) -> None:
+def test_run_logs_one_value_per_epoch_for_each_metric(store: str, finished_run) -> None:
     config, result, run = finished_run
     client = MlflowClient()
     for name in EPOCH_METRICS:
@@ -55,7 +58,7 @@ def test_run_logs_one_value_per_epoch_for_each_metric(finished_run) -> None:
     assert metrics["final_gap"] == pytest.approx(last.train_acc - last.test_acc)
 
 
-def test_run_tags_and_artifacts(finished_run) -> None:
+def test_run_tags_and_artifacts(store: str, finished_run) -> None:
     _, _, run = finished_run
     tags = run.data.tags
     assert tags["variant"] == "opt" and tags["dropout_enabled"] == "true"
@@ -71,7 +74,7 @@ def test_run_tags_and_artifacts(finished_run) -> None:
     assert "[1, 10, 26, 26]" in summary and "6,132" in summary
 
 
-def test_logged_model_predicts_real_test_images(finished_run, mnist_root: Path) -> None:
+def test_logged_model_predicts_real_test_images(store: str, finished_run, mnist_root: Path) -> None:
     config, result, run = finished_run
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     data = load_mnist(mnist_root, test_limit=config.test_limit)

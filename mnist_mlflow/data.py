@@ -96,8 +96,11 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> M
         test = datasets.MNIST(root, train=False)
     except (RuntimeError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"MNIST not found in {raw_dir} and could not be downloaded ({reason}); "
-                        f"put the four original .gz files there") from None
+        missing = [str(raw_dir / name) for name in RAW_FILES if not (raw_dir / name).is_file()]
+        what = f"MNIST file {', '.join(missing)} is missing" if missing else (
+            f"MNIST in {raw_dir} cannot be opened")
+        raise UserError(f"{what} and could not be downloaded ({reason}); "
+                        f"put the four original .gz files in {raw_dir}") from None
     md5s.update(verify_raw_files(raw_dir))
     return MnistData(root, train, test, md5s, train_limit, test_limit)
 

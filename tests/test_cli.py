@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from torchvision import datasets
 
 from tests.helpers import run_cli
 
@@ -67,3 +68,21 @@ def test_damaged_mnist_file_is_named_and_creates_no_run(
     assert code == 2 and str(victim) in err and len(err.strip().splitlines()) == 1
     assert ("bytes" if damage == "truncate" else "checksum") in err
     assert victim.exists() and all_runs() == 0
+
+
+def test_missing_mnist_file_is_named_when_it_cannot_be_downloaded(
+    tracking_store: str, mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = tmp_path / "data"
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(mnist_root / "MNIST" / "raw" / name, root / "MNIST" / "raw" / name)
+    # Where a user's machine would download from: a closed local port, as when offline.
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    code, _, err = run_cli(["train", "--data-dir", str(root)], capsys, monkeypatch)
+    missing = root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz"
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"MNIST file {missing} is missing" in err and "could not be downloaded" in err
+    assert all_runs() == 0

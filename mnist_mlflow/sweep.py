@@ -27,6 +27,7 @@ from mnist_mlflow.tracking import (
     RunInterrupted,
     check_tracking_store,
     config_from_params,
+    log_new_params,
     resumable_run,
     resume_tracked,
     train_tracked,
@@ -97,11 +98,7 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig]) -> str:
         client.set_tag(run_id, MLFLOW_RUN_NAME, "sweep")
     base = {k: v for k, v in configs[0].as_params().items() if k not in ("model", "dropout")}
     params = {**base, "variants": ",".join(f"{c.model}:{c.dropout:g}" for c in configs)}
-    # `mlflow run` has already logged its -P values; MLflow forbids changing a param.
-    existing = client.get_run(run_id).data.params
-    for key, value in params.items():
-        if key not in existing:
-            client.log_param(run_id, key, value)
+    log_new_params(run_id, params)
     client.set_tag(run_id, ROLE_TAG, SWEEP_ROLE)
     return run_id
 

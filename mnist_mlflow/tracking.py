@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import torch
 import torchvision
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Param, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -311,13 +311,21 @@ def log_checkpoint(state: TrainState, history: list[EpochMetrics], tmp: Path) ->
     mlflow.log_artifact(str(path), CHECKPOINT_DIR)
 
 
+def log_new_params(run_id: str, params: Mapping[str, object]) -> None:
+    """Log the params `run_id` does not have yet.
+
+    `mlflow run` has already logged the -P values as given (say "0.050"); MLflow forbids
+    changing a param, so only the ones it did not log are added.
+    """
+    client = MlflowClient()
+    existing = client.get_run(run_id).data.params
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()
+                                     if k not in existing])
+
+
 def _log_start(config: TrainConfig, state: TrainState, device: torch.device,
                data: MnistData) -> None:
-    # `mlflow run` has already logged the -P values as given (say "0.050"); MLflow forbids
-    # changing a param, so only the ones it did not log are added.
-    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    params = {k: v for k, v in run_params(config, state, device).items() if k not in existing}
-    mlflow.log_params(params)
+    log_new_params(mlflow.active_run().info.run_id, run_params(config, state, device))
     mlflow.set_tags(run_tags(config, data))
 
 

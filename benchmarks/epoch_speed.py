@@ -50,8 +50,8 @@ def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int,
     """
     device = config.resolved_device()
     data = load_mnist(data_dir, images, config.test_limit)
-    pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
-    state = create_state(config, device)
+    pipeline = build_pipeline(config, data, device)
+    state = create_state(config, device, pipeline.steps_per_epoch)
     model, cuda_graphs = training_model(config, state.model, device)
 
     def one_pass(seed: int, steps: int | None = None) -> None:
@@ -73,8 +73,9 @@ def untracked_seconds(config: TrainConfig, data_dir: str) -> float:
     start = time.perf_counter()
     device = config.resolved_device()
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
-    pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
-    fit(config, create_state(config, device), pipeline, progress=False)
+    pipeline = build_pipeline(config, data, device)
+    fit(config, create_state(config, device, pipeline.steps_per_epoch), pipeline,
+        progress=False)
     return time.perf_counter() - start
 
 

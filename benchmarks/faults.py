@@ -42,8 +42,9 @@ def twin_history(config: TrainConfig, data_dir: str) -> list[EpochMetrics]:
     """The run left alone: same settings, trained here without MLflow."""
     device = torch.device(config.device)
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
-    pipeline = build_pipeline(config.pipeline, data, config.batch_size, device)
-    return fit(config, create_state(config, device), pipeline, progress=False)
+    pipeline = build_pipeline(config, data, device)
+    return fit(config, create_state(config, device, pipeline.steps_per_epoch), pipeline,
+               progress=False)
 
 
 def train_args(config: TrainConfig) -> list[str]:
@@ -85,7 +86,7 @@ def checkpoint_seconds(config: TrainConfig, store: str, repeats: int) -> tuple[f
     """Median seconds to save and log one checkpoint (as every epoch does), and its bytes."""
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("checkpoint-cost")
-    state = create_state(config, torch.device(config.device))
+    state = create_state(config, torch.device(config.device), steps_per_epoch=1)
     history = [EpochMetrics(e, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0) for e in range(1, 21)]
     times = []
     with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:

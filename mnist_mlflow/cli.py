@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -16,10 +17,12 @@ from mnist_mlflow.config import (
     DEVICES,
     PIPELINES,
     PRECISIONS,
+    SCHEDULERS,
     TrainConfig,
     UserError,
 )
 from mnist_mlflow.models import MODELS
+from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
 from mnist_mlflow.training import TrainingDiverged
 
 DEFAULTS = TrainConfig()
@@ -34,7 +37,7 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Dropout probability after each conv block but the first, in [0, 1)."),
         click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True),
         click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True,
-                     help="SGD learning rate."),
+                     help="SGD learning rate (OneCycleLR: the peak rate)."),
         click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True),
         click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True),
         click.option("--step-size", type=int, default=DEFAULTS.step_size, show_default=True,
@@ -43,6 +46,17 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="StepLR: factor of each decay."),
         click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay,
                      show_default=True),
+        click.option("--scheduler", default=DEFAULTS.scheduler, show_default=True,
+                     help=f"{'|'.join(SCHEDULERS)}: the seed's StepLR (per epoch), or "
+                          "OneCycleLR (per batch, up to --lr in the first 30%, then down)."),
+        click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing,
+                     show_default=True, help="Label smoothing of the training loss, in [0, 1)."),
+        click.option("--rotation", type=float, default=DEFAULTS.rotation, show_default=True,
+                     help="Random rotation of training images within ± this many degrees."),
+        click.option("--translate", type=float, default=DEFAULTS.translate, show_default=True,
+                     help="Random shift up to this fraction of the image size (RandomAffine)."),
+        click.option("--scale", type=float, default=DEFAULTS.scale, show_default=True,
+                     help="Random zoom by a factor in [1 - s, 1 + s] (RandomAffine)."),
         click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
         click.option("--device", default=DEFAULTS.device, show_default=True,
                      help=f"{'|'.join(DEVICES)}; auto picks CUDA when available."),
@@ -115,34 +129,49 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
 
 @cli.command()
 @training_options
+@click.option("--phase", "phase_name", default="", metavar="NAME",
+              help="Train this phase's variants with their recipes: "
+                   f"{', '.join(PHASES)} [default: {DEFAULT_PHASE}, unless --variant]. "
+                   "Options given here override the phase's recipe.")
 @click.option("--variant", "variants", multiple=True, metavar="MODEL:DROPOUT",
-              help="A variant to train (repeatable or comma-separated); "
-                   "default: the seed's opt:0 and opt:0.05.")
+              help="Instead of a phase, these variants with the options given here "
+                   "(repeatable or comma-separated).")
+@click.option("--seeds", default="", metavar="S1,S2,...",
+              help="Train every variant once per seed (instead of --seed).")
 @click.option("--resume", "resume_run_id", default="", metavar="PARENT_RUN_ID",
               help="Train only the unfinished children of this sweep, under the same parent.")
 @click.pass_context
-def sweep(ctx: click.Context, variants: tuple[str, ...], resume_run_id: str,
-          **options: Any) -> None:
+def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds: str,
+          resume_run_id: str, **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
-    from mnist_mlflow.sweep import (
-        DEFAULT_VARIANTS,
-        parse_variants,
-        resume_sweep,
-        run_sweep,
-        sweep_configs,
-    )
+    from mnist_mlflow.phases import over_seeds, parse_seeds, phase_configs
+    from mnist_mlflow.sweep import parse_variants, resume_sweep, run_sweep, sweep_configs
 
+    variants = tuple(v for v in variants if v.strip())  # `mlflow run` passes "" for none
+    given = given_settings(ctx, options)
     for name in ("model", "dropout"):
-        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+        if name in given:
             raise UserError(f"--{name} does not apply to a sweep; use --variant MODEL:DROPOUT")
+    if phase_name and variants:
+        raise UserError("--phase and --variant exclude each other: a phase names its variants")
+    if seeds and "seed" in given:
+        raise UserError("--seed and --seeds exclude each other")
     if resume_run_id:
-        if variants:
-            raise UserError("--variant does not apply with --resume: the sweep's own are used")
-        result = resume_sweep(resume_run_id, options["data_dir"], given_settings(ctx, options))
+        if variants or phase_name or seeds:
+            raise UserError("--phase, --variant and --seeds do not apply with --resume: "
+                            "the sweep's own are used")
+        result = resume_sweep(resume_run_id, options["data_dir"], given)
     else:
-        chosen = parse_variants(variants) if variants else list(DEFAULT_VARIANTS)
-        configs = sweep_configs(config_from(options), chosen)
-        result = run_sweep(configs, options["data_dir"], options["experiment"])
+        if variants:
+            configs = sweep_configs(config_from(options), parse_variants(variants))
+        else:
+            phase_name = phase_name or DEFAULT_PHASE
+            configs = phase_configs(phase_name, given)
+        if seeds:
+            configs = over_seeds(configs, parse_seeds(seeds))
+        command = shlex.join(["mnist-mlflow", *sys.argv[1:]])
+        result = run_sweep(configs, options["data_dir"], options["experiment"], phase=phase_name,
+                           command=command)
     for child in result.children:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
@@ -169,18 +198,22 @@ def sweep(ctx: click.Context, variants: tuple[str, ...], resume_run_id: str,
               help="Runs shown side by side and plotted.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Also write comparison.md and comparison.png to this folder.")
+@click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write RESULTS.md here: a table per phase of the experiment's sweeps.")
 @click.option("--register/--no-register", default=True, show_default=True,
               help="Register the chosen run's model and consider it for production.")
 @click.option("--model-name", default="mnist-cnn", show_default=True,
               help="Registered model name.")
 @click.option("--force", is_flag=True, help="Move `production` even if it is not better.")
 def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
-            max_params: int, top: int, report_dir: str | None, register: bool,
-            model_name: str, force: bool) -> None:
+            max_params: int, top: int, report_dir: str | None, results_path: str | None,
+            register: bool, model_name: str, force: bool) -> None:
     """Compare finished runs, pick the production candidate, register and promote it."""
     from pathlib import Path
 
     from mnist_mlflow import comparison
+
+    results_path = results_path or None  # `mlflow run` passes "" for none
 
     higher_is_better = comparison.metric_goal(metric) if goal is None else goal == "max"
     rule = comparison.SelectionRule(metric, max_params, higher_is_better)
@@ -195,6 +228,12 @@ def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
     click.echo(f"Chosen: {result.chosen.name} ({result.chosen.run_id}): {result.reason}.")
     click.echo(f"Report logged to comparison run {result.comparison_run_id}"
                + (f" and written to {report_dir}" if report_dir else ""))
+    if results_path:
+        from mnist_mlflow.results import render_results
+
+        command = shlex.join(["mnist-mlflow", *sys.argv[1:]])
+        Path(results_path).write_text(render_results(result.experiment, command))
+        click.echo(f"Results by phase written to {results_path}")
     if not register:
         return
     from mnist_mlflow import registry  # imports the training stack (torch): only when needed

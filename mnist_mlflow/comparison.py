@@ -100,6 +100,20 @@ def metric_goal(metric: str) -> bool:
     return not any(word in metric for word in ("loss", "gap", "seconds"))
 
 
+def search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
+    """Every active run of the experiment matching `query`, oldest first, page by page."""
+    runs: list[Run] = []
+    page_token = None
+    while True:
+        page = client.search_runs([experiment_id], query, ViewType.ACTIVE_ONLY,
+                                  SEARCH_MAX_RESULTS_THRESHOLD, ["attributes.start_time ASC"],
+                                  page_token)
+        runs += page
+        page_token = page.token
+        if not page_token:
+            return runs
+
+
 def find_runs(experiment: str, filter_string: str, metric: str) -> tuple[list[RunSummary],
                                                                           list[str]]:
     """FINISHED training runs of `experiment` matching `filter_string`, and skip warnings."""
@@ -108,17 +122,8 @@ def find_runs(experiment: str, filter_string: str, metric: str) -> tuple[list[Ru
     if found is None:
         raise UserError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
-    runs: list[Run] = []
-    page_token = None
     try:
-        while True:
-            page = client.search_runs([found.experiment_id], query, ViewType.ACTIVE_ONLY,
-                                      SEARCH_MAX_RESULTS_THRESHOLD,
-                                      ["attributes.start_time ASC"], page_token)
-            runs += page
-            page_token = page.token
-            if not page_token:
-                break
+        runs = search_all(client, found.experiment_id, query)
     except MlflowException as err:
         raise UserError(f"invalid --filter {filter_string!r}: "
                         f"{err.message.splitlines()[0]}") from None

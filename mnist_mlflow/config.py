@@ -13,6 +13,11 @@ DEVICES = ("auto", "cpu", "cuda")
 PIPELINES = ("fast", "torchvision")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
+# step: the seed's StepLR, once per epoch. onecycle: OneCycleLR up to `lr` and down, per step.
+SCHEDULERS = ("step", "onecycle")
+# Settings added after the first runs were tracked: a run without the param used this value.
+LATER_SETTINGS = {"scheduler": "step", "label_smoothing": 0.0, "rotation": 7.0,
+                  "translate": 0.0, "scale": 0.0}
 
 
 class UserError(Exception):
@@ -32,6 +37,11 @@ class TrainConfig:
     step_size: int = 10
     gamma: float = 0.1
     weight_decay: float = 0.0
+    scheduler: str = "step"
+    label_smoothing: float = 0.0
+    rotation: float = 7.0
+    translate: float = 0.0
+    scale: float = 0.0
     seed: int = 1
     device: str = "auto"
     pipeline: str = "fast"
@@ -53,6 +63,11 @@ class TrainConfig:
             ("step_size", self.step_size >= 1, "must be >= 1"),
             ("gamma", 0.0 < self.gamma <= 1.0, "must be in (0, 1]"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
+            ("label_smoothing", 0.0 <= self.label_smoothing < 1.0, "must be in [0, 1)"),
+            ("rotation", 0.0 <= self.rotation <= 180.0, "must be in [0, 180] degrees"),
+            ("translate", 0.0 <= self.translate < 0.5, "must be in [0, 0.5) of the image size"),
+            ("scale", 0.0 <= self.scale < 1.0, "must be in [0, 1)"),
             ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
             ("pipeline", self.pipeline in PIPELINES, f"must be one of {', '.join(PIPELINES)}"),
             ("precision", self.precision in PRECISIONS,
@@ -94,8 +109,9 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        """Run name like `opt-dropout0.05`."""
-        return f"{self.model}-dropout{self.dropout:g}"
+        """Run name like `opt-dropout0.05`, with `-seed2` for any seed but the default 1."""
+        seed = "" if self.seed == 1 else f"-seed{self.seed}"
+        return f"{self.model}-dropout{self.dropout:g}{seed}"
 
     def as_params(self) -> dict[str, object]:
         """All settings as a flat dict, ready for `mlflow.log_params`."""

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from mnist_mlflow.config import UserError
+from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
 
-ROTATION_DEGREES = 7.0
+IMAGE_SIZE = 28
 
 # The four original files: name -> (md5, bytes). torchvision checks the same MD5s.
 RAW_FILES: dict[str, tuple[str, int]] = {
@@ -34,6 +34,36 @@ RAW_FILES: dict[str, tuple[str, int]] = {
 }
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random affine of each training image: the seed's is a rotation within ±7 degrees.
+
+    `translate` is the largest shift as a fraction of the image size (whole pixels, as
+    torchvision's RandomAffine); `scale` s draws a zoom factor from [1 - s, 1 + s].
+    """
+
+    rotation: float = 7.0
+    translate: float = 0.0
+    scale: float = 0.0
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Augmentation:
+        return cls(config.rotation, config.translate, config.scale)
+
+    @property
+    def affine(self) -> bool:
+        return self.translate > 0 or self.scale > 0
+
+    def torchvision_transform(self) -> transforms.RandomRotation | transforms.RandomAffine:
+        """The per-sample PIL equivalent: the seed's RandomRotation, or RandomAffine."""
+        degrees = (-self.rotation, self.rotation)
+        if not self.affine:
+            return transforms.RandomRotation(degrees, fill=0)
+        return transforms.RandomAffine(
+            degrees, translate=(self.translate, self.translate) if self.translate else None,
+            scale=(1 - self.scale, 1 + self.scale) if self.scale else None, fill=0)
 
 
 def file_md5(path: Path) -> str:
@@ -129,10 +159,10 @@ class TorchvisionPipeline:
     """The seed's pipeline: DataLoader, per-sample PIL rotation, host-to-device copies."""
 
     def __init__(self, data: MnistData, batch_size: int, device: torch.device,
-                 num_workers: int = 1) -> None:
+                 augmentation: Augmentation = Augmentation(), num_workers: int = 1) -> None:
         normalize = transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))
         train_tf = transforms.Compose([
-            transforms.RandomRotation((-ROTATION_DEGREES, ROTATION_DEGREES), fill=0),
+            augmentation.torchvision_transform(),
             transforms.ToTensor(),
             normalize,
         ])
@@ -148,6 +178,10 @@ class TorchvisionPipeline:
     @property
     def num_train(self) -> int:
         return len(self.train_set)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_train / self.batch_size)
 
     def train_batches(self, seed: int) -> Iterator[Batch]:
         # The generator decides the shuffle and the workers' seeds (hence the rotations).
@@ -171,16 +205,25 @@ def _limited(dataset: datasets.MNIST, limit: int) -> datasets.MNIST | Subset:
     return Subset(dataset, range(limit)) if limit else dataset
 
 
-def rotate_batch(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Rotate (N, 1, H, W) images counter-clockwise by per-image `degrees`, black fill.
+def affine_batch(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor | None = None,
+                 shifts: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate (N, 1, H, W) images counter-clockwise by per-image `degrees`, zoom by `scales`
+    and shift by `shifts` (N, 2) pixels (x right, y down), about the centre; black fill.
 
-    Same geometry as torchvision's `rotate` (centre of the image, nearest neighbour).
+    Same geometry as torchvision's `rotate`/`affine` (nearest neighbour).
     """
     radians = degrees * (math.pi / 180)
     cos, sin = torch.cos(radians), torch.sin(radians)
-    zeros = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos, -sin, zeros], 1),
-                         torch.stack([sin, cos, zeros], 1)], 1).to(images.dtype)
+    # affine_grid maps each output position to the input position it samples: the inverse.
+    inverse = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    if scales is not None:
+        inverse = inverse / scales[:, None, None]
+    offset = torch.zeros_like(inverse[:, :, 0])
+    if shifts is not None:
+        height, width = images.shape[-2:]
+        normalized = shifts * torch.tensor([2 / width, 2 / height], device=shifts.device)
+        offset = -(inverse @ normalized.unsqueeze(2)).squeeze(2)
+    theta = torch.cat([inverse, offset.unsqueeze(2)], 2).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -188,9 +231,11 @@ def rotate_batch(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 class FastPipeline:
     """MNIST resident on the training device; batches gathered, rotated and normalized there."""
 
-    def __init__(self, data: MnistData, batch_size: int, device: torch.device) -> None:
+    def __init__(self, data: MnistData, batch_size: int, device: torch.device,
+                 augmentation: Augmentation = Augmentation()) -> None:
         self.batch_size = batch_size
         self.device = device
+        self.augmentation = augmentation
         train_images, train_labels = data.train_tensors()
         test_images, test_labels = data.test_tensors()
         self.train_images = train_images.to(device).unsqueeze(1)  # uint8 (N, 1, 28, 28)
@@ -204,19 +249,39 @@ class FastPipeline:
     def num_train(self) -> int:
         return len(self.train_labels)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_train / self.batch_size)
+
     def train_batches(self, seed: int) -> Iterator[Batch]:
         generator = torch.Generator(device=self.device).manual_seed(seed)
         order = torch.randperm(self.num_train, device=self.device, generator=generator)
-        angles = (torch.rand(self.num_train, device=self.device, generator=generator) * 2 - 1)
-        angles *= ROTATION_DEGREES
+        angles, scales, shifts = self._draw_affines(generator)
         for chunk_start in range(0, self.num_train, self.chunk):
             index = order[chunk_start:chunk_start + self.chunk]
             images = self.train_images[index].float().div_(255)
-            # Black stays black after rotation; normalize afterwards, as torchvision does.
-            images = self._laid_out(_normalize_float(rotate_batch(images, angles[index])))
+            images = affine_batch(images, angles[index],
+                                  None if scales is None else scales[index],
+                                  None if shifts is None else shifts[index])
+            # Black stays black after the affine; normalize afterwards, as torchvision does.
+            images = self._laid_out(_normalize_float(images))
             labels = self.train_labels[index]
             for start in range(0, len(index), self.batch_size):
                 yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
+
+    def _draw_affines(self, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-image angle, zoom and shift; the seed's rotation draws the angles alone."""
+        aug, count, device = self.augmentation, self.num_train, self.device
+
+        def uniform(*shape: int) -> torch.Tensor:  # in [-1, 1)
+            return torch.rand(*shape, device=device, generator=generator) * 2 - 1
+
+        angles = uniform(count) * aug.rotation
+        scales = 1 + uniform(count) * aug.scale if aug.scale else None
+        shifts = (torch.round(uniform(count, 2) * (aug.translate * IMAGE_SIZE))
+                  if aug.translate else None)
+        return angles, scales, shifts
 
     def test_batches(self) -> Iterator[Batch]:
         size = eval_batch_size(self.device)
@@ -242,8 +307,7 @@ def _normalize_float(images: torch.Tensor) -> torch.Tensor:
 Pipeline = TorchvisionPipeline | FastPipeline
 
 
-def build_pipeline(kind: str, data: MnistData, batch_size: int, device: torch.device) -> Pipeline:
-    """The input pipeline named `kind` ('fast' or 'torchvision')."""
-    if kind == "torchvision":
-        return TorchvisionPipeline(data, batch_size, device)
-    return FastPipeline(data, batch_size, device)
+def build_pipeline(config: TrainConfig, data: MnistData, device: torch.device) -> Pipeline:
+    """The input pipeline `config.pipeline` names ('fast' or 'torchvision')."""
+    pipeline = TorchvisionPipeline if config.pipeline == "torchvision" else FastPipeline
+    return pipeline(data, config.batch_size, device, Augmentation.of(config))

@@ -52,6 +52,50 @@ class OptNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class GapNet(nn.Module):
+    """The seed's plan: wider early layers, a 1x1 transition, and GAP instead of the dense head.
+
+    28x28 -> 3x3 convs with `early` channels [22x22] -> max-pool -> 1x1 conv to `transition`
+    channels -> 3x3 convs with `late` channels [5x5] -> global average pool -> 1x1 conv to 10.
+    BatchNorm and ReLU after every conv but the last; Dropout(p) after each block but the first.
+    """
+
+    def __init__(self, dropout: float, early: tuple[int, ...], transition: int,
+                 late: tuple[int, ...]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for index, width in enumerate(early):
+            layers += conv_block(channels, width, dropout if index else 0.0)
+            channels = width
+        layers += [nn.MaxPool2d(2), nn.Conv2d(channels, transition, 1, bias=False),
+                   nn.BatchNorm2d(transition), nn.ReLU()]
+        channels = transition
+        for width in late:
+            layers += conv_block(channels, width, dropout)
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 10, 1),
+                                  nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def gap8k(dropout: float = 0.0) -> GapNet:
+    """7,580 parameters: 10-10-16 channels at full resolution, 10-16-16 after the transition.
+
+    Spends what the seed's dense head used (1,670 weights) on early width, where the strokes
+    are; the GAP head has 170.
+    """
+    return GapNet(dropout, early=(10, 10, 16), transition=10, late=(10, 16, 16))
+
+
+def gap5k(dropout: float = 0.0) -> GapNet:
+    """4,974 parameters: gap8k's shape made narrower (8-8-12, then 10-12-12), for < 5k."""
+    return GapNet(dropout, early=(8, 8, 12), transition=8, late=(10, 12, 12))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A named variant: how to build it and what it is for."""
@@ -62,6 +106,8 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {
     "opt": ModelSpec(OptNet, "the seed's 6,132-parameter CNN (Opt-1, Opt-2 with dropout)"),
+    "gap8k": ModelSpec(gap8k, "wider early layers, 1x1 transition, GAP head (< 8k parameters)"),
+    "gap5k": ModelSpec(gap5k, "gap8k made narrower (< 5k parameters)"),
 }
 
 

@@ -7,8 +7,10 @@ as well run in other processes or on other machines against the same tracking st
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +37,13 @@ from mnist_mlflow.tracking import (
 
 log = logging.getLogger("mnist_mlflow")
 
-# The seed's two runs: Opt-1 (no dropout) and Opt-2 (dropout 0.05).
-DEFAULT_VARIANTS: tuple[tuple[str, float], ...] = (("opt", 0.0), ("opt", 0.05))
 SWEEP_ROLE = "sweep"
+# On the parent and every child: the phase the sweep trained (empty for --variant sweeps).
+PHASE_TAG = "mnist_mlflow.phase"
+# On the parent: the command that started the sweep, quoted in RESULTS.md.
+COMMAND_TAG = "mnist_mlflow.command"
+# The parent's artifact listing every child's whole configuration, read by --resume.
+PLAN_ARTIFACT = "sweep_plan.json"
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,10 @@ def sweep_configs(base: TrainConfig, variants: Sequence[tuple[str, float]]) -> l
             for model, dropout in variants]
 
 
-def start_parent(experiment: str, configs: Sequence[TrainConfig]) -> str:
-    """Create the parent run (or adopt the one `mlflow run` made) and record what it sweeps."""
+def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "",
+                 command: str = "") -> str:
+    """Create the parent run (or adopt the one `mlflow run` made) and record what it sweeps:
+    the settings all children share as params, and every child's config as the plan."""
     client = MlflowClient()
     # Under `mlflow run` the project runner created the run this process must report to.
     run_id = os.environ.pop("MLFLOW_RUN_ID", None)
@@ -96,34 +104,44 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig]) -> str:
         run_id = client.create_run(experiment_id, run_name="sweep").info.run_id
     else:
         client.set_tag(run_id, MLFLOW_RUN_NAME, "sweep")
-    base = {k: v for k, v in configs[0].as_params().items() if k not in ("model", "dropout")}
-    params = {**base, "variants": ",".join(f"{c.model}:{c.dropout:g}" for c in configs)}
-    log_new_params(run_id, params)
-    client.set_tag(run_id, ROLE_TAG, SWEEP_ROLE)
+    settings = [c.as_params() for c in configs]
+    shared = {k: v for k, v in settings[0].items() if all(s[k] == v for s in settings)}
+    variants = dict.fromkeys(f"{c.model}:{c.dropout:g}" for c in configs)
+    seeds = dict.fromkeys(str(c.seed) for c in configs)
+    log_new_params(run_id, {**shared, "variants": ",".join(variants), "seeds": ",".join(seeds),
+                            "phase": phase or "none", "children": len(configs)})
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = Path(tmp) / PLAN_ARTIFACT
+        plan.write_text(json.dumps(settings, indent=1))
+        client.log_artifact(run_id, str(plan))
+    for key, value in {ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command}.items():
+        client.set_tag(run_id, key, value)
     return run_id
 
 
 def run_child(config: TrainConfig, data_dir: Path | str, parent_run_id: str,
               progress: bool = True, resume_run_id: str | None = None) -> ChildOutcome:
     """Train `config` as a child of `parent_run_id` (or go on with child `resume_run_id`);
-    a failure is recorded, not raised."""
+    a failure is recorded, not raised. The child carries the parent's phase tag."""
     client = MlflowClient()
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    parent = client.get_run(parent_run_id)
+    experiment_id = parent.info.experiment_id
     experiment = client.get_experiment(experiment_id).name
+    tags = {PHASE_TAG: parent.data.tags.get(PHASE_TAG, "")}
     earlier_children = _child_run_ids(client, experiment_id, parent_run_id)
     try:
         if resume_run_id:
             result = resume_tracked(resume_run_id, data_dir, progress=progress)
         else:
             result = train_tracked(config, data_dir, experiment, parent_run_id=parent_run_id,
-                                   progress=progress)
+                                   progress=progress, tags=tags)
     except Exception as err:  # one child's crash must not stop the others
         reason = f"{type(err).__name__}: {err}"
         log.error("child %s failed: %s", config.run_name, reason)
         # Training ends its run FAILED itself, unless it failed before starting one.
         started = _child_run_ids(client, experiment_id, parent_run_id) - earlier_children
         run_id = (resume_run_id or (started.pop() if started else
-                  _record_failure(client, experiment_id, parent_run_id, config, reason)))
+                  _record_failure(client, experiment_id, parent_run_id, config, reason, tags)))
         return ChildOutcome(config, run_id, "FAILED", reason)
     return ChildOutcome(config, result.run_id, "FINISHED")
 
@@ -135,10 +153,11 @@ def _child_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str)
 
 
 def _record_failure(client: MlflowClient, experiment_id: str, parent_run_id: str,
-                    config: TrainConfig, reason: str) -> str:
+                    config: TrainConfig, reason: str, tags: Mapping[str, str]) -> str:
     """A FAILED child run for a config that failed before training began its own run."""
     run = client.create_run(experiment_id, run_name=config.run_name,
-                            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, "failure_reason": reason})
+                            tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id,
+                                  "failure_reason": reason})
     for key, value in config.as_params().items():
         client.log_param(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
@@ -146,10 +165,11 @@ def _record_failure(client: MlflowClient, experiment_id: str, parent_run_id: str
 
 
 def run_sweep(configs: Sequence[TrainConfig], data_dir: Path | str,
-              experiment: str = DEFAULT_EXPERIMENT, progress: bool = True) -> SweepResult:
+              experiment: str = DEFAULT_EXPERIMENT, progress: bool = True, phase: str = "",
+              command: str = "") -> SweepResult:
     """Train every config as a child of one new parent; the parent ends FAILED if any did."""
     check_tracking_store()
-    parent_run_id = start_parent(experiment, configs)
+    parent_run_id = start_parent(experiment, configs, phase, command)
     return _train_children(parent_run_id, [(c, None, None) for c in configs], data_dir,
                            progress)
 
@@ -173,10 +193,9 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
         raise UserError(f"run {parent_run_id} is not a sweep's parent run")
     if parent.info.status == "FINISHED":
         raise UserError(f"sweep {parent_run_id} is FINISHED: every child finished")
-    params = parent.data.params
-    configs = [config_from_params(parent_run_id, {**params, "model": m, "dropout": str(d)},
+    configs = [config_from_params(parent_run_id, {k: str(v) for k, v in settings.items()},
                                   given or {})
-               for m, d in parse_variants([params["variants"]])]
+               for settings in _plan(client, parent_run_id)]
     latest = _latest_children(client, parent)
     plan: list[tuple[TrainConfig, ChildOutcome | None, str | None]] = []
     for config in configs:
@@ -187,6 +206,17 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
             plan.append((config, None, child and _resumable(client, child.info.run_id)))
     client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     return _train_children(parent_run_id, plan, data_dir, progress)
+
+
+def _plan(client: MlflowClient, parent_run_id: str) -> list[dict[str, object]]:
+    """The settings of every child, as the parent recorded them when the sweep started."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent_run_id, PLAN_ARTIFACT, tmp)
+        except (MlflowException, OSError):
+            raise UserError(f"sweep {parent_run_id} has no {PLAN_ARTIFACT}: it cannot be "
+                            "resumed; start the sweep again") from None
+        return json.loads(Path(path).read_text())
 
 
 def _latest_children(client: MlflowClient, parent: Run) -> dict[TrainConfig, Run]:

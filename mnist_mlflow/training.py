@@ -48,7 +48,7 @@ class TrainingDiverged(Exception):
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch produced; accuracies in percent, `lr` is the rate the epoch used."""
+    """What one epoch produced; accuracies in percent, `lr` is the rate at its first step."""
 
     epoch: int
     train_loss: float
@@ -105,7 +105,36 @@ class TrainState:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def create_state(config: TrainConfig, device: torch.device) -> TrainState:
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+# OneCycleLR: share of the steps spent warming up to the peak rate.
+ONECYCLE_WARMUP = 0.3
+
+
+def step_lr(config: TrainConfig, optimizer: torch.optim.Optimizer, _steps: int) -> Scheduler:
+    """The seed's schedule: `lr`, times `gamma` every `step_size` epochs."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+
+
+def one_cycle(config: TrainConfig, optimizer: torch.optim.Optimizer,
+              steps_per_epoch: int) -> Scheduler:
+    """OneCycleLR peaking at `lr` after 30% of the steps, annealed to ~0 by the last step.
+
+    Momentum stays at `momentum` (no cycling), so that the logged param is the one used.
+    """
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+        pct_start=ONECYCLE_WARMUP, cycle_momentum=False)
+
+
+# name -> (constructor, stepped after every batch rather than every epoch)
+SCHEDULERS: dict[str, tuple[Callable[[TrainConfig, torch.optim.Optimizer, int], Scheduler],
+                            bool]] = {
+    "step": (step_lr, False),
+    "onecycle": (one_cycle, True),
+}
+
+
+def create_state(config: TrainConfig, device: torch.device, steps_per_epoch: int) -> TrainState:
     """Fresh model (initialized from `config.seed`), optimizer and scheduler."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.dropout).to(device)
@@ -115,15 +144,20 @@ def create_state(config: TrainConfig, device: torch.device) -> TrainState:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
-    return TrainState(model, optimizer, scheduler)
+    build_scheduler, _ = SCHEDULERS[config.scheduler]
+    return TrainState(model, optimizer, build_scheduler(config, optimizer, steps_per_epoch))
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable[Batch], progress: tqdm | None = None,
                     autocast_dtype: torch.dtype | None = None,
-                    cuda_graphs: bool = False, steps: int = 0) -> tuple[float, float]:
+                    cuda_graphs: bool = False, steps: int = 0,
+                    step_scheduler: Scheduler | None = None,
+                    label_smoothing: float = 0.0) -> tuple[float, float]:
     """One pass over `batches`; returns (mean loss, accuracy %).
+
+    `step_scheduler` is stepped after every batch (OneCycleLR); the loss is the training
+    objective, label smoothing included.
 
     Raises TrainingDiverged when the loss is not finite: on the CPU at that very step, before
     the optimizer uses it; on an accelerator within CUDA_FINITE_CHECK_EVERY steps.
@@ -144,11 +178,13 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         with torch.autocast(images.device.type, autocast_dtype,
                             enabled=autocast_dtype is not None):
             logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         if loss.device.type == "cpu" and not torch.isfinite(loss):
             raise TrainingDiverged(loss.item(), step, steps)
         loss.backward()
         optimizer.step()
+        if step_scheduler is not None:
+            step_scheduler.step()
         batch_loss = loss.detach() * len(labels)
         batch_correct = (logits.detach().argmax(1) == labels).sum()
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
@@ -205,7 +241,8 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
         progress: bool = True) -> list[EpochMetrics]:
     """Train from `state.epoch + 1` to `config.epochs`, calling `on_epoch` after each epoch."""
     history = []
-    steps_per_epoch = math.ceil(pipeline.num_train / config.batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch
+    _, per_step = SCHEDULERS[config.scheduler]
     device = next(state.model.parameters()).device
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -222,12 +259,15 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
                 train_loss, train_acc = train_one_epoch(train_model, state.optimizer,
                                                         pipeline.train_batches(seed), bar,
                                                         autocast_dtype, cuda_graphs,
-                                                        steps_per_epoch)
+                                                        steps_per_epoch,
+                                                        state.scheduler if per_step else None,
+                                                        config.label_smoothing)
             except TrainingDiverged as err:
                 err.epoch = epoch
                 raise
         test_loss, test_acc = evaluate(state.model, pipeline.test_batches())
-        state.scheduler.step()
+        if not per_step:
+            state.scheduler.step()
         state.epoch = epoch
         metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, lr,
                                time.perf_counter() - start)

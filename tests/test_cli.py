@@ -29,6 +29,12 @@ def all_runs() -> int:
     (["--model", "resnet"], "model"),
     (["--device", "tpu"], "device"),
     (["--pipeline", "dali"], "pipeline"),
+    (["--scheduler", "cosine"], "scheduler"),
+    (["--label-smoothing", "1"], "label_smoothing"),
+    (["--label-smoothing", "-0.1"], "label_smoothing"),
+    (["--rotation", "-5"], "rotation"),
+    (["--translate", "0.5"], "translate"),
+    (["--scale", "1.0"], "scale"),
 ])
 def test_bad_option_is_one_line_and_creates_no_run(
     tracking_store: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,

@@ -62,8 +62,9 @@ def twin(mnist_root: Path) -> list[EpochMetrics]:
     threads = torch.get_num_threads()
     try:
         data = load_mnist(mnist_root, config.train_limit, config.test_limit)
-        pipeline = build_pipeline(config.pipeline, data, config.batch_size, torch.device("cpu"))
-        return fit(config, create_state(config, torch.device("cpu")), pipeline, progress=False)
+        pipeline = build_pipeline(config, data, torch.device("cpu"))
+        state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+        return fit(config, state, pipeline, progress=False)
     finally:
         torch.set_num_threads(threads)  # leave the other tests their threads
 

@@ -13,12 +13,13 @@ from torchvision.transforms import functional as TF
 
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.data import (
+    Augmentation,
     FastPipeline,
     MnistData,
+    affine_batch,
     build_pipeline,
     chunk_images,
     load_mnist,
-    rotate_batch,
 )
 from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import create_state, fit
@@ -43,7 +44,7 @@ def digits(data: MnistData) -> torch.Tensor:
 
 
 def ours(digits: torch.Tensor, angle: float) -> torch.Tensor:
-    rotated = rotate_batch(digits.float(), torch.full((len(digits),), angle))
+    rotated = affine_batch(digits.float(), torch.full((len(digits),), angle))
     return rotated.round().to(torch.uint8)
 
 
@@ -71,8 +72,36 @@ def test_rotation_turns_counter_clockwise() -> None:
     # A dot right of centre goes up (smaller row index) for a positive angle, as in torchvision.
     image = torch.zeros(1, 1, 29, 29)
     image[0, 0, 14, 24] = 1.0
-    rotated = rotate_batch(image, torch.tensor([90.0]))
+    rotated = affine_batch(image, torch.tensor([90.0]))
     assert rotated[0, 0, 4, 14] == 1.0 and rotated.sum() == 1.0
+
+
+@pytest.mark.parametrize(("angle", "scale", "shift"), [
+    (0.0, 1.0, (3, -2)), (5.0, 1.1, (0, 0)), (-7.0, 0.9, (-3, 4)), (3.0, 1.08, (2, -2)),
+])
+def test_batched_affine_matches_torchvision_affine(digits: torch.Tensor, angle: float,
+                                                   scale: float, shift: tuple[int, int]) -> None:
+    reference = TF.affine(digits, angle=angle, translate=list(shift), scale=scale, shear=[0.0],
+                          interpolation=TF.InterpolationMode.NEAREST, fill=0)
+    count = len(digits)
+    # TF.affine turns clockwise for a positive angle, rotate (and ours) counter-clockwise;
+    # RandomAffine draws angles symmetric about 0, so the two augment alike.
+    ours = affine_batch(digits.float(), torch.full((count,), -angle),
+                        torch.full((count,), scale), torch.tensor([shift] * count).float())
+    assert differing_fraction(ours.round().to(torch.uint8), reference) <= MAX_DIFFERING_PIXELS
+
+
+def test_affine_augmentation_keeps_every_example_once_and_follows_the_seed(
+        data: MnistData) -> None:
+    augmentation = Augmentation(rotation=7.0, translate=0.1, scale=0.1)
+    pipeline = FastPipeline(data, 256, torch.device("cpu"), augmentation)
+    plain = FastPipeline(data, 256, torch.device("cpu"))
+    first, again = list(pipeline.train_batches(3)), list(pipeline.train_batches(3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    served = torch.cat([labels for _, labels in first])
+    assert torch.equal(served, torch.cat([labels for _, labels in plain.train_batches(3)]))
+    # Shifts of up to 2.8 pixels and zoom move ink that rotation alone leaves in place.
+    assert not torch.equal(first[0][0], next(plain.train_batches(3))[0])
 
 
 def id_labelled(data: MnistData, batch_size: int) -> FastPipeline:
@@ -113,14 +142,15 @@ def test_fast_loader_order_and_rotation_come_from_the_seed_alone(data: MnistData
     angles = (torch.rand(pipeline.num_train, generator=generator) * 2 - 1) * 7.0
     for step in (0, 17, len(first) - 1):
         index = order[step * 64:(step + 1) * 64]
-        expected = rotate_batch(pipeline.train_images[index].float().div_(255), angles[index])
+        expected = affine_batch(pipeline.train_images[index].float().div_(255), angles[index])
         expected = (expected - 0.1307) / 0.3081
         assert torch.equal(first[step][1], index)
         torch.testing.assert_close(first[step][0], expected)
 
 
 @pytest.mark.parametrize(("option", "value"), [
-    ("precision", "fp16"), ("compile", "yes"), ("threads", -1),
+    ("precision", "fp16"), ("compile", "yes"), ("threads", -1), ("scheduler", "cosine"),
+    ("label_smoothing", 1.0), ("rotation", 181.0), ("translate", -0.1), ("scale", 1.5),
 ])
 def test_new_options_are_validated(option: str, value: object) -> None:
     with pytest.raises(UserError, match=f"invalid {option}"):
@@ -141,8 +171,8 @@ def test_bf16_on_cpu_is_reproducible(data: MnistData) -> None:
     config = tiny_config(precision="bf16", dropout=0.05, threads=1, train_limit=256, epochs=1)
 
     def run() -> list[tuple[float, float, float]]:
-        state = create_state(config, torch.device("cpu"))
-        pipeline = build_pipeline("fast", data, config.batch_size, torch.device("cpu"))
+        pipeline = build_pipeline(config, data, torch.device("cpu"))
+        state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
         return [(m.train_loss, m.test_loss, m.test_acc)
                 for m in fit(config, state, pipeline, progress=False)]
 

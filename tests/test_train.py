@@ -10,9 +10,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.tracking import train_tracked
-from mnist_mlflow.training import create_state, fit
+from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config, use_store
 
 EPOCH_METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds"]
@@ -93,12 +94,14 @@ def test_same_seed_on_cpu_gives_the_same_metrics(mnist_root: Path, pipeline: str
     config = tiny_config(dropout=0.05, pipeline=pipeline)
     data = load_mnist(mnist_root, config.train_limit, config.test_limit)
     device = torch.device("cpu")
-    runs = [fit(config, create_state(config, device),
-                build_pipeline(pipeline, data, config.batch_size, device), progress=False)
-            for _ in range(2)]
+
+    def train(config: TrainConfig) -> list[EpochMetrics]:
+        built = build_pipeline(config, data, device)
+        return fit(config, create_state(config, device, built.steps_per_epoch), built,
+                   progress=False)
+
+    runs = [train(config) for _ in range(2)]
     strip = [[{k: v for k, v in vars(m).items() if k != "epoch_seconds"} for m in h] for h in runs]
     assert strip[0] == strip[1]
-    other_seed = fit(tiny_config(dropout=0.05, pipeline=pipeline, seed=2),
-                     create_state(tiny_config(seed=2), device),
-                     build_pipeline(pipeline, data, config.batch_size, device), progress=False)
+    other_seed = train(tiny_config(dropout=0.05, pipeline=pipeline, seed=2))
     assert other_seed[0].train_loss != runs[0][0].train_loss

@@ -1,0 +1,163 @@
+"""RESULTS.md: one table per phase, from the tracked runs, with the commands that made them.
+
+Runs of a phase are grouped by variant: the same settings but for the seed (and how they
+ran: device, threads). Each row gives the variant's worst-of-the-last-3-epochs test accuracy
+over its seeds, the figure the "≥ 99.4% at each of the last 3 epochs" target is read from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from statistics import mean
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from mnist_mlflow.comparison import markdown_table, search_all
+from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.phases import PHASES
+from mnist_mlflow.sweep import COMMAND_TAG, PHASE_TAG
+from mnist_mlflow.tracking import settings_from_params
+
+LAST3_METRIC = "min_test_acc_last3"
+# The seed's next target: at least this at each of the last 3 epochs, for every seed.
+TARGET_ACC = 99.40
+TARGET_PARAMS = 8000
+TARGET_EPOCHS = 15
+TARGET_SEEDS = 3
+# Settings that say how a run ran, not what it learned: runs differing only here are pooled.
+RUN_ONLY_SETTINGS = ("seed", "device", "threads", "compile")
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """One variant of a phase over its seeds (the latest finished run per seed)."""
+
+    name: str
+    settings: dict[str, object]
+    num_params: int
+    runs: list[Run]
+
+    @property
+    def last3(self) -> list[float]:
+        return [r.data.metrics[LAST3_METRIC] for r in self.runs]
+
+    def meets_target(self) -> bool:
+        return (self.num_params < TARGET_PARAMS and int(self.settings["epochs"]) <= TARGET_EPOCHS
+                and len(self.runs) >= TARGET_SEEDS and min(self.last3) >= TARGET_ACC)
+
+    def row(self) -> list[str]:
+        metrics = [r.data.metrics for r in self.runs]
+        seeds = [int(settings_from_params(r.data.params)["seed"]) for r in self.runs]
+        return [self.name, recipe(self.settings), f"{self.num_params:,}",
+                str(self.settings["epochs"]), ",".join(map(str, seeds)),
+                f"{mean(self.last3):.2f}", f"{min(self.last3):.2f}",
+                " / ".join(f"{v:.2f}" for v in self.last3),
+                f"{mean(m['test_acc'] for m in metrics):.2f}",
+                f"{mean(m['mean_epoch_seconds'] for m in metrics):.1f}",
+                how_run(self.runs[0]), "yes" if self.meets_target() else "no"]
+
+
+def recipe(settings: dict[str, object]) -> str:
+    """The training recipe in a few words: schedule, batch, smoothing, augmentation."""
+    s = settings
+    if s["scheduler"] == "onecycle":
+        parts = [f"OneCycle to lr {s['lr']:g}"]
+    else:
+        parts = [f"StepLR lr {s['lr']:g} ×{s['gamma']:g}/{s['step_size']} ep"]
+    parts.append(f"batch {s['batch_size']}")
+    if s["weight_decay"]:
+        parts.append(f"wd {s['weight_decay']:g}")
+    if s["label_smoothing"]:
+        parts.append(f"smoothing {s['label_smoothing']:g}")
+    augment = [f"rot ±{s['rotation']:g}°"] if s["rotation"] else []
+    augment += [f"shift {s['translate']:g}"] if s["translate"] else []
+    augment += [f"zoom ±{s['scale']:g}"] if s["scale"] else []
+    parts.append(", ".join(augment) or "no augmentation")
+    if s["train_limit"] or s["test_limit"]:
+        parts.append(f"slice {s['train_limit'] or 'all'}/{s['test_limit'] or 'all'}")
+    return "; ".join(parts)
+
+
+def how_run(run: Run) -> str:
+    params = run.data.params
+    threads = int(float(params.get("threads", "0")))
+    return params.get("resolved_device", "?") + (f", {threads} thread"
+                                                  + ("s" * (threads > 1)) if threads else "")
+
+
+def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
+    """Runs grouped by variant, first-seen order; per seed only the latest run counts."""
+    groups: dict[tuple[tuple[str, object], ...], dict[int, Run]] = {}
+    for run in runs:  # oldest first, so a later run of the same seed replaces an earlier one
+        settings = settings_from_params(run.data.params)
+        key = tuple((k, v) for k, v in settings.items() if k not in RUN_ONLY_SETTINGS)
+        groups.setdefault(key, {})[int(settings["seed"])] = run
+    results = []
+    for key, by_seed in groups.items():
+        settings = dict(key)
+        name = f"{settings['model']}-dropout{settings['dropout']:g}"
+        chosen = [by_seed[seed] for seed in sorted(by_seed)]
+        results.append(VariantResult(name, settings, int(chosen[0].data.params["num_params"]),
+                                     chosen))
+    return results
+
+
+HEADER = ["Variant", "Recipe", "Params", "Epochs", "Seeds", "Last-3 min, mean", "Last-3 min, min",
+          "Last-3 min per seed", "Final test acc, mean", "s/epoch", "Device",
+          f"Target met (< {TARGET_PARAMS:,}, ≤ {TARGET_EPOCHS} ep, ≥ {TARGET_ACC:.2f}%)"]
+
+
+def phase_runs(experiment: str) -> dict[str, list[Run]]:
+    """FINISHED training runs of `experiment` by phase tag, oldest first."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise UserError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
+    by_phase: dict[str, list[Run]] = {}
+    for run in search_all(client, found.experiment_id, "attributes.status = 'FINISHED'"):
+        phase = run.data.tags.get(PHASE_TAG)
+        if phase and LAST3_METRIC in run.data.metrics and MLFLOW_PARENT_RUN_ID in run.data.tags:
+            by_phase.setdefault(phase, []).append(run)
+    if not by_phase:
+        raise UserError(f"experiment {experiment!r} has no finished runs of a phase; "
+                        "train one with `mnist-mlflow sweep --phase NAME`")
+    return by_phase
+
+
+def sweep_commands(runs: Sequence[Run]) -> list[str]:
+    """The commands of the sweeps these runs belong to, in the order they ran."""
+    client = MlflowClient()
+    parents = dict.fromkeys(r.data.tags[MLFLOW_PARENT_RUN_ID] for r in runs)
+    return [client.get_run(p).data.tags.get(COMMAND_TAG) or f"(sweep run {p})" for p in parents]
+
+
+def render_results(experiment: str, command: str) -> str:
+    """RESULTS.md for every phase trained in `experiment`."""
+    lines = ["# Results", "",
+             f"Generated by `{command}` on {datetime.now():%Y-%m-%d %H:%M} from the finished "
+             f"runs of experiment `{experiment}`; nothing here is typed by hand.", "",
+             f"\"Last-3 min\" is `{LAST3_METRIC}`: a run's lowest test accuracy (%, on all "
+             "10,000 test images unless the recipe names a slice) over its last 3 epochs. "
+             "Per variant: its mean and minimum over the seeds, and each seed's value. "
+             f"\"Target met\": fewer than {TARGET_PARAMS:,} parameters, at most "
+             f"{TARGET_EPOCHS} epochs, and last-3 min ≥ {TARGET_ACC:.2f}% for every one of "
+             f"at least {TARGET_SEEDS} seeds. s/epoch is training plus evaluation, on the "
+             "device and threads shown.", ""]
+    defaults = TrainConfig()
+    for phase, runs in phase_runs(experiment).items():
+        known = PHASES.get(phase)
+        lines += [f"## Phase `{phase}`", ""]
+        if known:
+            lines += [f"{known.description[0].upper()}{known.description[1:]}.", ""]
+        rows = [HEADER, *(v.row() for v in variant_results(runs))]
+        lines += [markdown_table(rows), "", "Commands:", "", "```",
+                  *sweep_commands(runs), "```", ""]
+    lines += [f"Defaults (the seed's recipe): StepLR lr {defaults.lr:g} ×{defaults.gamma:g} every "
+              f"{defaults.step_size} epochs, SGD momentum {defaults.momentum:g}, batch "
+              f"{defaults.batch_size}, rotation ±{defaults.rotation:g}°.", ""]
+    return "\n".join(lines)

@@ -61,3 +61,23 @@ def test_bad_parameter_under_mlflow_run_fails_the_run_and_logs_nothing(
     assert run.data.metrics == {}
     assert "num_params" not in run.data.params
     assert client.list_artifacts(run.info.run_id) == []
+
+
+def test_mlflow_run_sweep_entry_point_trains_a_phase(tracking_store: str,
+                                                      mnist_root: Path) -> None:
+    done = mlflow_run(tracking_store, "-e", "sweep", "-P", "phase=gap", "-P", "seeds=2",
+                      *TINY, "-P", f"data_dir={mnist_root}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    client = MlflowClient(tracking_store)
+    experiment = client.get_experiment_by_name("projects")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "sweep"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["mnist_mlflow.phase"] == "gap"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == [
+        "gap5k-dropout0-seed2", "gap8k-dropout0.05-seed2"]
+    for child in children:
+        # The phase's recipe; the -P values that differ from the defaults on top of it.
+        assert child.data.params["scheduler"] == "onecycle"
+        assert child.data.params["epochs"] == "2"
+        assert child.data.params["train_limit"] == "256"

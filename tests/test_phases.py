@@ -71,24 +71,6 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
         assert row[-1] == "no"  # 3 epochs on 512 digits are far from 99.4%
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--phase", "nope"], "invalid --phase 'nope'"),
-    (["--phase", "gap", "--variant", "opt:0"], "--phase and --variant exclude each other"),
-    (["--seeds", "1,x"], "invalid --seeds '1,x'"),
-    (["--seeds", "1,1"], "a seed is given twice"),
-    (["--seeds", "1,2", "--seed", "3"], "--seed and --seeds exclude each other"),
-    (["--phase", "gap", "--scheduler", "cosine"], "invalid scheduler"),
-])
-def test_bad_phase_options_fail_in_one_line_before_any_run(
-        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
-    code, _, err = run_cli(["sweep", *TINY, *args, "--data-dir", str(mnist_root),
-                            "--experiment", "never-created"], capsys, monkeypatch)
-    assert code == 2
-    assert err.count("\n") == 1 and message in err
-    assert runs_of("never-created") == []
-
-
 def test_phases_name_valid_configs_and_the_seed_phase_is_the_seeds_runs() -> None:
     for name in PHASES:
         assert phase_configs(name, {})

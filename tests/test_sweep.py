@@ -66,6 +66,12 @@ def test_failing_children_are_recorded_and_the_others_still_run(
     (["--variant", "opt:1.5"], "invalid dropout"),
     (["--dropout", "0.1"], "--dropout does not apply to a sweep"),
     (["--model", "opt"], "--model does not apply to a sweep"),
+    (["--phase", "nope"], "invalid --phase 'nope'"),
+    (["--phase", "gap", "--variant", "opt:0"], "--phase and --variant exclude each other"),
+    (["--seeds", "1,x"], "invalid --seeds '1,x'"),
+    (["--seeds", "1,1"], "a seed is given twice"),
+    (["--seeds", "1,2", "--seed", "3"], "--seed and --seeds exclude each other"),
+    (["--phase", "gap", "--scheduler", "cosine"], "invalid scheduler"),
 ])
 def test_bad_sweep_options_fail_in_one_line_before_any_run(
         store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],

@@ -24,10 +24,13 @@ class Phase:
     variants: tuple[Settings, ...]
 
 
-# The recipe of the GAP variants: 15 epochs of OneCycleLR at batch 128, label smoothing, and
-# RandomAffine (the seed's ±7° rotation plus shifts and zoom), for accuracy that holds over
-# the last epochs rather than peaking once.
-GAP_RECIPE: Settings = {
+# The recipe of the GAP variants: 15 epochs of OneCycleLR (peak 0.05) at the seed's batch 64
+# and ±7° rotation, no dropout. OneCycle anneals to ~0, so accuracy holds over the last epochs
+# rather than peaking once. On gap8k, seed 1, it ended higher (last-3 min 99.48%) than with
+# batch 128 and peak 0.1 (99.45%) or with that plus label smoothing and RandomAffine (99.44%).
+GAP_RECIPE: Settings = {"epochs": 15, "batch_size": 64, "scheduler": "onecycle", "lr": 0.05}
+# The first recipe tried: label smoothing and shifts/zoom on top, batch 128, peak 0.1.
+AFFINE_RECIPE: Settings = {
     "epochs": 15, "batch_size": 128, "scheduler": "onecycle", "lr": 0.1,
     "label_smoothing": 0.05, "translate": 0.1, "scale": 0.1,
 }
@@ -35,11 +38,14 @@ GAP_RECIPE: Settings = {
 PHASES: dict[str, Phase] = {
     "seed": Phase("the seed's two runs: Opt-1 (no dropout) and Opt-2 (dropout 0.05), 20 epochs",
                   ({"model": "opt", "dropout": 0.0}, {"model": "opt", "dropout": 0.05})),
-    # gap5k without dropout: at under 5k parameters the augmentation regularizes enough.
     "gap": Phase("GAP heads, 1x1 transitions and wider early layers, for >= 99.4% in 15 epochs "
                  "with < 8k (gap8k) and < 5k (gap5k) parameters",
-                 ({**GAP_RECIPE, "model": "gap8k", "dropout": 0.05},
+                 ({**GAP_RECIPE, "model": "gap8k", "dropout": 0.0},
                   {**GAP_RECIPE, "model": "gap5k", "dropout": 0.0})),
+    "gap-affine": Phase("the gap variants with label smoothing 0.05 and RandomAffine (shift 0.1, "
+                        "zoom ±0.1), batch 128, OneCycle peak 0.1: the first recipe tried",
+                        ({**AFFINE_RECIPE, "model": "gap8k", "dropout": 0.05},
+                         {**AFFINE_RECIPE, "model": "gap5k", "dropout": 0.0})),
 }
 DEFAULT_PHASE = "seed"
 

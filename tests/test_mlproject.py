@@ -75,7 +75,7 @@ def test_mlflow_run_sweep_entry_point_trains_a_phase(tracking_store: str,
     assert parent.info.status == "FINISHED" and parent.data.tags["mnist_mlflow.phase"] == "gap"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in children) == [
-        "gap5k-dropout0-seed2", "gap8k-dropout0.05-seed2"]
+        "gap5k-dropout0-seed2", "gap8k-dropout0-seed2"]
     for child in children:
         # The phase's recipe; the -P values that differ from the defaults on top of it.
         assert child.data.params["scheduler"] == "onecycle"

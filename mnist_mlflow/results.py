@@ -83,6 +83,11 @@ def recipe(settings: dict[str, object]) -> str:
     return "; ".join(parts)
 
 
+def variant_name(settings: dict[str, object]) -> str:
+    """`gap8k-dropout0`: a run's name without its seed."""
+    return f"{settings['model']}-dropout{settings['dropout']:g}"
+
+
 def how_run(run: Run) -> str:
     params = run.data.params
     threads = int(float(params.get("threads", "0")))
@@ -100,7 +105,7 @@ def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
     results = []
     for key, by_seed in groups.items():
         settings = dict(key)
-        name = f"{settings['model']}-dropout{settings['dropout']:g}"
+        name = variant_name(settings)
         chosen = [by_seed[seed] for seed in sorted(by_seed)]
         results.append(VariantResult(name, settings, int(chosen[0].data.params["num_params"]),
                                      chosen))
@@ -130,10 +135,20 @@ def phase_runs(experiment: str) -> dict[str, list[Run]]:
 
 
 def sweep_commands(runs: Sequence[Run]) -> list[str]:
-    """The commands of the sweeps these runs belong to, in the order they ran."""
+    """The command of each sweep these runs belong to, in the order they ran, each followed
+    by what it trained (a phase may have been redefined since)."""
     client = MlflowClient()
-    parents = dict.fromkeys(r.data.tags[MLFLOW_PARENT_RUN_ID] for r in runs)
-    return [client.get_run(p).data.tags.get(COMMAND_TAG) or f"(sweep run {p})" for p in parents]
+    trained: dict[str, list[Run]] = {}
+    for run in runs:
+        trained.setdefault(run.data.tags[MLFLOW_PARENT_RUN_ID], []).append(run)
+    lines = []
+    for parent, children in trained.items():
+        command = client.get_run(parent).data.tags.get(COMMAND_TAG) or f"(sweep run {parent})"
+        settings = [settings_from_params(r.data.params) for r in children]
+        variants = dict.fromkeys(variant_name(s) for s in settings)
+        recipes = dict.fromkeys(recipe(s) for s in settings)
+        lines.append(f"{command}\n    # trained {', '.join(variants)}: {' | '.join(recipes)}")
+    return lines
 
 
 def render_results(experiment: str, command: str) -> str:

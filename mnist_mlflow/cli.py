@@ -91,6 +91,11 @@ def config_from(options: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in options.items() if k in TrainConfig.field_names()})
 
 
+def invoked_command() -> str:
+    """This command line as the user would type it again, for the record in the store."""
+    return shlex.join(["mnist-mlflow", *sys.argv[1:]])
+
+
 @click.group()
 def cli() -> None:
     """Train, compare and promote compact MNIST CNNs, tracked with MLflow."""
@@ -169,9 +174,8 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
             configs = phase_configs(phase_name, given)
         if seeds:
             configs = over_seeds(configs, parse_seeds(seeds))
-        command = shlex.join(["mnist-mlflow", *sys.argv[1:]])
         result = run_sweep(configs, options["data_dir"], options["experiment"], phase=phase_name,
-                           command=command)
+                           command=invoked_command())
     for child in result.children:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
@@ -213,8 +217,6 @@ def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
 
     from mnist_mlflow import comparison
 
-    results_path = results_path or None  # `mlflow run` passes "" for none
-
     higher_is_better = comparison.metric_goal(metric) if goal is None else goal == "max"
     rule = comparison.SelectionRule(metric, max_params, higher_is_better)
     result = comparison.compare(experiment, filter_string, rule, top,
@@ -231,8 +233,7 @@ def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
     if results_path:
         from mnist_mlflow.results import render_results
 
-        command = shlex.join(["mnist-mlflow", *sys.argv[1:]])
-        Path(results_path).write_text(render_results(result.experiment, command))
+        Path(results_path).write_text(render_results(result.experiment, invoked_command()))
         click.echo(f"Results by phase written to {results_path}")
     if not register:
         return

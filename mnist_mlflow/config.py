@@ -15,9 +15,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 # step: the seed's StepLR, once per epoch. onecycle: OneCycleLR up to `lr` and down, per step.
 SCHEDULERS = ("step", "onecycle")
-# Settings added after the first runs were tracked: a run without the param used this value.
-LATER_SETTINGS = {"scheduler": "step", "label_smoothing": 0.0, "rotation": 7.0,
-                  "translate": 0.0, "scale": 0.0}
+# Settings added after the first runs were tracked, whose defaults are what those runs did:
+# a run without the param used the default.
+LATER_SETTINGS = ("scheduler", "label_smoothing", "rotation", "translate", "scale")
 
 
 class UserError(Exception):
@@ -108,10 +108,15 @@ class TrainConfig:
         return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
 
     @property
+    def variant_name(self) -> str:
+        """Model and dropout, like `opt-dropout0.05`: what its seeds have in common."""
+        return f"{self.model}-dropout{self.dropout:g}"
+
+    @property
     def run_name(self) -> str:
-        """Run name like `opt-dropout0.05`, with `-seed2` for any seed but the default 1."""
+        """The variant name, with `-seed2` for any seed but the default 1."""
         seed = "" if self.seed == 1 else f"-seed{self.seed}"
-        return f"{self.model}-dropout{self.dropout:g}{seed}"
+        return f"{self.variant_name}{seed}"
 
     def as_params(self) -> dict[str, object]:
         """All settings as a flat dict, ready for `mlflow.log_params`."""

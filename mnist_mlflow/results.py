@@ -21,9 +21,8 @@ from mnist_mlflow.comparison import markdown_table, search_all
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.phases import PHASES
 from mnist_mlflow.sweep import COMMAND_TAG, PHASE_TAG
-from mnist_mlflow.tracking import settings_from_params
+from mnist_mlflow.tracking import LAST3_METRIC, settings_from_params
 
-LAST3_METRIC = "min_test_acc_last3"
 # The seed's next target: at least this at each of the last 3 epochs, for every seed.
 TARGET_ACC = 99.40
 TARGET_PARAMS = 8000
@@ -83,16 +82,14 @@ def recipe(settings: dict[str, object]) -> str:
     return "; ".join(parts)
 
 
-def variant_name(settings: dict[str, object]) -> str:
-    """`gap8k-dropout0`: a run's name without its seed."""
-    return f"{settings['model']}-dropout{settings['dropout']:g}"
-
-
 def how_run(run: Run) -> str:
+    """Device and torch threads, like `cpu, 1 thread`."""
     params = run.data.params
+    device = params.get("resolved_device", "?")
     threads = int(float(params.get("threads", "0")))
-    return params.get("resolved_device", "?") + (f", {threads} thread"
-                                                  + ("s" * (threads > 1)) if threads else "")
+    if not threads:
+        return device
+    return f"{device}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
@@ -105,7 +102,7 @@ def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
     results = []
     for key, by_seed in groups.items():
         settings = dict(key)
-        name = variant_name(settings)
+        name = TrainConfig(**settings).variant_name
         chosen = [by_seed[seed] for seed in sorted(by_seed)]
         results.append(VariantResult(name, settings, int(chosen[0].data.params["num_params"]),
                                      chosen))
@@ -145,7 +142,7 @@ def sweep_commands(runs: Sequence[Run]) -> list[str]:
     for parent, children in trained.items():
         command = client.get_run(parent).data.tags.get(COMMAND_TAG) or f"(sweep run {parent})"
         settings = [settings_from_params(r.data.params) for r in children]
-        variants = dict.fromkeys(variant_name(s) for s in settings)
+        variants = dict.fromkeys(TrainConfig(**s).variant_name for s in settings)
         recipes = dict.fromkeys(recipe(s) for s in settings)
         lines.append(f"{command}\n    # trained {', '.join(variants)}: {' | '.join(recipes)}")
     return lines

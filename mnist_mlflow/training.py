@@ -126,8 +126,8 @@ def one_cycle(config: TrainConfig, optimizer: torch.optim.Optimizer,
         pct_start=ONECYCLE_WARMUP, cycle_momentum=False)
 
 
-# name -> (constructor, stepped after every batch rather than every epoch)
-SCHEDULERS: dict[str, tuple[Callable[[TrainConfig, torch.optim.Optimizer, int], Scheduler],
+# config.SCHEDULERS name -> (constructor, stepped after every batch rather than every epoch)
+SCHEDULER_BUILDERS: dict[str, tuple[Callable[[TrainConfig, torch.optim.Optimizer, int], Scheduler],
                             bool]] = {
     "step": (step_lr, False),
     "onecycle": (one_cycle, True),
@@ -144,7 +144,7 @@ def create_state(config: TrainConfig, device: torch.device, steps_per_epoch: int
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    build_scheduler, _ = SCHEDULERS[config.scheduler]
+    build_scheduler, _ = SCHEDULER_BUILDERS[config.scheduler]
     return TrainState(model, optimizer, build_scheduler(config, optimizer, steps_per_epoch))
 
 
@@ -242,7 +242,7 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
     """Train from `state.epoch + 1` to `config.epochs`, calling `on_epoch` after each epoch."""
     history = []
     steps_per_epoch = pipeline.steps_per_epoch
-    _, per_step = SCHEDULERS[config.scheduler]
+    _, per_step = SCHEDULER_BUILDERS[config.scheduler]
     device = next(state.model.parameters()).device
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -2,13 +2,17 @@
 
 In one process on one device, both pipelines train the `opt` variant on the same first
 `--images` training examples (interleaved, `--repeats` times, the fastest kept: other jobs
-only ever add time); the figure is scaled to 60,000 images. Then one whole tracked run
-(`train_tracked`, SQLite store in a temporary folder) is timed against the same training
-untracked (`fit` with no MLflow). On a shared machine pass `--threads 1`: with torch's
-default threads, OpenMP waits on descheduled threads and times grow 10-40x.
+only ever add time); the figure is scaled to 60,000 images. The torchvision pipeline is the
+reference and trains as the seed did (eager, fp32); `--precision` and `--compile` apply to
+the fast pipeline (default auto: bf16 and compiled on CUDA, fp32 and eager on the CPU).
+Then one whole tracked run (`train_tracked`, SQLite store in a temporary folder) is timed
+against the same training untracked (`fit` with no MLflow). On a shared machine pass
+`--threads 1`: with torch's default threads, OpenMP waits on descheduled threads and times
+grow 10-40x.
 
     python benchmarks/epoch_speed.py                      # CPU or CUDA (auto), ~3 min on 2 cores
     python benchmarks/epoch_speed.py --device cuda --images 60000 --repeats 3
+    python benchmarks/epoch_speed.py --compile on --overhead-epochs 0    # compiled, on the CPU
     python benchmarks/epoch_speed.py --overhead-epochs 20 --overhead-images 0   # a full run
 """
 
@@ -32,6 +36,7 @@ from mnist_mlflow.training import create_state, fit, train_one_epoch, training_m
 EPOCH_IMAGES = 60_000
 WARMUP_STEPS = 20
 PIPELINES = ("torchvision", "fast")
+SEED_SETTINGS = {"precision": "fp32", "compile": "off"}  # how the reference trains
 
 
 def cpu_seconds() -> float:
@@ -116,14 +121,16 @@ def main() -> None:
     images = max(1, args.images // args.batch_size) * args.batch_size
     print(f"device {device} ({torch.get_num_threads()} threads, {os.cpu_count()} cpus), "
           f"torch {torch.__version__}, batch {args.batch_size}, dropout {args.dropout}, "
-          f"precision {base.autocast_dtype(device) or torch.float32}, "
-          f"compile {base.compiles(device)}; {images} images x {args.repeats} repeats")
+          f"fast: precision {base.autocast_dtype(device) or torch.float32}, "
+          f"compile {base.compiles(device)}, channels_last {base.channels_last(device)} "
+          f"(torchvision: fp32, eager); {images} images x {args.repeats} repeats")
 
     times: dict[str, list[float]] = {name: [] for name in PIPELINES}
     cpu_times: dict[str, list[float]] = {name: [] for name in PIPELINES}
+    configs = {"torchvision": dataclasses.replace(base, pipeline="torchvision", **SEED_SETTINGS),
+               "fast": dataclasses.replace(base, pipeline="fast")}
     for repeat in range(args.repeats):
-        for name in PIPELINES:
-            config = dataclasses.replace(base, pipeline=name)
+        for name, config in configs.items():
             wall, cpu = seconds_per_epoch(config, args.data_dir, images, repeat)
             times[name].append(wall)
             cpu_times[name].append(cpu)

@@ -232,10 +232,11 @@ class FastPipeline:
     """MNIST resident on the training device; batches gathered, rotated and normalized there."""
 
     def __init__(self, data: MnistData, batch_size: int, device: torch.device,
-                 augmentation: Augmentation = Augmentation()) -> None:
+                 augmentation: Augmentation = Augmentation(), channels_last: bool = False) -> None:
         self.batch_size = batch_size
         self.device = device
         self.augmentation = augmentation
+        self.channels_last = channels_last
         train_images, train_labels = data.train_tensors()
         test_images, test_labels = data.test_tensors()
         self.train_images = train_images.to(device).unsqueeze(1)  # uint8 (N, 1, 28, 28)
@@ -289,9 +290,9 @@ class FastPipeline:
             yield self.test_images[start:start + size], self.test_labels[start:start + size]
 
     def _laid_out(self, images: torch.Tensor) -> torch.Tensor:
-        # The model is channels_last on CUDA (see training.create_state); for one channel
-        # this only relabels strides, no copy.
-        if self.device.type == "cuda":
+        # As the model is (TrainConfig.channels_last); for one channel this only relabels
+        # strides, no copy, but a compiled model is specialized on them.
+        if self.channels_last:
             return images.contiguous(memory_format=torch.channels_last)
         return images
 
@@ -309,5 +310,8 @@ Pipeline = TorchvisionPipeline | FastPipeline
 
 def build_pipeline(config: TrainConfig, data: MnistData, device: torch.device) -> Pipeline:
     """The input pipeline `config.pipeline` names ('fast' or 'torchvision')."""
-    pipeline = TorchvisionPipeline if config.pipeline == "torchvision" else FastPipeline
-    return pipeline(data, config.batch_size, device, Augmentation.of(config))
+    augmentation = Augmentation.of(config)
+    if config.pipeline == "torchvision":
+        return TorchvisionPipeline(data, config.batch_size, device, augmentation)
+    return FastPipeline(data, config.batch_size, device, augmentation,
+                        config.channels_last(device))

@@ -88,7 +88,9 @@ def run_params(config: TrainConfig, state: TrainState, device: torch.device) -> 
     return {**config.as_params(), "num_params": count_parameters(state.model),
             "resolved_device": str(device),
             "resolved_precision": str(config.autocast_dtype(device) or torch.float32),
-            "resolved_compile": config.compiles(device), "torch_version": torch.__version__,
+            "resolved_compile": config.compiles(device),
+            "resolved_channels_last": config.channels_last(device),
+            "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__}
 
 

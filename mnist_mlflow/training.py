@@ -138,9 +138,7 @@ def create_state(config: TrainConfig, device: torch.device, steps_per_epoch: int
     """Fresh model (initialized from `config.seed`), optimizer and scheduler."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, config.dropout).to(device)
-    if device.type == "cuda":
-        # cuDNN's fastest kernels (and bf16 tensor cores) want NHWC; on the CPU it measured
-        # no faster in eager, and the fp32 CPU path stays exactly as it was.
+    if config.channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)

@@ -22,7 +22,7 @@ from mnist_mlflow.data import (
     load_mnist,
 )
 from mnist_mlflow.tracking import train_tracked
-from mnist_mlflow.training import create_state, fit
+from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
 
 ANGLES = [-7.0, -3.3, 0.0, 1.7, 5.0, 7.0]
@@ -165,6 +165,39 @@ def test_auto_means_bf16_and_cuda_graphs_on_cuda_only() -> None:
     forced = TrainConfig(precision="fp32", compile="off")
     assert forced.autocast_dtype(cuda) is None and not forced.compiles(cuda)
     assert TrainConfig(precision="bf16").autocast_dtype(cpu) == torch.bfloat16
+    # NHWC where it is faster: always on CUDA, on the CPU only when compiled.
+    assert auto.channels_last(cuda) and forced.channels_last(cuda)
+    assert not auto.channels_last(cpu) and TrainConfig(compile="on").channels_last(cpu)
+
+
+def test_compiled_cpu_training_learns_what_eager_does(mnist_root: Path) -> None:
+    """`--compile on` (NHWC, fused kernels) changes the speed, not what is learned.
+
+    Not bit for bit: where MNIST's flat background makes max-pool ties, NHWC and fused kernels
+    may route the gradient through another, equally valid, index; from then on the two runs
+    drift apart as two seeds would.
+    """
+    data = load_mnist(mnist_root, train_limit=2560, test_limit=500)  # whole batches: one shape
+
+    def run(compile_mode: str) -> tuple[list[EpochMetrics], torch.nn.Module]:
+        config = tiny_config(compile=compile_mode, threads=1, train_limit=2560, epochs=3)
+        pipeline = build_pipeline(config, data, torch.device("cpu"))
+        state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+        return fit(config, state, pipeline, progress=False), state.model
+
+    eager, eager_model = run("off")
+    compiled, compiled_model = run("on")
+
+    def nhwc(model: torch.nn.Module) -> bool:
+        weight = model.features[3].weight  # the 10 -> 10 conv; for one channel NHWC is moot
+        return weight.is_contiguous(memory_format=torch.channels_last)
+
+    assert nhwc(compiled_model) and not nhwc(eager_model)
+    assert compiled[0].train_loss == pytest.approx(eager[0].train_loss, rel=0.02)
+    # Evaluation runs the trained module eagerly: its weights and BatchNorm statistics are
+    # what the compiled graph learned.
+    assert min(compiled[-1].test_acc, eager[-1].test_acc) > 80.0
+    assert compiled[-1].test_acc == pytest.approx(eager[-1].test_acc, abs=5.0)
 
 
 def test_bf16_on_cpu_is_reproducible(data: MnistData) -> None:
@@ -209,6 +242,7 @@ def test_both_pipelines_train_and_log(tracked_runs: dict[str, mlflow.entities.Ru
     assert (params["precision"], params["compile"], params["threads"]) == ("auto", "auto", "0")
     assert params["resolved_precision"] == "torch.float32"
     assert params["resolved_compile"] == "False"
+    assert params["resolved_channels_last"] == "False"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_acc")
     assert [m.step for m in history] == [1, 2]
     assert run.data.metrics["train_acc"] > 10.0  # better than chance after 2 tiny epochs

@@ -67,7 +67,8 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "on CUDA, fp32 on the CPU. Evaluation is always fp32."),
         click.option("--compile", default=DEFAULTS.compile, show_default=True,
                      help=f"{'|'.join(COMPILE_MODES)}: torch.compile the model; auto is on "
-                          "(with CUDA graphs) on CUDA, off on the CPU."),
+                          "(with CUDA graphs) on CUDA, off on the CPU, where 'on' is ~13% "
+                          "faster per epoch once its first compile (~35 s) is cached."),
         click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True,
                      help="CPU threads for torch (0: torch's default). 1 is far faster on a "
                           "2-core machine that is running other work."),

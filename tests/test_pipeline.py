@@ -173,9 +173,10 @@ def test_auto_means_bf16_and_cuda_graphs_on_cuda_only() -> None:
 def test_compiled_cpu_training_learns_what_eager_does(mnist_root: Path) -> None:
     """`--compile on` (NHWC, fused kernels) changes the speed, not what is learned.
 
-    Not bit for bit: where MNIST's flat background makes max-pool ties, NHWC and fused kernels
-    may route the gradient through another, equally valid, index; from then on the two runs
-    drift apart as two seeds would.
+    Not bit for bit: MNIST's flat background makes exact max-pool ties, which convolutions
+    computed another way break differently (last-bit differences), routing the gradient
+    through another, equally valid, index; from then on the runs drift apart as two seeds
+    would.
     """
     data = load_mnist(mnist_root, train_limit=2560, test_limit=500)  # whole batches: one shape
 

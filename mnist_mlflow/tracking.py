@@ -360,7 +360,9 @@ def _log_artifacts(config: TrainConfig, state: TrainState, data: MnistData,
     summary.write_text(model_summary(state.model))
     mlflow.log_artifact(str(summary))
     mlflow.log_artifact(str(tmp / "training.log"))
-    net = copy.deepcopy(state.model).cpu().eval()
+    # Served as plain NCHW: channels_last is a training-speed setting (and torch.export's
+    # packaging warns about NHWC weights).
+    net = copy.deepcopy(state.model).cpu().to(memory_format=torch.contiguous_format).eval()
     mlflow.pytorch.log_model(InferenceModel(net).eval(), name=MODEL_NAME_IN_RUN,
                              signature=SIGNATURE, input_example=input_example(data),
                              pip_requirements=pip_requirements())

@@ -75,17 +75,33 @@ def test_run_tags_and_artifacts(store: str, finished_run) -> None:
     assert "[1, 10, 26, 26]" in summary and "6,132" in summary
 
 
+def served_scores(run_id: str, mnist_root: Path, test_limit: int) -> tuple[np.ndarray, float]:
+    """The logged model's scores for raw test pixels, and its accuracy % on them."""
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    images, labels = load_mnist(mnist_root, test_limit=test_limit).test_tensors()
+    scores = np.asarray(model.predict((images.float() / 255).unsqueeze(1).numpy()))
+    return scores, 100.0 * (scores.argmax(axis=1) == labels.numpy()).mean()
+
+
 def test_logged_model_predicts_real_test_images(store: str, finished_run, mnist_root: Path) -> None:
     config, result, run = finished_run
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    data = load_mnist(mnist_root, test_limit=config.test_limit)
-    images, labels = data.test_tensors()
-    pixels = (images.float() / 255).unsqueeze(1).numpy()
-    scores = np.asarray(model.predict(pixels))
-    assert scores.shape == (len(labels), 10)
+    scores, accuracy = served_scores(run.info.run_id, mnist_root, config.test_limit)
+    assert scores.shape == (config.test_limit, 10)
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
     # Normalization lives in the logged model: raw pixels in, the run's own test accuracy out.
-    accuracy = 100.0 * (scores.argmax(axis=1) == labels.numpy()).mean()
+    assert accuracy == pytest.approx(result.history[-1].test_acc, abs=0.5)
+
+
+def test_compiled_run_logs_a_model_that_scores_as_the_run_did(store: str,
+                                                              mnist_root: Path) -> None:
+    """`--compile on` trains a compiled NHWC model (as CUDA does by default); what is logged
+    is the plain module, and it serves the accuracy the run logged."""
+    config = tiny_config(compile="on", threads=1, train_limit=640, epochs=1)
+    result = train_tracked(config, mnist_root, "unit", progress=False)
+    run = MlflowClient().get_run(result.run_id)
+    assert (run.data.params["resolved_compile"],
+            run.data.params["resolved_channels_last"]) == ("True", "True")
+    _, accuracy = served_scores(run.info.run_id, mnist_root, config.test_limit)
     assert accuracy == pytest.approx(result.history[-1].test_acc, abs=0.5)
 
 

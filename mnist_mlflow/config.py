@@ -113,8 +113,9 @@ class TrainConfig:
     def channels_last(self, device: torch.device) -> bool:
         """Whether model and batches are NHWC: on CUDA, and for a compiled model on the CPU.
 
-        oneDNN's NHWC convolutions skip the reorders that NCHW needs, but eager BatchNorm and
-        pooling in NHWC measured 1.8x slower on this CPU; compiled, those are fused.
+        cuDNN's fastest kernels (and bf16 tensor cores) want NHWC. On the CPU oneDNN's NHWC
+        convolutions skip the reorders that NCHW needs, but eager BatchNorm and pooling in
+        NHWC made the step 1.8x slower here; compiled, those are fused.
         """
         return device.type == "cuda" or self.compiles(device)
 

@@ -35,7 +35,6 @@ from mnist_mlflow.training import create_state, fit, train_one_epoch, training_m
 
 EPOCH_IMAGES = 60_000
 WARMUP_STEPS = 20
-PIPELINES = ("torchvision", "fast")
 SEED_SETTINGS = {"precision": "fp32", "compile": "off"}  # how the reference trains
 
 
@@ -125,10 +124,10 @@ def main() -> None:
           f"compile {base.compiles(device)}, channels_last {base.channels_last(device)} "
           f"(torchvision: fp32, eager); {images} images x {args.repeats} repeats")
 
-    times: dict[str, list[float]] = {name: [] for name in PIPELINES}
-    cpu_times: dict[str, list[float]] = {name: [] for name in PIPELINES}
     configs = {"torchvision": dataclasses.replace(base, pipeline="torchvision", **SEED_SETTINGS),
                "fast": dataclasses.replace(base, pipeline="fast")}
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in configs}
     for repeat in range(args.repeats):
         for name, config in configs.items():
             wall, cpu = seconds_per_epoch(config, args.data_dir, images, repeat)
@@ -136,7 +135,7 @@ def main() -> None:
             cpu_times[name].append(cpu)
     best = {name: min(values) for name, values in times.items()}
     cpu = {name: min(values) for name, values in cpu_times.items()}
-    for name in PIPELINES:
+    for name in configs:
         runs = ", ".join(f"{t:.1f}" for t in times[name])
         print(f"{name:<12} {best[name]:7.2f} s per 60k-image epoch (runs: {runs}); "
               f"CPU {cpu[name]:.2f} s")

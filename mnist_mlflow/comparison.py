@@ -114,16 +114,22 @@ def search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run
             return runs
 
 
+def experiment_id(client: MlflowClient, experiment: str) -> str:
+    """The id of the experiment named `experiment`; UserError when the store has none."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise UserError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
+    return found.experiment_id
+
+
 def find_runs(experiment: str, filter_string: str, metric: str) -> tuple[list[RunSummary],
                                                                           list[str]]:
     """FINISHED training runs of `experiment` matching `filter_string`, and skip warnings."""
     client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise UserError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
+    found_id = experiment_id(client, experiment)
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     try:
-        runs = search_all(client, found.experiment_id, query)
+        runs = search_all(client, found_id, query)
     except MlflowException as err:
         raise UserError(f"invalid --filter {filter_string!r}: "
                         f"{err.message.splitlines()[0]}") from None

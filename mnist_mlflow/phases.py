@@ -70,8 +70,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def phase_configs(name: str, given: Settings) -> list[TrainConfig]:
     """One validated config per variant of phase `name`: defaults, the variant, then `given`."""
-    return [dataclasses.replace(TrainConfig(), **{**variant, **given}).validate()
-            for variant in phase(name).variants]
+    return [TrainConfig(**{**variant, **given}).validate() for variant in phase(name).variants]
 
 
 def over_seeds(configs: Sequence[TrainConfig], seeds: Sequence[int]) -> list[TrainConfig]:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from statistics import mean
 
-import mlflow
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.comparison import markdown_table, search_all
+from mnist_mlflow.comparison import experiment_id, markdown_table, search_all
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.phases import PHASES
 from mnist_mlflow.sweep import COMMAND_TAG, PHASE_TAG
@@ -117,11 +116,9 @@ HEADER = ["Variant", "Recipe", "Params", "Epochs", "Seeds", "Last-3 min, mean", 
 def phase_runs(experiment: str) -> dict[str, list[Run]]:
     """FINISHED training runs of `experiment` by phase tag, oldest first."""
     client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise UserError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
     by_phase: dict[str, list[Run]] = {}
-    for run in search_all(client, found.experiment_id, "attributes.status = 'FINISHED'"):
+    for run in search_all(client, experiment_id(client, experiment),
+                          "attributes.status = 'FINISHED'"):
         phase = run.data.tags.get(PHASE_TAG)
         if phase and LAST3_METRIC in run.data.metrics and MLFLOW_PARENT_RUN_ID in run.data.tags:
             by_phase.setdefault(phase, []).append(run)

@@ -31,7 +31,8 @@ import torch
 
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, epoch_seed, load_mnist
-from mnist_mlflow.training import create_state, fit, train_one_epoch, training_model
+from mnist_mlflow.runtime import resolve
+from mnist_mlflow.training import create_state, fit, train_one_epoch, training_module
 
 EPOCH_IMAGES = 60_000
 WARMUP_STEPS = 20
@@ -52,16 +53,15 @@ def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int,
     CPU seconds are what the pass costs whatever else the machine runs; on a busy machine
     the wall figure mostly measures the others.
     """
-    device = config.resolved_device()
+    runtime = resolve(config)
     data = load_mnist(data_dir, images, config.test_limit)
-    pipeline = build_pipeline(config, data, device)
-    state = create_state(config, device, pipeline.steps_per_epoch)
-    model, cuda_graphs = training_model(config, state.model, device)
+    pipeline = build_pipeline(config, data, runtime)
+    state = create_state(config, runtime, pipeline.steps_per_epoch)
+    model = training_module(runtime, state.model)
 
     def one_pass(seed: int, steps: int | None = None) -> None:
         batches = itertools.islice(pipeline.train_batches(seed), steps)
-        train_one_epoch(model, state.optimizer, batches,
-                        autocast_dtype=config.autocast_dtype(device), cuda_graphs=cuda_graphs)
+        train_one_epoch(model, state.optimizer, batches, config, runtime)
 
     # Warm-up: oneDNN/cuDNN kernels, compilation, CUDA graph capture. `images` is a whole
     # number of batches, so the timed pass meets no new batch shape.
@@ -75,10 +75,10 @@ def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int,
 def untracked_seconds(config: TrainConfig, data_dir: str) -> float:
     """Wall time of what train_tracked does, without MLflow: load, build, fit."""
     start = time.perf_counter()
-    device = config.resolved_device()
+    runtime = resolve(config)
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
-    pipeline = build_pipeline(config, data, device)
-    fit(config, create_state(config, device, pipeline.steps_per_epoch), pipeline,
+    pipeline = build_pipeline(config, data, runtime)
+    fit(config, create_state(config, runtime, pipeline.steps_per_epoch), pipeline,
         progress=False)
     return time.perf_counter() - start
 
@@ -116,12 +116,11 @@ def main() -> None:
                        epochs=1).validate()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = base.resolved_device()
+    runtime = resolve(base)
     images = max(1, args.images // args.batch_size) * args.batch_size
-    print(f"device {device} ({torch.get_num_threads()} threads, {os.cpu_count()} cpus), "
-          f"torch {torch.__version__}, batch {args.batch_size}, dropout {args.dropout}, "
-          f"fast: precision {base.autocast_dtype(device) or torch.float32}, "
-          f"compile {base.compiles(device)}, channels_last {base.channels_last(device)} "
+    print(f"device {runtime.device} ({torch.get_num_threads()} threads, {os.cpu_count()} "
+          f"cpus), torch {torch.__version__}, batch {args.batch_size}, dropout {args.dropout}, "
+          f"fast: {runtime.describe()} ({runtime.compile_reason}; {runtime.precision_reason}) "
           f"(torchvision: fp32, eager); {images} images x {args.repeats} repeats")
 
     configs = {"torchvision": dataclasses.replace(base, pipeline="torchvision", **SEED_SETTINGS),

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
+from mnist_mlflow.runtime import resolve
 from mnist_mlflow.tracking import log_checkpoint, signals_deferred
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 
@@ -40,10 +40,10 @@ EXPERIMENT = "faults"
 
 def twin_history(config: TrainConfig, data_dir: str) -> list[EpochMetrics]:
     """The run left alone: same settings, trained here without MLflow."""
-    device = torch.device(config.device)
+    runtime = resolve(config)
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
-    pipeline = build_pipeline(config, data, device)
-    return fit(config, create_state(config, device, pipeline.steps_per_epoch), pipeline,
+    pipeline = build_pipeline(config, data, runtime)
+    return fit(config, create_state(config, runtime, pipeline.steps_per_epoch), pipeline,
                progress=False)
 
 
@@ -86,7 +86,7 @@ def checkpoint_seconds(config: TrainConfig, store: str, repeats: int) -> tuple[f
     """Median seconds to save and log one checkpoint (as every epoch does), and its bytes."""
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("checkpoint-cost")
-    state = create_state(config, torch.device(config.device), steps_per_epoch=1)
+    state = create_state(config, resolve(config), steps_per_epoch=1)
     history = [EpochMetrics(e, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0) for e in range(1, 21)]
     times = []
     with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:

@@ -72,6 +72,11 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True,
                      help="CPU threads for torch (0: torch's default). 1 is far faster on a "
                           "2-core machine that is running other work."),
+        click.option("--deterministic", type=click.BOOL, is_flag=False, flag_value=True,
+                     default=DEFAULTS.deterministic, show_default=True,
+                     help="Deterministic algorithms (torch.use_deterministic_algorithms), so "
+                          "that a CUDA run repeats exactly; on the CPU runs repeat anyway. "
+                          "With auto, also trains eager."),
         click.option("--train-limit", type=int, default=0, show_default=True,
                      help="Train on the first N examples only (0: all)."),
         click.option("--test-limit", type=int, default=0, show_default=True,

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from mnist_mlflow.models import MODELS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -15,9 +13,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 # step: the seed's StepLR, once per epoch. onecycle: OneCycleLR up to `lr` and down, per step.
 SCHEDULERS = ("step", "onecycle")
+# Settings that say how a run runs here, not what it learns: a run may be resumed on another
+# kind of machine with other values of these.
+RUNTIME_SETTINGS = ("device", "precision", "compile", "threads", "deterministic")
 # Settings added after the first runs were tracked, whose defaults are what those runs did:
 # a run without the param used the default.
-LATER_SETTINGS = ("scheduler", "label_smoothing", "rotation", "translate", "scale")
+LATER_SETTINGS = ("scheduler", "label_smoothing", "rotation", "translate", "scale",
+                  "deterministic")
 
 
 class UserError(Exception):
@@ -48,6 +50,7 @@ class TrainConfig:
     precision: str = "auto"
     compile: str = "auto"
     threads: int = 0
+    deterministic: bool = False
     train_limit: int = 0
     test_limit: int = 0
 
@@ -81,43 +84,13 @@ class TrainConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise UserError(f"invalid {name}: {rule}, got {getattr(self, name)!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError("invalid device: 'cuda' was asked for but CUDA is not available here")
         return self
 
-    def resolved_device(self) -> torch.device:
-        """The device to train on: CUDA for 'auto' when present, else CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """bf16 for 'bf16', and for 'auto' on CUDA; None (plain fp32) otherwise.
-
-        'auto' keeps fp32 on the CPU: this CPU has AVX512-BF16 but no AMX, and bf16 autocast
-        measured slower there than fp32.
-        """
-        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
-        return torch.bfloat16 if bf16 else None
-
-    def compiles(self, device: torch.device) -> bool:
-        """Whether to torch.compile the model: 'on', or 'auto' on CUDA (CUDA graphs).
-
-        'auto' stays eager on the CPU, where compiling needs a C++ compiler at run time and
-        its first time costs ~35 s: a 20-epoch run here took 263.9 s eager, 266.6 s compiled
-        from a cold cache and 233.0 s from a warm one (README, Speed). `--compile on` pays
-        off in sweeps and repeated runs, which reuse the cache.
-        """
-        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
-
-    def channels_last(self, device: torch.device) -> bool:
-        """Whether model and batches are NHWC: on CUDA, and for a compiled model on the CPU.
-
-        cuDNN's fastest kernels (and bf16 tensor cores) want NHWC. On the CPU oneDNN's NHWC
-        convolutions skip the reorders that NCHW needs, but eager BatchNorm and pooling in
-        NHWC made the step 1.8x slower here; compiled, those are fused.
-        """
-        return device.type == "cuda" or self.compiles(device)
+    def what_it_learns(self) -> TrainConfig:
+        """This config with the RUNTIME_SETTINGS at their defaults: equal for two runs that
+        learn the same, wherever and however fast they ran."""
+        defaults = TrainConfig()
+        return dataclasses.replace(self, **{n: getattr(defaults, n) for n in RUNTIME_SETTINGS})
 
     @property
     def variant_name(self) -> str:

@@ -22,6 +22,7 @@ from torchvision import datasets, transforms
 
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
+from mnist_mlflow.runtime import Runtime
 
 IMAGE_SIZE = 28
 
@@ -290,7 +291,7 @@ class FastPipeline:
             yield self.test_images[start:start + size], self.test_labels[start:start + size]
 
     def _laid_out(self, images: torch.Tensor) -> torch.Tensor:
-        # As the model is (TrainConfig.channels_last); for one channel this only relabels
+        # As the model is (Runtime.channels_last); for one channel this only relabels
         # strides, no copy, but a compiled model is specialized on them.
         if self.channels_last:
             return images.contiguous(memory_format=torch.channels_last)
@@ -308,10 +309,11 @@ def _normalize_float(images: torch.Tensor) -> torch.Tensor:
 Pipeline = TorchvisionPipeline | FastPipeline
 
 
-def build_pipeline(config: TrainConfig, data: MnistData, device: torch.device) -> Pipeline:
-    """The input pipeline `config.pipeline` names ('fast' or 'torchvision')."""
+def build_pipeline(config: TrainConfig, data: MnistData, runtime: Runtime) -> Pipeline:
+    """The input pipeline `config.pipeline` names ('fast' or 'torchvision'), on the device
+    and in the layout `runtime` trains with."""
     augmentation = Augmentation.of(config)
     if config.pipeline == "torchvision":
-        return TorchvisionPipeline(data, config.batch_size, device, augmentation)
-    return FastPipeline(data, config.batch_size, device, augmentation,
-                        config.channels_last(device))
+        return TorchvisionPipeline(data, config.batch_size, runtime.device, augmentation)
+    return FastPipeline(data, config.batch_size, runtime.device, augmentation,
+                        runtime.channels_last)

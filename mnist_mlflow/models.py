@@ -52,6 +52,18 @@ class OptNet(nn.Module):
         return self.classifier(self.features(x))
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over height and width, keeping them as 1x1: what AdaptiveAvgPool2d(1) computes.
+
+    A plain mean because AdaptiveAvgPool2d's backward has no deterministic CUDA kernel, so
+    `--deterministic` could not train the GAP nets on a GPU. No parameters: state dicts and
+    checkpoints are those of the AdaptiveAvgPool2d version.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class GapNet(nn.Module):
     """The seed's plan: wider early layers, a 1x1 transition, and GAP instead of the dense head.
 
@@ -75,7 +87,7 @@ class GapNet(nn.Module):
             layers += conv_block(channels, width, dropout)
             channels = width
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 10, 1),
+        self.head = nn.Sequential(GlobalAvgPool(), nn.Conv2d(channels, 10, 1),
                                   nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

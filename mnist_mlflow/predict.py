@@ -14,6 +14,10 @@ from PIL import Image, UnidentifiedImageError
 from mnist_mlflow.config import UserError
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@production"
+# Logged models are torch.export (pt2) programs with their weights on the CPU, which cannot
+# move to another device; MLflow would pick CUDA wherever it is present and refuse to load
+# them. A 5-7k-parameter network predicts fast enough on the CPU.
+PREDICTION_DEVICE = "cpu"
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,9 @@ def load_image(path: Path) -> np.ndarray:
 
 
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
-    """The model behind `model_uri`; UserError naming it when it cannot be found."""
+    """The model behind `model_uri`, on the CPU; UserError naming it when it cannot be loaded."""
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri, model_config={"device": PREDICTION_DEVICE})
     except (MlflowException, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot load model {model_uri!r}: {first_line}") from None

@@ -28,7 +28,7 @@ TARGET_PARAMS = 8000
 TARGET_EPOCHS = 15
 TARGET_SEEDS = 3
 # Settings that say how a run ran, not what it learned: runs differing only here are pooled.
-RUN_ONLY_SETTINGS = ("seed", "device", "threads", "compile")
+RUN_ONLY_SETTINGS = ("seed", "device", "threads", "compile", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ def recipe(settings: dict[str, object]) -> str:
 def how_run(run: Run) -> str:
     """Device and torch threads, like `cpu, 1 thread`."""
     params = run.data.params
-    device = params.get("resolved_device", "?")
+    # A tag since runs record how they ran as tags; a param in runs made before.
+    device = run.data.tags.get("resolved_device") or params.get("resolved_device", "?")
     threads = int(float(params.get("threads", "0")))
     if not threads:
         return device

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from mnist_mlflow.comparison import ROLE_TAG
-from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.tracking import (
     DEFAULT_EXPERIMENT,
     RunInterrupted,
@@ -131,7 +131,9 @@ def run_child(config: TrainConfig, data_dir: Path | str, parent_run_id: str,
     earlier_children = _child_run_ids(client, experiment_id, parent_run_id)
     try:
         if resume_run_id:
-            result = resume_tracked(resume_run_id, data_dir, progress=progress)
+            # How it runs comes from this sweep's command line, as for the new children.
+            runtime = {name: getattr(config, name) for name in RUNTIME_SETTINGS}
+            result = resume_tracked(resume_run_id, data_dir, runtime, progress=progress)
         else:
             result = train_tracked(config, data_dir, experiment, parent_run_id=parent_run_id,
                                    progress=progress, tags=tags)
@@ -181,6 +183,7 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
 
     Children are matched to the sweep's variants by their whole configuration; a killed one
     goes on from its checkpoint, any other unfinished one is trained again as a new child.
+    `given` may change how the children run (device, precision, compile, threads), nothing else.
     """
     check_tracking_store()
     client = MlflowClient()
@@ -193,13 +196,15 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
         raise UserError(f"run {parent_run_id} is not a sweep's parent run")
     if parent.info.status == "FINISHED":
         raise UserError(f"sweep {parent_run_id} is FINISHED: every child finished")
-    configs = [config_from_params(parent_run_id, {k: str(v) for k, v in settings.items()},
-                                  given or {})
-               for settings in _plan(client, parent_run_id)]
+    given = dict(given or {})
+    overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
+    configs = [dataclasses.replace(
+        config_from_params(parent_run_id, {k: str(v) for k, v in settings.items()}, given),
+        **overrides) for settings in _plan(client, parent_run_id)]
     latest = _latest_children(client, parent)
     plan: list[tuple[TrainConfig, ChildOutcome | None, str | None]] = []
     for config in configs:
-        child = latest.get(config)
+        child = latest.get(config.what_it_learns())
         if child is not None and child.info.status == "FINISHED":
             plan.append((config, ChildOutcome(config, child.info.run_id, "FINISHED"), None))
         else:
@@ -220,12 +225,14 @@ def _plan(client: MlflowClient, parent_run_id: str) -> list[dict[str, object]]:
 
 
 def _latest_children(client: MlflowClient, parent: Run) -> dict[TrainConfig, Run]:
-    """The most recent child run of each configuration under `parent`."""
+    """The most recent child run of each configuration under `parent` (keyed by what it
+    learns: the device or threads it ran with do not make another child)."""
     runs = client.search_runs([parent.info.experiment_id],
                               f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent.info.run_id}'",
                               max_results=SEARCH_MAX_RESULTS_THRESHOLD,
                               order_by=["attributes.start_time ASC"])
-    return {config_from_params(run.info.run_id, run.data.params, {}): run for run in runs}
+    return {config_from_params(run.info.run_id, run.data.params, {}).what_it_learns(): run
+            for run in runs}
 
 
 def _resumable(client: MlflowClient, run_id: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import signal
@@ -27,10 +28,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from mnist_mlflow.config import LATER_SETTINGS, TrainConfig, UserError
+from mnist_mlflow.config import LATER_SETTINGS, RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.data import MnistData, Pipeline, build_pipeline, load_mnist
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_training_curves
+from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit
 
 log = logging.getLogger("mnist_mlflow")
@@ -84,12 +86,10 @@ def summary_metrics(history: list[EpochMetrics]) -> dict[str, float]:
             "mean_epoch_seconds": sum(m.epoch_seconds for m in history) / len(history)}
 
 
-def run_params(config: TrainConfig, state: TrainState, device: torch.device) -> dict[str, object]:
+def run_params(config: TrainConfig, state: TrainState) -> dict[str, object]:
+    """What the run learns from. How it ran (device, precision, compile) goes in tags: a
+    resumed run may go on on another machine."""
     return {**config.as_params(), "num_params": count_parameters(state.model),
-            "resolved_device": str(device),
-            "resolved_precision": str(config.autocast_dtype(device) or torch.float32),
-            "resolved_compile": config.compiles(device),
-            "resolved_channels_last": config.channels_last(device),
             "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__}
 
@@ -154,11 +154,11 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     run is started in `experiment`, as a child of `parent_run_id` when given, with `tags`.
     """
     config.validate()
+    runtime = resolve(config)
     check_tracking_store()
-    device = config.resolved_device()
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
-    pipeline = build_pipeline(config, data, device)
-    state = create_state(config, device, pipeline.steps_per_epoch)
+    pipeline = build_pipeline(config, data, runtime)
+    state = create_state(config, runtime, pipeline.steps_per_epoch)
     under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     if not under_mlflow_run:
         mlflow.set_experiment(experiment)
@@ -172,17 +172,24 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
                    progress: bool = True) -> RunResult:
     """Reopen run `run_id`, restore its checkpoint and train the epochs it has left.
 
-    Settings come from the run's params; `given` (options the user set) must agree with them.
-    Every check happens before the run is touched: a refused resume changes nothing.
+    Settings come from the run's params; `given` (options the user set) must agree with them,
+    except how it runs (device, precision, compile, threads, determinism), which may change:
+    a run may go on on another kind of machine. Every check happens before the run is
+    touched: a refused resume changes nothing.
     """
     check_tracking_store()
     client = MlflowClient()
     run = resumable_run(client, run_id)
-    config = config_from_params(run_id, run.data.params, given or {})
-    device = config.resolved_device()
+    given = dict(given or {})
+    overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
+    config = dataclasses.replace(config_from_params(run_id, run.data.params, given), **overrides)
+    if config.device == "cuda" and "device" not in overrides and not torch.cuda.is_available():
+        raise UserError(f"run {run_id} trained with --device cuda and CUDA is not available "
+                        "here; resume it with --device cpu")
+    runtime = resolve(config)
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
-    pipeline = build_pipeline(config, data, device)
-    state = create_state(config, device, pipeline.steps_per_epoch)
+    pipeline = build_pipeline(config, data, runtime)
+    state = create_state(config, runtime, pipeline.steps_per_epoch)
     checkpoint = load_checkpoint(client, run_id)
     state.load_state_dict(checkpoint["state"])
     history = [EpochMetrics(**m) for m in checkpoint["history"]]
@@ -198,6 +205,10 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
         client.delete_tag(run_id, "failure_reason")
     resumed_at = run.data.tags.get("resumed_after_epochs", "")
     mlflow.set_tag("resumed_after_epochs", ",".join(filter(None, [resumed_at, str(state.epoch)])))
+    # The resolved_* tags now say how it goes on; this keeps where each resumption ran.
+    resumed_on = run.data.tags.get("resumed_on", "")
+    here = f"after epoch {state.epoch}: {runtime.describe()}"
+    mlflow.set_tags({**runtime.tags(), "resumed_on": "; ".join(filter(None, [resumed_on, here]))})
     _log_missing_epochs(client, run_id, history)
     log.info("run %s: resuming %s after epoch %d of %d", run_id, config.run_name, state.epoch,
              config.epochs)
@@ -242,9 +253,12 @@ def settings_from_params(params: Mapping[str, str]) -> dict[str, object]:
     settings: dict[str, object] = {}
     for name in TrainConfig.field_names():
         if name in params:
-            kind = type(getattr(defaults, name))
+            kind, text = type(getattr(defaults, name)), params[name]
             # `mlflow run` logs -P values as typed (say epochs "20.0"), hence int via float.
-            settings[name] = int(float(params[name])) if kind is int else kind(params[name])
+            if kind is bool:
+                settings[name] = text.strip().lower() in ("true", "1", "yes", "on")
+            else:
+                settings[name] = int(float(text)) if kind is int else kind(text)
     return settings
 
 
@@ -267,7 +281,6 @@ def _train_in_run(run_id: str, config: TrainConfig, data: MnistData, pipeline: P
                   state: TrainState, history: list[EpochMetrics], progress: bool,
                   command: str) -> RunResult:
     """Train the active run `run_id` from `state` to the end, checkpointing every epoch."""
-    device = next(state.model.parameters()).device
     with tempfile.TemporaryDirectory() as tmp:
         handler = logging.FileHandler(Path(tmp) / "training.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
@@ -282,12 +295,16 @@ def _train_in_run(run_id: str, config: TrainConfig, data: MnistData, pipeline: P
                 log_checkpoint(trained, history, Path(tmp))
                 mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
 
+        def on_compile_fallback(reason: str) -> None:
+            mlflow.set_tags({"resolved_compile": "false", "compile_fallback": reason})
+
         try:
             if not history:
-                _log_start(config, state, device, data)
+                _log_start(config, state, data)
                 log.info("run %s: training %s on %s (%d parameters)", run_id, config.run_name,
-                         device, count_parameters(state.model))
-            fit(config, state, pipeline, on_epoch=on_epoch, progress=progress)
+                         state.runtime.describe(), count_parameters(state.model))
+            fit(config, state, pipeline, on_epoch=on_epoch, progress=progress,
+                on_compile_fallback=on_compile_fallback)
             mlflow.flush_async_logging()
             mlflow.log_metrics(summary_metrics(history), step=config.epochs)
             handler.flush()
@@ -346,10 +363,9 @@ def log_new_params(run_id: str, params: Mapping[str, object]) -> None:
                                      if k not in existing])
 
 
-def _log_start(config: TrainConfig, state: TrainState, device: torch.device,
-               data: MnistData) -> None:
-    log_new_params(mlflow.active_run().info.run_id, run_params(config, state, device))
-    mlflow.set_tags(run_tags(config, data))
+def _log_start(config: TrainConfig, state: TrainState, data: MnistData) -> None:
+    log_new_params(mlflow.active_run().info.run_id, run_params(config, state))
+    mlflow.set_tags({**run_tags(config, data), **state.runtime.tags()})
 
 
 def _log_artifacts(config: TrainConfig, state: TrainState, data: MnistData,

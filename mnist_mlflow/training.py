@@ -7,6 +7,7 @@ training can stop after any epoch and go on later exactly as if it had not stopp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -21,11 +22,14 @@ from tqdm import tqdm
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import Batch, Pipeline, epoch_seed
 from mnist_mlflow.models import build_model
+from mnist_mlflow.runtime import Runtime, deterministic_algorithms, torch_threads, true_fp32
 
 log = logging.getLogger("mnist_mlflow")
 
 # Steps between two looks at the loss on an accelerator (each look is one tiny async copy).
 CUDA_FINITE_CHECK_EVERY = 50
+# torch.compile's backend; tests swap in "eager" to check graph counts without code generation.
+COMPILE_BACKEND = "inductor"
 
 
 class TrainingDiverged(Exception):
@@ -72,20 +76,27 @@ class EpochMetrics:
 
 @dataclass
 class TrainState:
-    """Everything that training changes; `epoch` counts completed epochs."""
+    """Everything that training changes; `epoch` counts completed epochs.
+
+    `runtime` says how it trains here (device, precision, compile); a checkpoint made under
+    one runtime loads under another (a CUDA run resumed on a CPU host, say).
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    runtime: Runtime
     epoch: int = 0
 
     def state_dict(self) -> dict[str, object]:
         """Tensors, numbers and containers only, so it loads with `weights_only=True`."""
         # `fit` reseeds from (seed, epoch) before every epoch, so the RNG states are not needed
         # to resume exactly; they are kept so that a checkpoint is the whole state all the same.
+        # Only the training device's: another machine may have fewer GPUs, or none.
         rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        device = self.runtime.device
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -95,14 +106,17 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore what `state_dict` returned (the CUDA RNG only when CUDA is in use)."""
+        """Restore what `state_dict` returned, on whatever device this state trains."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"]["cpu"])
-        if "cuda" in state["rng"] and torch.cuda.is_initialized():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda = state["rng"].get("cuda")
+        if cuda is not None and self.runtime.device.type == "cuda":
+            # Checkpoints before this one saved every visible GPU's state: take the first.
+            torch.cuda.set_rng_state(cuda if isinstance(cuda, torch.Tensor) else cuda[0],
+                                     self.runtime.device)
 
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler
@@ -134,24 +148,90 @@ SCHEDULER_BUILDERS: dict[str, tuple[Callable[[TrainConfig, torch.optim.Optimizer
 }
 
 
-def create_state(config: TrainConfig, device: torch.device, steps_per_epoch: int) -> TrainState:
+def create_state(config: TrainConfig, runtime: Runtime, steps_per_epoch: int) -> TrainState:
     """Fresh model (initialized from `config.seed`), optimizer and scheduler."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.dropout).to(device)
-    if config.channels_last(device):
+    model = build_model(config.model, config.dropout).to(runtime.device)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     build_scheduler, _ = SCHEDULER_BUILDERS[config.scheduler]
-    return TrainState(model, optimizer, build_scheduler(config, optimizer, steps_per_epoch))
+    return TrainState(model, optimizer, build_scheduler(config, optimizer, steps_per_epoch),
+                      runtime)
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    batches: Iterable[Batch], progress: tqdm | None = None,
-                    autocast_dtype: torch.dtype | None = None,
-                    cuda_graphs: bool = False, steps: int = 0,
-                    step_scheduler: Scheduler | None = None,
-                    label_smoothing: float = 0.0) -> tuple[float, float]:
+class TrainingModule:
+    """What a training step calls: the model, compiled or not.
+
+    A compiled model turns eager for good, with `fallback_reason` set and `on_fallback`
+    called, when compiling or capturing a CUDA graph fails: a missing toolchain then costs a
+    warning, not the run. Parameters are shared, so nothing is lost by the switch.
+    """
+
+    def __init__(self, eager: nn.Module, compiled: Callable[..., torch.Tensor] | None = None,
+                 cuda_graphs: bool = False,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
+        self.eager = eager
+        self.compiled = compiled
+        self.cuda_graphs = cuda_graphs
+        self.on_fallback = on_fallback
+        self.fallback_reason = ""
+
+    @property
+    def can_fall_back(self) -> bool:
+        return self.compiled is not None
+
+    def fall_back(self, err: Exception) -> None:
+        """Train eager from now on, recording why compiling failed."""
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        self.fallback_reason = f"{type(err).__name__}: {first_line}"
+        self.compiled = None
+        self.cuda_graphs = False
+        log.warning("torch.compile failed (%s); training eager instead", self.fallback_reason)
+        if self.on_fallback is not None:
+            self.on_fallback(self.fallback_reason)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.eager if self.compiled is None else self.compiled)(images)
+
+
+def training_module(runtime: Runtime, model: nn.Module,
+                    on_fallback: Callable[[str], None] | None = None) -> TrainingModule:
+    """`model` compiled as `runtime` says, with its eager fallback."""
+    if not runtime.compile:
+        return TrainingModule(model)
+    # Graphs of an earlier run in this process (a sweep's previous child) count towards
+    # Dynamo's recompile limit of this code object: each run starts afresh.
+    torch._dynamo.reset()
+    # One static graph per batch shape (the full batch and the epoch's last one); on CUDA
+    # replayed as CUDA graphs, which removes the per-kernel launch cost of this tiny net.
+    compiled = torch.compile(model, backend=COMPILE_BACKEND, dynamic=False,
+                             mode="reduce-overhead" if runtime.cuda_graphs else None)
+    return TrainingModule(model, compiled, runtime.cuda_graphs, on_fallback)
+
+
+def _forward_backward(model: TrainingModule, images: torch.Tensor, labels: torch.Tensor,
+                      config: TrainConfig, runtime: Runtime, step: int,
+                      steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and loss of one batch, gradients computed; TrainingDiverged on the CPU."""
+    if model.cuda_graphs:
+        # CUDA graph trees reuse output memory; this says the previous step is done with it.
+        torch.compiler.cudagraph_mark_step_begin()
+    dtype = runtime.autocast_dtype
+    with torch.autocast(images.device.type, dtype, enabled=dtype is not None):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+    if loss.device.type == "cpu" and not torch.isfinite(loss):
+        raise TrainingDiverged(loss.item(), step, steps)
+    loss.backward()
+    return logits, loss
+
+
+def train_one_epoch(model: TrainingModule, optimizer: torch.optim.Optimizer,
+                    batches: Iterable[Batch], config: TrainConfig, runtime: Runtime,
+                    steps: int = 0, step_scheduler: Scheduler | None = None,
+                    progress: tqdm | None = None) -> tuple[float, float]:
     """One pass over `batches`; returns (mean loss, accuracy %).
 
     `step_scheduler` is stepped after every batch (OneCycleLR); the loss is the training
@@ -161,7 +241,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     the optimizer uses it; on an accelerator within CUDA_FINITE_CHECK_EVERY steps.
     Sums stay on the device and are read once, at the end of the epoch: no per-step sync.
     """
-    model.train()
+    model.eager.train()
     loss_sum = correct = None
     seen = 0
     # Accelerator: a flag copied to pinned host memory without waiting and read at the next
@@ -169,17 +249,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     bad_flag: torch.Tensor | None = None
     step = 0
     for step, (images, labels) in enumerate(batches, 1):
-        if cuda_graphs:
-            # CUDA graph trees reuse output memory; this says the previous step is done with it.
-            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(images.device.type, autocast_dtype,
-                            enabled=autocast_dtype is not None):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-        if loss.device.type == "cpu" and not torch.isfinite(loss):
-            raise TrainingDiverged(loss.item(), step, steps)
-        loss.backward()
+        try:
+            logits, loss = _forward_backward(model, images, labels, config, runtime, step, steps)
+        except TrainingDiverged:
+            raise
+        except Exception as err:
+            if not model.can_fall_back:
+                raise
+            # Compiling happens at a batch shape's first forward (and backward): redo this
+            # step eager. No optimizer step has used the failed one's gradients.
+            model.fall_back(err)
+            optimizer.zero_grad(set_to_none=True)
+            logits, loss = _forward_backward(model, images, labels, config, runtime, step, steps)
         optimizer.step()
         if step_scheduler is not None:
             step_scheduler.step()
@@ -207,70 +289,65 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
     """Mean loss and accuracy % over `batches`, in eval mode.
 
-    Always eager fp32, whatever the training precision: that is how the logged model is served.
+    Always eager and true fp32 (no bf16, no TF32), whatever the training ran in: that is how
+    the logged model is served, so logged and served accuracy agree.
     """
     model.eval()
     loss_sum = torch.zeros(())
     correct = torch.zeros((), dtype=torch.long)
     seen = 0
-    for images, labels in batches:
-        logits = model(images)
-        loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits, labels, reduction="sum")
-        correct = correct.to(logits.device) + (logits.argmax(1) == labels).sum()
-        seen += len(labels)
+    with true_fp32():
+        for images, labels in batches:
+            logits = model(images)
+            loss_sum = loss_sum.to(logits.device) + F.cross_entropy(logits, labels,
+                                                                    reduction="sum")
+            correct = correct.to(logits.device) + (logits.argmax(1) == labels).sum()
+            seen += len(labels)
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
-
-
-def training_model(config: TrainConfig, model: nn.Module,
-                   device: torch.device) -> tuple[nn.Module, bool]:
-    """The module to train with (compiled or not) and whether it replays CUDA graphs."""
-    if not config.compiles(device):
-        return model, False
-    cuda_graphs = device.type == "cuda"
-    # One static graph per batch shape (the full batch and the epoch's last one); on CUDA
-    # replayed as CUDA graphs, which removes the per-kernel launch cost of this tiny net.
-    compiled = torch.compile(model, dynamic=False,
-                             mode="reduce-overhead" if cuda_graphs else None)
-    return compiled, cuda_graphs
 
 
 def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
         on_epoch: Callable[[EpochMetrics, TrainState], None] | None = None,
-        progress: bool = True) -> list[EpochMetrics]:
-    """Train from `state.epoch + 1` to `config.epochs`, calling `on_epoch` after each epoch."""
+        progress: bool = True,
+        on_compile_fallback: Callable[[str], None] | None = None) -> list[EpochMetrics]:
+    """Train from `state.epoch + 1` to `config.epochs`, calling `on_epoch` after each epoch.
+
+    `on_compile_fallback(reason)` is called if a compiled model had to turn eager. torch's
+    thread count and deterministic mode are set for the training only.
+    """
     history = []
     steps_per_epoch = pipeline.steps_per_epoch
     _, per_step = SCHEDULER_BUILDERS[config.scheduler]
-    device = next(state.model.parameters()).device
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    autocast_dtype = config.autocast_dtype(device)
-    train_model, cuda_graphs = training_model(config, state.model, device)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        seed = epoch_seed(config.seed, epoch)
-        torch.manual_seed(seed)  # dropout masks of this epoch
-        lr = state.optimizer.param_groups[0]["lr"]
-        start = time.perf_counter()
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                  disable=None if progress else True, unit="batch") as bar:
-            try:
-                train_loss, train_acc = train_one_epoch(train_model, state.optimizer,
-                                                        pipeline.train_batches(seed), bar,
-                                                        autocast_dtype, cuda_graphs,
-                                                        steps_per_epoch,
-                                                        state.scheduler if per_step else None,
-                                                        config.label_smoothing)
-            except TrainingDiverged as err:
-                err.epoch = epoch
-                raise
-        test_loss, test_acc = evaluate(state.model, pipeline.test_batches())
-        if not per_step:
-            state.scheduler.step()
-        state.epoch = epoch
-        metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, lr,
-                               time.perf_counter() - start)
-        log.info(metrics.log_line(config.epochs))
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(metrics, state)
+    runtime = state.runtime
+    train_model = training_module(runtime, state.model, on_compile_fallback)
+    # Past Dynamo's recompile limit a model silently runs eager; raising instead makes the
+    # fallback above record it. (Eager runs do not import Dynamo at all.)
+    no_silent_eager = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+                       if runtime.compile else contextlib.nullcontext())
+    with torch_threads(config.threads), deterministic_algorithms(runtime.deterministic), \
+            no_silent_eager:
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            seed = epoch_seed(config.seed, epoch)
+            torch.manual_seed(seed)  # dropout masks of this epoch
+            lr = state.optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                      disable=None if progress else True, unit="batch") as bar:
+                try:
+                    train_loss, train_acc = train_one_epoch(
+                        train_model, state.optimizer, pipeline.train_batches(seed), config,
+                        runtime, steps_per_epoch, state.scheduler if per_step else None, bar)
+                except TrainingDiverged as err:
+                    err.epoch = epoch
+                    raise
+            test_loss, test_acc = evaluate(state.model, pipeline.test_batches())
+            if not per_step:
+                state.scheduler.step()
+            state.epoch = epoch
+            metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, lr,
+                                   time.perf_counter() - start)
+            log.info(metrics.log_line(config.epochs))
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics, state)
     return history

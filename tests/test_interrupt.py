@@ -16,6 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_mlflow.data import build_pipeline, load_mnist
+from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
 from tests.helpers import run_cli
@@ -62,8 +63,8 @@ def twin(mnist_root: Path) -> list[EpochMetrics]:
     threads = torch.get_num_threads()
     try:
         data = load_mnist(mnist_root, config.train_limit, config.test_limit)
-        pipeline = build_pipeline(config, data, torch.device("cpu"))
-        state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+        pipeline = build_pipeline(config, data, resolve(config))
+        state = create_state(config, resolve(config), pipeline.steps_per_epoch)
         return fit(config, state, pipeline, progress=False)
     finally:
         torch.set_num_threads(threads)  # leave the other tests their threads

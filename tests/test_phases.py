@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.phases import PHASES, phase_configs
+from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
 from tests.helpers import children_of, run_cli, runs_of
@@ -82,8 +82,8 @@ def test_phases_name_valid_configs_and_the_seed_phase_is_the_seeds_runs() -> Non
 
 
 def train(config, data) -> tuple[list[EpochMetrics], object]:
-    pipeline = build_pipeline(config, data, torch.device("cpu"))
-    state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+    pipeline = build_pipeline(config, data, resolve(config))
+    state = create_state(config, resolve(config), pipeline.steps_per_epoch)
     return fit(config, state, pipeline, progress=False), state
 
 
@@ -108,8 +108,8 @@ def test_onecycle_run_resumes_exactly_from_a_checkpointed_state(data) -> None:
                          label_smoothing=0.1, translate=0.1, scale=0.1, train_limit=640,
                          threads=1)
     straight, _ = train(config, data)
-    pipeline = build_pipeline(config, data, torch.device("cpu"))
-    state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+    pipeline = build_pipeline(config, data, resolve(config))
+    state = create_state(config, resolve(config), pipeline.steps_per_epoch)
     # Stop after epoch 1 (a callback raising, as Ctrl-C would), keep the state dict, go on.
     saved: dict[str, object] = {}
 
@@ -122,7 +122,7 @@ def test_onecycle_run_resumes_exactly_from_a_checkpointed_state(data) -> None:
 
     with pytest.raises(Stop):
         fit(config, state, pipeline, on_epoch=stop_after_first, progress=False)
-    resumed = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+    resumed = create_state(config, resolve(config), pipeline.steps_per_epoch)
     resumed.load_state_dict(saved)
     rest = fit(config, resumed, pipeline, progress=False)
     strip = [{k: v for k, v in vars(m).items() if k != "epoch_seconds"}

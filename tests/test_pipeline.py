@@ -21,6 +21,7 @@ from mnist_mlflow.data import (
     chunk_images,
     load_mnist,
 )
+from mnist_mlflow.runtime import resolve
 from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
@@ -157,19 +158,6 @@ def test_new_options_are_validated(option: str, value: object) -> None:
         TrainConfig(**{option: value}).validate()
 
 
-def test_auto_means_bf16_and_cuda_graphs_on_cuda_only() -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    auto = TrainConfig()
-    assert auto.autocast_dtype(cpu) is None and not auto.compiles(cpu)
-    assert auto.autocast_dtype(cuda) == torch.bfloat16 and auto.compiles(cuda)
-    forced = TrainConfig(precision="fp32", compile="off")
-    assert forced.autocast_dtype(cuda) is None and not forced.compiles(cuda)
-    assert TrainConfig(precision="bf16").autocast_dtype(cpu) == torch.bfloat16
-    # NHWC where it is faster: always on CUDA, on the CPU only when compiled.
-    assert auto.channels_last(cuda) and forced.channels_last(cuda)
-    assert not auto.channels_last(cpu) and TrainConfig(compile="on").channels_last(cpu)
-
-
 def test_compiled_cpu_training_learns_what_eager_does(mnist_root: Path) -> None:
     """`--compile on` (NHWC, fused kernels) changes the speed, not what is learned.
 
@@ -182,8 +170,8 @@ def test_compiled_cpu_training_learns_what_eager_does(mnist_root: Path) -> None:
 
     def run(compile_mode: str) -> tuple[list[EpochMetrics], torch.nn.Module]:
         config = tiny_config(compile=compile_mode, threads=1, train_limit=2560, epochs=3)
-        pipeline = build_pipeline(config, data, torch.device("cpu"))
-        state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+        pipeline = build_pipeline(config, data, resolve(config))
+        state = create_state(config, resolve(config), pipeline.steps_per_epoch)
         return fit(config, state, pipeline, progress=False), state.model
 
     eager, eager_model = run("off")
@@ -205,8 +193,8 @@ def test_bf16_on_cpu_is_reproducible(data: MnistData) -> None:
     config = tiny_config(precision="bf16", dropout=0.05, threads=1, train_limit=256, epochs=1)
 
     def run() -> list[tuple[float, float, float]]:
-        pipeline = build_pipeline(config, data, torch.device("cpu"))
-        state = create_state(config, torch.device("cpu"), pipeline.steps_per_epoch)
+        pipeline = build_pipeline(config, data, resolve(config))
+        state = create_state(config, resolve(config), pipeline.steps_per_epoch)
         return [(m.train_loss, m.test_loss, m.test_acc)
                 for m in fit(config, state, pipeline, progress=False)]
 
@@ -241,9 +229,9 @@ def test_both_pipelines_train_and_log(tracked_runs: dict[str, mlflow.entities.Ru
     params = run.data.params
     assert params["pipeline"] == pipeline
     assert (params["precision"], params["compile"], params["threads"]) == ("auto", "auto", "0")
-    assert params["resolved_precision"] == "torch.float32"
-    assert params["resolved_compile"] == "False"
-    assert params["resolved_channels_last"] == "False"
+    tags = run.data.tags
+    assert (tags["resolved_precision"], tags["resolved_compile"],
+            tags["resolved_channels_last"]) == ("fp32", "false", "false")
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "test_acc")
     assert [m.step for m in history] == [1, 2]
     assert run.data.metrics["train_acc"] > 10.0  # better than chance after 2 tiny epochs

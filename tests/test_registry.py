@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.data import load_mnist
 from mnist_mlflow.models import InferenceModel, build_model
+from mnist_mlflow.predict import load_model
 from mnist_mlflow.registry import PREVIOUS, PRODUCTION
 from mnist_mlflow.tracking import SIGNATURE, pip_requirements, train_tracked
 from tests.conftest import tiny_config, use_store
@@ -74,7 +75,7 @@ def test_compare_registers_the_choice_and_production_predicts_real_images(
     assert code == 0 and "version 1 is already production" in out
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == 1
 
-    model = mlflow.pyfunc.load_model("models:/mnist-cnn@production")
+    model = load_model("models:/mnist-cnn@production")
     images, labels = load_mnist(mnist_root, test_limit=256).test_tensors()
     scores = np.asarray(model.predict((images.float() / 255).unsqueeze(1).numpy()))
     assert scores.shape == (256, 10)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import requests
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_mlflow.data import load_mnist
-from mnist_mlflow.predict import DEFAULT_MODEL_URI
+from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
 from mnist_mlflow.registry import promote, register_run
 from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
@@ -52,7 +51,7 @@ def test_images(store_dir: Path, production: str,
     images, labels = load_mnist(mnist_root, test_limit=100).test_tensors()
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        model = mlflow.pyfunc.load_model(f"runs:/{production}/model")
+        model = load_model(f"runs:/{production}/model")
         predicted = np.asarray(model.predict(as_model_input(images.numpy()))).argmax(axis=1)
     right = np.flatnonzero(predicted == labels.numpy())[:COUNT]
     assert len(right) == COUNT
@@ -133,7 +132,10 @@ def test_mlflow_models_serve_answers_with_ten_scores_per_image(
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", DEFAULT_MODEL_URI,
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            stdout=log, stderr=subprocess.STDOUT,
+            # As the README says to serve on a GPU machine: the pt2 model's weights are on
+            # the CPU and cannot move (a no-op here, where CUDA is absent).
+            env={**os.environ, "MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"},
             start_new_session=True)  # its own process group, so its workers go with it
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server, log_path)
@@ -148,7 +150,7 @@ def test_mlflow_models_serve_answers_with_ten_scores_per_image(
     assert scores.shape == (COUNT, 10)
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
     assert scores.argmax(axis=1).tolist() == labels.tolist()
-    direct = mlflow.pyfunc.load_model(DEFAULT_MODEL_URI).predict(as_model_input(images))
+    direct = load_model(DEFAULT_MODEL_URI).predict(as_model_input(images))
     np.testing.assert_allclose(scores, np.asarray(direct), atol=1e-5)
     assert MlflowClient().get_model_version_by_alias("mnist-cnn", "production").run_id == \
         production

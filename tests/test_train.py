@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,8 @@ from mlflow import MlflowClient
 
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
+from mnist_mlflow.predict import load_model
+from mnist_mlflow.runtime import resolve
 from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config, use_store
@@ -35,7 +36,9 @@ def test_run_logs_every_setting_as_a_param(store: str, finished_run) -> None:
     for name, value in config.as_params().items():
         assert params[name] == str(value), name
     assert params["num_params"] == "6132"
-    assert params["resolved_device"] == "cpu"
+    # How it ran is a tag (a resumed run may go on elsewhere), with why auto chose it.
+    assert run.data.tags["resolved_device"] == "cpu"
+    assert run.data.tags["compile_reason"] == "auto: eager on the CPU"
     assert params["torch_version"] == torch.__version__
     assert "torchvision_version" in params
     assert run.info.status == "FINISHED"
@@ -77,7 +80,7 @@ def test_run_tags_and_artifacts(store: str, finished_run) -> None:
 
 def served_scores(run_id: str, mnist_root: Path, test_limit: int) -> tuple[np.ndarray, float]:
     """The logged model's scores for raw test pixels, and its accuracy % on them."""
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = load_model(f"runs:/{run_id}/model")
     images, labels = load_mnist(mnist_root, test_limit=test_limit).test_tensors()
     scores = np.asarray(model.predict((images.float() / 255).unsqueeze(1).numpy()))
     return scores, 100.0 * (scores.argmax(axis=1) == labels.numpy()).mean()
@@ -99,8 +102,8 @@ def test_compiled_run_logs_a_model_that_scores_as_the_run_did(store: str,
     config = tiny_config(compile="on", threads=1, train_limit=640, epochs=1)
     result = train_tracked(config, mnist_root, "unit", progress=False)
     run = MlflowClient().get_run(result.run_id)
-    assert (run.data.params["resolved_compile"],
-            run.data.params["resolved_channels_last"]) == ("True", "True")
+    assert (run.data.tags["resolved_compile"],
+            run.data.tags["resolved_channels_last"]) == ("true", "true")
     _, accuracy = served_scores(run.info.run_id, mnist_root, config.test_limit)
     assert accuracy == pytest.approx(result.history[-1].test_acc, abs=0.5)
 
@@ -109,11 +112,10 @@ def test_compiled_run_logs_a_model_that_scores_as_the_run_did(store: str,
 def test_same_seed_on_cpu_gives_the_same_metrics(mnist_root: Path, pipeline: str) -> None:
     config = tiny_config(dropout=0.05, pipeline=pipeline)
     data = load_mnist(mnist_root, config.train_limit, config.test_limit)
-    device = torch.device("cpu")
 
     def train(config: TrainConfig) -> list[EpochMetrics]:
-        built = build_pipeline(config, data, device)
-        return fit(config, create_state(config, device, built.steps_per_epoch), built,
+        built = build_pipeline(config, data, resolve(config))
+        return fit(config, create_state(config, resolve(config), built.steps_per_epoch), built,
                    progress=False)
 
     runs = [train(config) for _ in range(2)]

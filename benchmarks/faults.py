@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
+from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.tracking import log_checkpoint, signals_deferred
 from mnist_mlflow.training import EpochMetrics, create_state, fit
@@ -85,17 +87,20 @@ def identical(client: MlflowClient, run_id: str, twin: list[EpochMetrics]) -> bo
 def checkpoint_seconds(config: TrainConfig, store: str, repeats: int) -> tuple[float, int]:
     """Median seconds to save and log one checkpoint (as every epoch does), and its bytes."""
     mlflow.set_tracking_uri(store)
-    mlflow.set_experiment("checkpoint-cost")
     state = create_state(config, resolve(config), steps_per_epoch=1)
-    history = [EpochMetrics(e, 0.1, 99.0, 0.1, 99.0, 0.01, 1.0) for e in range(1, 21)]
+    values = {"train_loss": 0.1, "train_acc": 99.0, "test_loss": 0.1, "test_acc": 99.0,
+              "lr": 0.01, "epoch_seconds": 1.0}
+    history = [EpochMetrics(e, values) for e in range(1, 21)]
     times = []
-    with mlflow.start_run(), tempfile.TemporaryDirectory() as tmp:
+    run = MlflowRun.create("checkpoint-cost", "checkpoint-cost")
+    with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
             start = time.perf_counter()
             with signals_deferred():
-                log_checkpoint(state, history, Path(tmp))
+                log_checkpoint(run, state, history, Path(tmp))
             times.append(time.perf_counter() - start)
         size = (Path(tmp) / "last.pt").stat().st_size
+    run.end(RunStatus.FINISHED)
     return sorted(times)[len(times) // 2], size
 
 

@@ -1,7 +1,12 @@
-"""Command line: `mnist-mlflow train ...`. Thin: parses options, calls the modules, maps errors."""
+"""Command line: `mnist-mlflow train ...`. Thin: parses options, calls the modules, maps errors.
+
+Imports no torch at module level: `compare`, `models`, `promote` and every `--help` start in
+the time MLflow takes to import, and only the commands that train load torch.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -12,79 +17,51 @@ from typing import Any
 
 import click
 
-from mnist_mlflow.config import (
-    COMPILE_MODES,
-    DEVICES,
-    PIPELINES,
-    PRECISIONS,
-    SCHEDULERS,
-    TrainConfig,
-    UserError,
-)
-from mnist_mlflow.models import MODELS
+from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
-from mnist_mlflow.training import TrainingDiverged
+from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 DEFAULTS = TrainConfig()
+CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
+
+
+class SettingChoice(click.Choice):
+    """click.Choice that refuses a value in the words TrainConfig.validate uses."""
+
+    def __init__(self, name: str, choices: tuple[str, ...]) -> None:
+        super().__init__(choices)
+        self.setting = name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value not in self.choices:
+            raise UserError(f"invalid {self.setting}: must be one of "
+                            f"{', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+
+def setting_option(f: dataclasses.Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The command-line option of one TrainConfig field: its default, help and choices."""
+    default = f.default
+    kind = SettingChoice(f.name, f.metadata["choices"]) if f.metadata["choices"] else (
+        CLICK_TYPES[type(default)])
+    extra: dict[str, Any] = {}
+    if isinstance(default, bool):
+        # `--deterministic` alone turns it on; `--deterministic false` (as MLproject passes
+        # its parameters) says so explicitly.
+        extra = {"is_flag": False, "flag_value": True, "metavar": "[BOOLEAN]"}
+    return click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=default,
+                        show_default=True, help=f.metadata["help"], **extra)
 
 
 def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The options every training command shares, with the seed's defaults."""
-    options = [
-        click.option("--model", default=DEFAULTS.model, show_default=True,
-                     help=f"Model variant: {', '.join(sorted(MODELS))}."),
-        click.option("--dropout", type=float, default=DEFAULTS.dropout, show_default=True,
-                     help="Dropout probability after each conv block but the first, in [0, 1)."),
-        click.option("--epochs", type=int, default=DEFAULTS.epochs, show_default=True),
-        click.option("--lr", type=float, default=DEFAULTS.lr, show_default=True,
-                     help="SGD learning rate (OneCycleLR: the peak rate)."),
-        click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True),
-        click.option("--momentum", type=float, default=DEFAULTS.momentum, show_default=True),
-        click.option("--step-size", type=int, default=DEFAULTS.step_size, show_default=True,
-                     help="StepLR: epochs between learning-rate decays."),
-        click.option("--gamma", type=float, default=DEFAULTS.gamma, show_default=True,
-                     help="StepLR: factor of each decay."),
-        click.option("--weight-decay", type=float, default=DEFAULTS.weight_decay,
-                     show_default=True),
-        click.option("--scheduler", default=DEFAULTS.scheduler, show_default=True,
-                     help=f"{'|'.join(SCHEDULERS)}: the seed's StepLR (per epoch), or "
-                          "OneCycleLR (per batch, up to --lr in the first 30%, then down)."),
-        click.option("--label-smoothing", type=float, default=DEFAULTS.label_smoothing,
-                     show_default=True, help="Label smoothing of the training loss, in [0, 1)."),
-        click.option("--rotation", type=float, default=DEFAULTS.rotation, show_default=True,
-                     help="Random rotation of training images within ± this many degrees."),
-        click.option("--translate", type=float, default=DEFAULTS.translate, show_default=True,
-                     help="Random shift up to this fraction of the image size (RandomAffine)."),
-        click.option("--scale", type=float, default=DEFAULTS.scale, show_default=True,
-                     help="Random zoom by a factor in [1 - s, 1 + s] (RandomAffine)."),
-        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
-        click.option("--device", default=DEFAULTS.device, show_default=True,
-                     help=f"{'|'.join(DEVICES)}; auto picks CUDA when available."),
-        click.option("--pipeline", default=DEFAULTS.pipeline, show_default=True,
-                     help=f"Input pipeline: {'|'.join(PIPELINES)} (torchvision is the seed's)."),
-        click.option("--precision", default=DEFAULTS.precision, show_default=True,
-                     help=f"{'|'.join(PRECISIONS)}: bf16 autocast for training; auto is bf16 "
-                          "on CUDA, fp32 on the CPU. Evaluation is always fp32."),
-        click.option("--compile", default=DEFAULTS.compile, show_default=True,
-                     help=f"{'|'.join(COMPILE_MODES)}: torch.compile the model; auto is on "
-                          "(with CUDA graphs) on CUDA, off on the CPU, where 'on' is ~13% "
-                          "faster per epoch once its first compile (~35 s) is cached."),
-        click.option("--threads", type=int, default=DEFAULTS.threads, show_default=True,
-                     help="CPU threads for torch (0: torch's default). 1 is far faster on a "
-                          "2-core machine that is running other work."),
-        click.option("--deterministic", type=click.BOOL, is_flag=False, flag_value=True,
-                     default=DEFAULTS.deterministic, show_default=True,
-                     help="Deterministic algorithms (torch.use_deterministic_algorithms), so "
-                          "that a CUDA run repeats exactly; on the CPU runs repeat anyway. "
-                          "With auto, also trains eager."),
-        click.option("--train-limit", type=int, default=0, show_default=True,
-                     help="Train on the first N examples only (0: all)."),
-        click.option("--test-limit", type=int, default=0, show_default=True,
-                     help="Evaluate on the first N test examples only (0: all)."),
+    """The options every training command shares: one per TrainConfig field, then where the
+    data and the runs go."""
+    options = [setting_option(f) for f in dataclasses.fields(TrainConfig)]
+    options += [
         click.option("--data-dir", default=lambda: os.environ.get("MNIST_DATA_DIR", "data"),
                      show_default="data/ or $MNIST_DATA_DIR",
                      help="Folder holding MNIST/raw (downloaded there when missing)."),
-        click.option("--experiment", default="mnist-optimization", show_default=True,
+        click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,
                      help="MLflow experiment (under `mlflow run`, its --experiment-name wins)."),
     ]
     for option in reversed(options):
@@ -102,10 +79,19 @@ def invoked_command() -> str:
     return shlex.join(["mnist-mlflow", *sys.argv[1:]])
 
 
+def runner_run_id(ctx: click.Context) -> str | None:
+    """The run `mlflow run` created for this process, if it started us."""
+    return ctx.find_root().obj
+
+
 @click.group()
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Train, compare and promote compact MNIST CNNs, tracked with MLflow."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # The one place that reads it: `mlflow run` names its run this way. Taken out of the
+    # environment so that nothing below adopts it by accident; passed down explicitly.
+    ctx.obj = os.environ.pop("MLFLOW_RUN_ID", None) or None
 
 
 def given_settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +100,7 @@ def given_settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any
     `mlflow run` passes every -P value, defaults included, so there a value equal to the
     default counts as not given.
     """
-    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    under_mlflow_run = runner_run_id(ctx) is not None
     return {name: options[name] for name in TrainConfig.field_names()
             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
             and not (under_mlflow_run and options[name] == getattr(DEFAULTS, name))}
@@ -123,17 +109,21 @@ def given_settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any
 @cli.command()
 @training_options
 @click.option("--resume", "resume_run_id", default="", metavar="RUN_ID",
-              help="Go on with this interrupted run from its last checkpoint, with its settings.")
+              help="Go on with this interrupted run from its last checkpoint, with its settings "
+                   "(--device, --precision, --compile, --threads and --deterministic may "
+                   "differ).")
 @click.pass_context
 def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
     """Train one variant as one MLflow run."""
     from mnist_mlflow.tracking import resume_tracked, train_tracked
 
     if resume_run_id:
-        result = resume_tracked(resume_run_id, options["data_dir"], given_settings(ctx, options))
+        result = resume_tracked(resume_run_id, options["data_dir"], given_settings(ctx, options),
+                                runner_run_id=runner_run_id(ctx))
     else:
         config = config_from(options).validate()
-        result = train_tracked(config, options["data_dir"], options["experiment"])
+        result = train_tracked(config, options["data_dir"], options["experiment"],
+                               runner_run_id=runner_run_id(ctx))
     click.echo(f"run {result.run_id} finished: final test_acc "
                f"{result.history[-1].test_acc:.2f}%")
 
@@ -155,7 +145,7 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
 def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds: str,
           resume_run_id: str, **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
-    from mnist_mlflow.phases import over_seeds, parse_seeds, phase_configs
+    from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
     from mnist_mlflow.sweep import parse_variants, resume_sweep, run_sweep, sweep_configs
 
     variants = tuple(v for v in variants if v.strip())  # `mlflow run` passes "" for none
@@ -173,15 +163,18 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
                             "the sweep's own are used")
         result = resume_sweep(resume_run_id, options["data_dir"], given)
     else:
+        description = ""
         if variants:
             configs = sweep_configs(config_from(options), parse_variants(variants))
         else:
             phase_name = phase_name or DEFAULT_PHASE
             configs = phase_configs(phase_name, given)
+            description = phase(phase_name).description
         if seeds:
             configs = over_seeds(configs, parse_seeds(seeds))
         result = run_sweep(configs, options["data_dir"], options["experiment"], phase=phase_name,
-                           command=invoked_command())
+                           command=invoked_command(), runner_run_id=runner_run_id(ctx),
+                           phase_description=description)
     for child in result.children:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
@@ -194,7 +187,7 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
 
 
 @cli.command()
-@click.option("--experiment", default="mnist-optimization", show_default=True,
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,
               help="Experiment whose runs are compared (under `mlflow run`, the run's wins).")
 @click.option("--filter", "filter_string", default="",
               help="MLflow filter string, e.g. \"params.epochs = '20'\".")
@@ -212,21 +205,24 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
               help="Also write RESULTS.md here: a table per phase of the experiment's sweeps.")
 @click.option("--register/--no-register", default=True, show_default=True,
               help="Register the chosen run's model and consider it for production.")
-@click.option("--model-name", default="mnist-cnn", show_default=True,
+@click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True,
               help="Registered model name.")
 @click.option("--force", is_flag=True, help="Move `production` even if it is not better.")
-def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
-            max_params: int, top: int, report_dir: str | None, results_path: str | None,
-            register: bool, model_name: str, force: bool) -> None:
+@click.pass_context
+def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str,
+            goal: str | None, max_params: int, top: int, report_dir: str | None,
+            results_path: str | None, register: bool, model_name: str, force: bool) -> None:
     """Compare finished runs, pick the production candidate, register and promote it."""
     from pathlib import Path
 
     from mnist_mlflow import comparison
+    from mnist_mlflow.schema import higher_is_better as goal_of
 
-    higher_is_better = comparison.metric_goal(metric) if goal is None else goal == "max"
+    higher_is_better = goal_of(metric) if goal is None else goal == "max"
     rule = comparison.SelectionRule(metric, max_params, higher_is_better)
     result = comparison.compare(experiment, filter_string, rule, top,
-                                Path(report_dir) if report_dir else None)
+                                Path(report_dir) if report_dir else None,
+                                runner_run_id=runner_run_id(ctx))
     click.echo(comparison.markdown_table(
         comparison.summary_table(result.ranked, result.chosen, rule)))
     click.echo()
@@ -243,12 +239,13 @@ def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
         click.echo(f"Results by phase written to {results_path}")
     if not register:
         return
-    from mnist_mlflow import registry  # imports the training stack (torch): only when needed
+    from mnist_mlflow import registry
 
-    description = (f"{result.chosen.name} (run {result.chosen.run_id}): {metric} "
-                   f"{result.chosen.metrics[metric]:.6g}, {result.chosen.num_params:,} "
-                   f"parameters. Chosen by `mnist-mlflow compare` (comparison run "
-                   f"{result.comparison_run_id}): {rule.describe()}.")
+    # First sentence short: the registry's version table shows only the start.
+    description = (f"{result.chosen.name}: {metric} {result.chosen.metrics[metric]:.6g}, "
+                   f"{result.chosen.num_params:,} parameters. Chosen by `mnist-mlflow compare` "
+                   f"(comparison run {result.comparison_run_id}) from run "
+                   f"{result.chosen.run_id}: {result.reason}. Rule: {rule.describe()}.")
     version = registry.register_run(result.chosen.run_id, model_name, metric, description)
     click.echo(f"Registered {model_name} version {version.version}")
     promotion = registry.promote_if_better(model_name, version.version, metric,
@@ -258,7 +255,7 @@ def compare(experiment: str, filter_string: str, metric: str, goal: str | None,
 
 @cli.command()
 @click.option("--version", required=True, help="Version to make `production` (rollback).")
-@click.option("--model-name", default="mnist-cnn", show_default=True)
+@click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True)
 def promote(version: str, model_name: str) -> None:
     """Point alias `production` at a version; the one that held it becomes `previous`."""
     from mnist_mlflow.registry import promote as move_production
@@ -267,7 +264,7 @@ def promote(version: str, model_name: str) -> None:
 
 
 @cli.command()
-@click.option("--model-name", default="mnist-cnn", show_default=True)
+@click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True)
 def models(model_name: str) -> None:
     """List the registered versions: aliases, selection metric, source run."""
     from mnist_mlflow.comparison import markdown_table

@@ -3,33 +3,47 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Run, RunStatus, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from tabulate import tabulate
 
 from mnist_mlflow.config import UserError
+from mnist_mlflow.mlrun import MlflowRun, experiment_id
 from mnist_mlflow.plots import plot_comparison
+from mnist_mlflow.schema import (
+    BEST_TEST_ACC,
+    CHOSEN_RUN_TAG,
+    COMPARISON_ROLE,
+    FINAL_GAP,
+    METRICS,
+    NUM_PARAMS,
+    REPORT_FILE,
+    REPORT_PLOT,
+    ROLE_TAG,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_ACC,
+    TRAIN_ROLE,
+)
 
 log = logging.getLogger("mnist_mlflow")
 
-# Tag that marks runs which are not training runs (sweep parents, comparisons): not candidates.
-ROLE_TAG = "mnist_mlflow.role"
-COMPARISON_ROLE = "comparison"
-DEFAULT_METRIC = "best_test_acc"
+DEFAULT_METRIC = BEST_TEST_ACC
 DEFAULT_MAX_PARAMS = 8000
-# Every run in the tables needs these (the selection metric comes on top).
-TABLE_METRICS = ("train_acc", "test_acc", "final_gap", "best_test_acc")
-PLOT_METRICS = ("test_acc", "test_loss")
+# The side-by-side rows, as the seed's report labelled them; every compared run needs these
+# metrics (the selection metric on top).
+TABLE_ROWS = {TEST_ACC: "Test Acc (final)", TRAIN_ACC: "Train Acc (final)",
+              FINAL_GAP: "Gap (train − test)", BEST_TEST_ACC: "Best Test Acc"}
+TABLE_METRICS = tuple(TABLE_ROWS)
+PLOT_METRICS = (TEST_ACC, TEST_LOSS)
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,7 @@ class RunSummary:
     @classmethod
     def from_run(cls, run: Run) -> RunSummary:
         return cls(run.info.run_id, run.info.run_name or run.info.run_id[:8],
-                   run.info.start_time, run.info.status, int(run.data.params["num_params"]),
+                   run.info.start_time, run.info.status, int(run.data.params[NUM_PARAMS]),
                    dict(run.data.params), dict(run.data.metrics))
 
 
@@ -95,11 +109,6 @@ class Comparison:
     histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
 
 
-def metric_goal(metric: str) -> bool:
-    """Whether higher is better for `metric` by its name: losses and gaps go down."""
-    return not any(word in metric for word in ("loss", "gap", "seconds"))
-
-
 def search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
     """Every active run of the experiment matching `query`, oldest first, page by page."""
     runs: list[Run] = []
@@ -114,19 +123,11 @@ def search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run
             return runs
 
 
-def experiment_id(client: MlflowClient, experiment: str) -> str:
-    """The id of the experiment named `experiment`; UserError when the store has none."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise UserError(f"no experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
-    return found.experiment_id
-
-
 def find_runs(experiment: str, filter_string: str, metric: str) -> tuple[list[RunSummary],
                                                                           list[str]]:
     """FINISHED training runs of `experiment` matching `filter_string`, and skip warnings."""
     client = MlflowClient()
-    found_id = experiment_id(client, experiment)
+    found_id = experiment_id(experiment, client)
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     try:
         runs = search_all(client, found_id, query)
@@ -136,10 +137,10 @@ def find_runs(experiment: str, filter_string: str, metric: str) -> tuple[list[Ru
     needed = sorted({*TABLE_METRICS, metric})
     summaries, skipped = [], []
     for run in runs:
-        if run.data.tags.get(ROLE_TAG):
+        if run.data.tags.get(ROLE_TAG, TRAIN_ROLE) != TRAIN_ROLE:
             continue  # sweep parents and earlier comparisons are not candidates
         missing = [m for m in needed if m not in run.data.metrics]
-        missing += [] if run.data.params.get("num_params", "").isdigit() else ["num_params"]
+        missing += [] if run.data.params.get(NUM_PARAMS, "").isdigit() else [NUM_PARAMS]
         if missing:
             skipped.append(f"skipping run {run.info.run_name} ({run.info.run_id}): "
                            f"no {', '.join(missing)}")
@@ -214,15 +215,13 @@ def summary_table(ranked: Sequence[RunSummary], chosen: RunSummary,
 def side_by_side_table(runs: Sequence[RunSummary], rule: SelectionRule) -> list[list[str]]:
     """Metrics as rows, runs as columns (the chosen one first), then each run minus the first."""
     names = labels(runs)
-    metrics = [("Test Acc (final)", "test_acc", "{:.2f}"), ("Train Acc (final)", "train_acc",
-               "{:.2f}"), ("Gap (train − test)", "final_gap", "{:+.2f}"),
-               ("Best Test Acc", "best_test_acc", "{:.2f}")]
-    if rule.metric not in {key for _, key, _ in metrics}:
-        metrics.append((rule.metric, rule.metric, "{:.6g}"))
+    metrics = [*TABLE_METRICS, *([rule.metric] if rule.metric not in TABLE_METRICS else [])]
     rows = [["Metric", *names, *(f"Δ {name} − {names[0]}" for name in names[1:])]]
-    for label, key, form in metrics:
+    for key in metrics:
+        spec = METRICS.get(key)
         values = [r.metrics[key] for r in runs]
-        rows.append([label, *(form.format(v) for v in values),
+        shown = [spec.format(v).rstrip("%") if spec else f"{v:.6g}" for v in values]
+        rows.append([TABLE_ROWS.get(key, key), *shown,
                      *(f"{v - values[0]:+.2f}" for v in values[1:])])
     counts = [r.num_params for r in runs]
     rows.append(["Parameters", *(f"{c:,}" for c in counts),
@@ -232,12 +231,7 @@ def side_by_side_table(runs: Sequence[RunSummary], rule: SelectionRule) -> list[
 
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     """A markdown table padded to align, so it reads the same in a terminal."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([line(rows[0]), line(["-" * w for w in widths]), *map(line, rows[1:])])
+    return tabulate(rows[1:], headers=rows[0], tablefmt="github", disable_numparse=True)
 
 
 def render_report(comparison: Comparison, shown: Sequence[RunSummary]) -> str:
@@ -260,7 +254,8 @@ def render_report(comparison: Comparison, shown: Sequence[RunSummary]) -> str:
               "Train Acc, Test Acc and Gap are those of the last epoch.", "",
               f"## Side by side (top {len(shown)})", "",
               markdown_table(side_by_side_table(shown, c.rule)), "",
-              "![Test accuracy and test loss per epoch](comparison.png)", ""]
+              f"Test accuracy and test loss per epoch: `{REPORT_PLOT}`, beside this report.",
+              ""]
     return "\n".join(lines)
 
 
@@ -281,18 +276,20 @@ def metric_histories(runs: Sequence[RunSummary]) -> dict[str, dict[str, list[tup
 
 def compare(experiment: str, filter_string: str = "",
             rule: SelectionRule | None = None, top: int = 5,
-            report_dir: Path | None = None) -> Comparison:
-    """Rank the runs, pick one by `rule`, write comparison.md/png and log them as a run."""
+            report_dir: Path | None = None, runner_run_id: str | None = None) -> Comparison:
+    """Rank the runs, pick one by `rule`, write comparison.md/png and log them as a run.
+
+    Under `mlflow run` (`runner_run_id`) the experiment is the one the runner put its run in.
+    """
     rule = rule or SelectionRule()
     if top < 1:
         raise UserError(f"invalid --top: must be >= 1, got {top}")
     if rule.max_params < 1:
         raise UserError(f"invalid --max-params: must be >= 1, got {rule.max_params}")
-    comparison_run_id = os.environ.get("MLFLOW_RUN_ID")
-    if comparison_run_id:
-        # Under `mlflow run` the experiment is the one the runner put the run in.
-        experiment_id = MlflowClient().get_run(comparison_run_id).info.experiment_id
-        experiment = MlflowClient().get_experiment(experiment_id).name
+    if runner_run_id:
+        client = MlflowClient()
+        experiment = client.get_experiment(
+            client.get_run(runner_run_id).info.experiment_id).name
     runs, skipped = find_runs(experiment, filter_string, rule.metric)
     for warning in skipped:
         log.warning(warning)
@@ -308,39 +305,31 @@ def compare(experiment: str, filter_string: str = "",
     comparison.report = render_report(comparison, shown)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "comparison.md").write_text(comparison.report)
-        plot_comparison(comparison.histories, folder / "comparison.png",
+        (folder / REPORT_FILE).write_text(comparison.report)
+        plot_comparison(comparison.histories, folder / REPORT_PLOT,
                         f"{experiment}: {len(shown)} of {len(ranked)} runs")
-        comparison.comparison_run_id = _log_comparison_run(comparison, folder,
-                                                           comparison_run_id)
+        comparison.comparison_run_id = _log_comparison_run(comparison, folder, runner_run_id)
         if report_dir is not None:
             report_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("comparison.md", "comparison.png"):
+            for name in (REPORT_FILE, REPORT_PLOT):
                 (report_dir / name).write_bytes((folder / name).read_bytes())
     return comparison
 
 
-def _log_comparison_run(comparison: Comparison, folder: Path, run_id: str | None) -> str:
-    """A run tagged as a comparison holding the report, so it lives in MLflow too."""
-    client = MlflowClient()
-    if not run_id:
-        experiment_id = client.get_experiment_by_name(comparison.experiment).experiment_id
-        run_id = client.create_run(experiment_id, run_name="comparison").info.run_id
-    else:
-        client.set_tag(run_id, MLFLOW_RUN_NAME, "comparison")
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    params = {"metric": comparison.rule.metric, "max_params": comparison.rule.max_params,
-              "higher_is_better": comparison.rule.higher_is_better,
-              "filter": comparison.filter_string, "candidates": len(comparison.ranked)}
-    # `mlflow run` has already logged its -P values; MLflow forbids changing a param.
-    existing = client.get_run(run_id).data.params
-    for key, value in params.items():
-        if key not in existing:
-            client.log_param(run_id, key, value)
-    client.set_tag(run_id, ROLE_TAG, COMPARISON_ROLE)
-    client.set_tag(run_id, "chosen_run_id", comparison.chosen.run_id)
-    client.set_tag(run_id, "chosen_run_name", comparison.chosen.name)
-    client.log_artifact(run_id, str(folder / "comparison.md"))
-    client.log_artifact(run_id, str(folder / "comparison.png"))
-    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-    return run_id
+def _log_comparison_run(comparison: Comparison, folder: Path, runner_run_id: str | None) -> str:
+    """A run tagged as a comparison, named with its time, holding the report as its
+    description and artifacts, so it lives in MLflow too."""
+    run = MlflowRun.create_or_adopt(
+        runner_run_id, comparison.experiment, f"comparison-{datetime.now():%Y-%m-%d-%H%M}",
+        tags={ROLE_TAG: COMPARISON_ROLE, CHOSEN_RUN_TAG: comparison.chosen.run_id,
+              "chosen_run_name": comparison.chosen.name},
+        description=comparison.report)
+    run.log_new_params({"metric": comparison.rule.metric,
+                        "max_params": comparison.rule.max_params,
+                        "higher_is_better": comparison.rule.higher_is_better,
+                        "filter": comparison.filter_string,
+                        "candidates": len(comparison.ranked)})
+    run.log_artifact(folder / REPORT_FILE)
+    run.log_artifact(folder / REPORT_PLOT)
+    run.end(RunStatus.FINISHED)
+    return run.run_id

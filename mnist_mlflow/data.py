@@ -9,7 +9,6 @@ can be replayed exactly (resume) and two runs with the same seed see the same da
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import calculate_md5
 
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
@@ -67,14 +67,6 @@ class Augmentation:
             scale=(1 - self.scale, 1 + self.scale) if self.scale else None, fill=0)
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_raw_files(raw_dir: Path) -> dict[str, str]:
     """MD5 of each MNIST archive present in `raw_dir`; UserError naming a file that is wrong."""
     found = {}
@@ -86,7 +78,7 @@ def verify_raw_files(raw_dir: Path) -> dict[str, str]:
         if actual_size != size:
             raise UserError(f"MNIST file {path} is {actual_size} bytes, expected {size}: "
                             "truncated or replaced; copy the original file there again")
-        actual_md5 = file_md5(path)
+        actual_md5 = calculate_md5(str(path))
         if actual_md5 != md5:
             raise UserError(f"MNIST file {path} fails its checksum (md5 {actual_md5}, "
                             f"expected {md5}); copy the original file there again")

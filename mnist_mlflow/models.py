@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from mnist_mlflow.config import MODEL_CHOICES
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -108,24 +109,15 @@ def gap5k(dropout: float = 0.0) -> GapNet:
     return GapNet(dropout, early=(8, 8, 12), transition=8, late=(10, 12, 12))
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A named variant: how to build it and what it is for."""
-
-    build: Callable[[float], nn.Module]
-    description: str
-
-
-MODELS: dict[str, ModelSpec] = {
-    "opt": ModelSpec(OptNet, "the seed's 6,132-parameter CNN (Opt-1, Opt-2 with dropout)"),
-    "gap8k": ModelSpec(gap8k, "wider early layers, 1x1 transition, GAP head (< 8k parameters)"),
-    "gap5k": ModelSpec(gap5k, "gap8k made narrower (< 5k parameters)"),
-}
+# config.MODEL_CHOICES name -> constructor taking the dropout probability.
+MODELS: dict[str, Callable[[float], nn.Module]] = {"opt": OptNet, "gap8k": gap8k, "gap5k": gap5k}
+if set(MODELS) != set(MODEL_CHOICES):  # the torch-free list of names is the command line's
+    raise ImportError(f"models {sorted(MODELS)} differ from config's {sorted(MODEL_CHOICES)}")
 
 
 def build_model(name: str, dropout: float) -> nn.Module:
     """Instantiate the variant `name` with dropout probability `dropout`."""
-    return MODELS[name].build(dropout)
+    return MODELS[name](dropout)
 
 
 def count_parameters(model: nn.Module) -> int:

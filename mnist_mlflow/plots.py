@@ -11,21 +11,31 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mnist_mlflow.schema import EPOCH_METRICS, METRICS  # noqa: E402
+
 if TYPE_CHECKING:  # a type only: `compare` plots without importing torch
     from mnist_mlflow.training import EpochMetrics
 
 
+# Panels of the training curves: every per-epoch metric of these kinds, one line each.
+CURVE_PANELS = (("loss", "Loss"), ("accuracy", "Accuracy (%)"))
+
+
 def plot_training_curves(history: Sequence[EpochMetrics], path: Path, title: str) -> Path:
-    """2x2 grid: train loss, test loss, train accuracy, test accuracy by epoch."""
+    """Loss and accuracy by epoch, one line per metric (train, test, ...), as named in
+    schema.EPOCH_METRICS: a new per-epoch metric of those kinds appears by itself."""
     epochs = [m.epoch for m in history]
-    panels = [("train_loss", "Training loss"), ("test_loss", "Test loss"),
-              ("train_acc", "Training accuracy (%)"), ("test_acc", "Test accuracy (%)")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (field, label) in zip(axes.flat, panels, strict=True):
-        ax.plot(epochs, [getattr(m, field) for m in history], marker="o", markersize=3)
+    measured = history[0].values if history else {}
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(12, 4.5))
+    for ax, (kind, label) in zip(axes, CURVE_PANELS, strict=True):
+        for name, spec in EPOCH_METRICS.items():
+            if spec.kind == kind and name in measured:
+                ax.plot(epochs, [m.values[name] for m in history], marker="o", markersize=3,
+                        label=spec.label)
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -35,10 +45,12 @@ def plot_training_curves(history: Sequence[EpochMetrics], path: Path, title: str
 
 def plot_comparison(histories: dict[str, dict[str, list[tuple[int, float]]]], path: Path,
                     title: str) -> Path:
-    """Test accuracy and test loss by epoch, one line per run (keyed by its label)."""
-    panels = [("test_acc", "Test accuracy (%)"), ("test_loss", "Test loss")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, (metric, label) in zip(axes, panels, strict=True):
+    """Each plotted metric by epoch (one panel each), one line per run (keyed by its label)."""
+    metrics = list(next(iter(histories.values()), {}))
+    panels = [(metric, METRICS[metric].label if metric in METRICS else metric)
+              for metric in metrics]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels, strict=True):
         for run_label, metrics in histories.items():
             points = metrics.get(metric, [])
             ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3,
@@ -46,7 +58,7 @@ def plot_comparison(histories: dict[str, dict[str, list[tuple[int, float]]]], pa
         ax.set_title(label)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

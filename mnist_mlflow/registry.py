@@ -16,9 +16,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserError
-from mnist_mlflow.tracking import MODEL_NAME_IN_RUN
+from mnist_mlflow.schema import DEFAULT_MODEL_NAME
 
-DEFAULT_MODEL_NAME = "mnist-cnn"
 PRODUCTION = "production"
 PREVIOUS = "previous"
 
@@ -83,18 +82,31 @@ def register_run(run_id: str, model_name: str, metric: str, description: str) ->
         for key, tag in tags.items():
             client.set_model_version_tag(model_name, version.version, key, tag)
     else:
-        # Looked up first so that a run without a model leaves the registry untouched.
+        # Looked up first so that a run without a model leaves the registry untouched. A run
+        # logs one model, named for its variant (`model` in runs made before).
         logged = mlflow.search_logged_models(
             experiment_ids=[run.info.experiment_id], output_format="list",
-            filter_string=f"source_run_id = '{run_id}' and name = '{MODEL_NAME_IN_RUN}'")
+            filter_string=f"source_run_id = '{run_id}'")
         ready = [m for m in logged if m.status == LoggedModelStatus.READY]
         if not ready:
-            raise UserError(f"run {run_name} ({run_id}) has no logged model "
-                            f"'{MODEL_NAME_IN_RUN}' to register")
+            raise UserError(f"run {run_name} ({run_id}) has no logged model to register")
         uri = f"models:/{ready[0].model_id}"
         version = mlflow.register_model(uri, model_name, tags=tags)
+        _describe_model(client, model_name)
     client.update_model_version(model_name, version.version, description)
     return client.get_model_version(model_name, version.version)
+
+
+def _describe_model(client: MlflowClient, model_name: str) -> None:
+    """Say what the registered model holds, once (a description set by hand stays)."""
+    if client.get_registered_model(model_name).description:
+        return
+    client.update_registered_model(model_name, (
+        "Compact MNIST CNNs chosen by `mnist-mlflow compare`. Input: float32 images "
+        "(N, 1, 28, 28), pixels in [0, 1], white digit on black; output: 10 class "
+        f"probabilities. Alias `{PRODUCTION}` is the model in use, `{PREVIOUS}` the one "
+        "before it (rollback: `mnist-mlflow promote --version N`). Each version's "
+        "description says why it was chosen."))
 
 
 def promote_if_better(model_name: str, version: str, metric: str, higher_is_better: bool,

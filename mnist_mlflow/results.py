@@ -16,11 +16,20 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.comparison import experiment_id, markdown_table, search_all
+from mnist_mlflow.comparison import markdown_table, search_all
 from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.mlrun import experiment_id
 from mnist_mlflow.phases import PHASES
-from mnist_mlflow.sweep import COMMAND_TAG, PHASE_TAG
-from mnist_mlflow.tracking import LAST3_METRIC, settings_from_params
+from mnist_mlflow.schema import (
+    COMMAND_TAG,
+    LAST3_METRIC,
+    MEAN_EPOCH_SECONDS,
+    NUM_PARAMS,
+    PHASE_TAG,
+    TEST_ACC,
+    settings_from_params,
+    settings_of,
+)
 
 # The seed's next target: at least this at each of the last 3 epochs, for every seed.
 TARGET_ACC = 99.40
@@ -50,43 +59,22 @@ class VariantResult:
 
     def row(self) -> list[str]:
         metrics = [r.data.metrics for r in self.runs]
-        seeds = [int(settings_from_params(r.data.params)["seed"]) for r in self.runs]
-        return [self.name, recipe(self.settings), f"{self.num_params:,}",
+        seeds = [int(settings_from_params(settings_of(r))["seed"]) for r in self.runs]
+        return [self.name, TrainConfig(**self.settings).recipe(), f"{self.num_params:,}",
                 str(self.settings["epochs"]), ",".join(map(str, seeds)),
                 f"{mean(self.last3):.2f}", f"{min(self.last3):.2f}",
                 " / ".join(f"{v:.2f}" for v in self.last3),
-                f"{mean(m['test_acc'] for m in metrics):.2f}",
-                f"{mean(m['mean_epoch_seconds'] for m in metrics):.1f}",
+                f"{mean(m[TEST_ACC] for m in metrics):.2f}",
+                f"{mean(m[MEAN_EPOCH_SECONDS] for m in metrics):.1f}",
                 how_run(self.runs[0]), "yes" if self.meets_target() else "no"]
-
-
-def recipe(settings: dict[str, object]) -> str:
-    """The training recipe in a few words: schedule, batch, smoothing, augmentation."""
-    s = settings
-    if s["scheduler"] == "onecycle":
-        parts = [f"OneCycle to lr {s['lr']:g}"]
-    else:
-        parts = [f"StepLR lr {s['lr']:g} ×{s['gamma']:g}/{s['step_size']} ep"]
-    parts.append(f"batch {s['batch_size']}")
-    if s["weight_decay"]:
-        parts.append(f"wd {s['weight_decay']:g}")
-    if s["label_smoothing"]:
-        parts.append(f"smoothing {s['label_smoothing']:g}")
-    augment = [f"rot ±{s['rotation']:g}°"] if s["rotation"] else []
-    augment += [f"shift {s['translate']:g}"] if s["translate"] else []
-    augment += [f"zoom ±{s['scale']:g}"] if s["scale"] else []
-    parts.append(", ".join(augment) or "no augmentation")
-    if s["train_limit"] or s["test_limit"]:
-        parts.append(f"slice {s['train_limit'] or 'all'}/{s['test_limit'] or 'all'}")
-    return "; ".join(parts)
 
 
 def how_run(run: Run) -> str:
     """Device and torch threads, like `cpu, 1 thread`."""
-    params = run.data.params
+    settings = settings_of(run)
     # A tag since runs record how they ran as tags; a param in runs made before.
-    device = run.data.tags.get("resolved_device") or params.get("resolved_device", "?")
-    threads = int(float(params.get("threads", "0")))
+    device = run.data.tags.get("resolved_device") or settings.get("resolved_device", "?")
+    threads = int(float(settings.get("threads", "0")))
     if not threads:
         return device
     return f"{device}, {threads} thread{'s' if threads > 1 else ''}"
@@ -96,7 +84,7 @@ def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
     """Runs grouped by variant, first-seen order; per seed only the latest run counts."""
     groups: dict[tuple[tuple[str, object], ...], dict[int, Run]] = {}
     for run in runs:  # oldest first, so a later run of the same seed replaces an earlier one
-        settings = settings_from_params(run.data.params)
+        settings = settings_from_params(settings_of(run))
         key = tuple((k, v) for k, v in settings.items() if k not in RUN_ONLY_SETTINGS)
         groups.setdefault(key, {})[int(settings["seed"])] = run
     results = []
@@ -104,7 +92,7 @@ def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
         settings = dict(key)
         name = TrainConfig(**settings).variant_name
         chosen = [by_seed[seed] for seed in sorted(by_seed)]
-        results.append(VariantResult(name, settings, int(chosen[0].data.params["num_params"]),
+        results.append(VariantResult(name, settings, int(chosen[0].data.params[NUM_PARAMS]),
                                      chosen))
     return results
 
@@ -118,7 +106,7 @@ def phase_runs(experiment: str) -> dict[str, list[Run]]:
     """FINISHED training runs of `experiment` by phase tag, oldest first."""
     client = MlflowClient()
     by_phase: dict[str, list[Run]] = {}
-    for run in search_all(client, experiment_id(client, experiment),
+    for run in search_all(client, experiment_id(experiment, client),
                           "attributes.status = 'FINISHED'"):
         phase = run.data.tags.get(PHASE_TAG)
         if phase and LAST3_METRIC in run.data.metrics and MLFLOW_PARENT_RUN_ID in run.data.tags:
@@ -139,9 +127,9 @@ def sweep_commands(runs: Sequence[Run]) -> list[str]:
     lines = []
     for parent, children in trained.items():
         command = client.get_run(parent).data.tags.get(COMMAND_TAG) or f"(sweep run {parent})"
-        settings = [settings_from_params(r.data.params) for r in children]
+        settings = [settings_from_params(settings_of(r)) for r in children]
         variants = dict.fromkeys(TrainConfig(**s).variant_name for s in settings)
-        recipes = dict.fromkeys(recipe(s) for s in settings)
+        recipes = dict.fromkeys(TrainConfig(**s).recipe() for s in settings)
         lines.append(f"{command}\n    # trained {', '.join(variants)}: {' | '.join(recipes)}")
     return lines
 

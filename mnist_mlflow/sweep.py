@@ -1,7 +1,10 @@
 """A sweep: one parent MLflow run, each variant trained as a nested child run.
 
-A child is only "train this TrainConfig as a child of that parent run id", so children can
-as well run in other processes or on other machines against the same tracking store.
+The parent creates each child's run before it trains (SCHEDULED, with its params), so its id
+is known; a child is then a job, "train this config into that run" (or "resume that run"),
+handed to an executor. `LocalExecutor` runs the jobs one after another in this process; an
+executor that runs them elsewhere (other processes, other machines, the same tracking store)
+only has to return each job's outcome, which is also in the store.
 """
 
 from __future__ import annotations
@@ -9,27 +12,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.comparison import ROLE_TAG
 from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
-from mnist_mlflow.tracking import (
+from mnist_mlflow.mlrun import MlflowRun
+from mnist_mlflow.schema import (
+    COMMAND_TAG,
     DEFAULT_EXPERIMENT,
+    PHASE_TAG,
+    PLAN_ARTIFACT,
+    PLUMBING_SETTINGS,
+    ROLE_TAG,
+    SWEEP_ROLE,
+    TRAIN_ROLE,
+    config_from_params,
+    params_from_config,
+    settings_of,
+)
+from mnist_mlflow.tracking import (
+    EXPERIMENT_DESCRIPTION,
     RunInterrupted,
     check_tracking_store,
-    config_from_params,
-    log_new_params,
     resumable_run,
     resume_tracked,
     train_tracked,
@@ -37,23 +50,37 @@ from mnist_mlflow.tracking import (
 
 log = logging.getLogger("mnist_mlflow")
 
-SWEEP_ROLE = "sweep"
-# On the parent and every child: the phase the sweep trained (empty for --variant sweeps).
-PHASE_TAG = "mnist_mlflow.phase"
-# On the parent: the command that started the sweep, quoted in RESULTS.md.
-COMMAND_TAG = "mnist_mlflow.command"
-# The parent's artifact listing every child's whole configuration, read by --resume.
-PLAN_ARTIFACT = "sweep_plan.json"
+# MLflow run statuses a child can end in, and the one it waits in before it starts.
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+SCHEDULED = RunStatus.to_string(RunStatus.SCHEDULED)
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """One child to train: `config` into run `run_id`, or, with `resume`, go on with that run
+    from its checkpoint. Everything a worker needs besides the tracking store and MNIST."""
+
+    config: TrainConfig
+    run_id: str
+    resume: bool = False
 
 
 @dataclass(frozen=True)
 class ChildOutcome:
-    """How one child ended; `error` is empty when it finished."""
+    """How one child ended: FINISHED, FAILED or KILLED, with the reason when it did not finish;
+    SCHEDULED when the sweep stopped before it began."""
 
     config: TrainConfig
     run_id: str
     status: str
     error: str = ""
+
+
+class Executor(Protocol):
+    """Runs child jobs; yields each one's outcome as it ends."""
+
+    def run(self, jobs: Sequence[ChildJob], data_dir: Path | str,
+            progress: bool) -> Iterator[ChildOutcome]: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +94,48 @@ class SweepResult:
 
     def count(self, status: str) -> int:
         return sum(1 for c in self.children if c.status == status)
+
+
+def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True) -> ChildOutcome:
+    """Train one job into its run, wherever this runs; a failure is recorded, not raised.
+
+    An interruption (RunInterrupted, KeyboardInterrupt) is raised after the run is KILLED.
+    """
+    try:
+        if job.resume:
+            # How it runs comes from this sweep's command line, as for the new children.
+            runtime = {name: getattr(job.config, name) for name in RUNTIME_SETTINGS}
+            result = resume_tracked(job.run_id, data_dir, runtime, progress=progress)
+        else:
+            result = train_tracked(job.config, data_dir, run=MlflowRun(job.run_id),
+                                   progress=progress)
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:  # before training began: the run never started
+        _end_unless_ended(job.run_id, RunStatus.KILLED, "interrupted before training began")
+        raise
+    except Exception as err:  # one child's crash must not stop the others
+        reason = f"{type(err).__name__}: {err}"
+        log.error("child %s failed: %s", job.config.run_name, reason)
+        # Training ends its run FAILED itself, unless it failed before it began.
+        _end_unless_ended(job.run_id, RunStatus.FAILED, reason)
+        return ChildOutcome(job.config, job.run_id, "FAILED", reason)
+    return ChildOutcome(job.config, result.run_id, "FINISHED")
+
+
+def _end_unless_ended(run_id: str, status: int, reason: str) -> None:
+    run = MlflowRun(run_id)
+    if run.client.get_run(run_id).info.status not in TERMINAL:
+        run.end(status, reason)
+
+
+class LocalExecutor:
+    """The jobs one after another, in this process."""
+
+    def run(self, jobs: Sequence[ChildJob], data_dir: Path | str,
+            progress: bool) -> Iterator[ChildOutcome]:
+        for job in jobs:
+            yield train_child(job, data_dir, progress)
 
 
 def parse_variants(specs: Iterable[str]) -> list[tuple[str, float]]:
@@ -92,125 +161,115 @@ def sweep_configs(base: TrainConfig, variants: Sequence[tuple[str, float]]) -> l
             for model, dropout in variants]
 
 
+def sweep_name(phase: str, configs: Sequence[TrainConfig]) -> str:
+    """The parent's name, for what it trains: `sweep-gap-seeds1-3`, `sweep-variants-seed1`."""
+    seeds = sorted(dict.fromkeys(c.seed for c in configs))
+    if len(seeds) == 1:
+        seed_part = f"seed{seeds[0]}"
+    elif seeds == list(range(seeds[0], seeds[-1] + 1)):
+        seed_part = f"seeds{seeds[0]}-{seeds[-1]}"
+    else:
+        seed_part = "seeds" + ",".join(map(str, seeds))
+    return f"sweep-{phase or 'variants'}-{seed_part}"
+
+
 def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "",
-                 command: str = "") -> str:
+                 command: str = "", runner_run_id: str | None = None,
+                 phase_description: str = "") -> MlflowRun:
     """Create the parent run (or adopt the one `mlflow run` made) and record what it sweeps:
     the settings all children share as params, and every child's config as the plan."""
-    client = MlflowClient()
-    # Under `mlflow run` the project runner created the run this process must report to.
-    run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    if run_id is None:
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
-        run_id = client.create_run(experiment_id, run_name="sweep").info.run_id
-    else:
-        client.set_tag(run_id, MLFLOW_RUN_NAME, "sweep")
     settings = [c.as_params() for c in configs]
     shared = {k: v for k, v in settings[0].items() if all(s[k] == v for s in settings)}
     variants = dict.fromkeys(f"{c.model}:{c.dropout:g}" for c in configs)
     seeds = dict.fromkeys(str(c.seed) for c in configs)
-    log_new_params(run_id, {**shared, "variants": ",".join(variants), "seeds": ",".join(seeds),
-                            "phase": phase or "none", "children": len(configs)})
+    what = phase_description or f"variants {', '.join(variants)}"
+    description = (f"Sweep of phase `{phase}`: {what}" if phase else f"Sweep of {what}")
+    description += (f"; {len(configs)} children, seeds {', '.join(seeds)}. "
+                    f"Command: `{command}`" if command else f"; {len(configs)} children.")
+    parent = MlflowRun.create_or_adopt(
+        runner_run_id, experiment, sweep_name(phase, configs),
+        tags={ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command},
+        description=description, experiment_description=EXPERIMENT_DESCRIPTION)
+    parent.log_new_params({**{k: v for k, v in shared.items() if k not in PLUMBING_SETTINGS},
+                           "variants": ",".join(variants), "seeds": ",".join(seeds),
+                           "phase": phase or "none", "children": len(configs)})
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / PLAN_ARTIFACT
         plan.write_text(json.dumps(settings, indent=1))
-        client.log_artifact(run_id, str(plan))
-    for key, value in {ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command}.items():
-        client.set_tag(run_id, key, value)
-    return run_id
+        parent.log_artifact(plan)
+    return parent
 
 
-def run_child(config: TrainConfig, data_dir: Path | str, parent_run_id: str,
-              progress: bool = True, resume_run_id: str | None = None) -> ChildOutcome:
-    """Train `config` as a child of `parent_run_id` (or go on with child `resume_run_id`);
-    a failure is recorded, not raised. The child carries the parent's phase tag."""
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    experiment_id = parent.info.experiment_id
-    experiment = client.get_experiment(experiment_id).name
-    tags = {PHASE_TAG: parent.data.tags.get(PHASE_TAG, "")}
-    earlier_children = _child_run_ids(client, experiment_id, parent_run_id)
-    try:
-        if resume_run_id:
-            # How it runs comes from this sweep's command line, as for the new children.
-            runtime = {name: getattr(config, name) for name in RUNTIME_SETTINGS}
-            result = resume_tracked(resume_run_id, data_dir, runtime, progress=progress)
-        else:
-            result = train_tracked(config, data_dir, experiment, parent_run_id=parent_run_id,
-                                   progress=progress, tags=tags)
-    except Exception as err:  # one child's crash must not stop the others
-        reason = f"{type(err).__name__}: {err}"
-        log.error("child %s failed: %s", config.run_name, reason)
-        # Training ends its run FAILED itself, unless it failed before starting one.
-        started = _child_run_ids(client, experiment_id, parent_run_id) - earlier_children
-        run_id = (resume_run_id or (started.pop() if started else
-                  _record_failure(client, experiment_id, parent_run_id, config, reason, tags)))
-        return ChildOutcome(config, run_id, "FAILED", reason)
-    return ChildOutcome(config, result.run_id, "FINISHED")
-
-
-def _child_run_ids(client: MlflowClient, experiment_id: str, parent_run_id: str) -> set[str]:
-    runs = client.search_runs([experiment_id], f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}'",
-                              max_results=SEARCH_MAX_RESULTS_THRESHOLD)
-    return {run.info.run_id for run in runs}
-
-
-def _record_failure(client: MlflowClient, experiment_id: str, parent_run_id: str,
-                    config: TrainConfig, reason: str, tags: Mapping[str, str]) -> str:
-    """A FAILED child run for a config that failed before training began its own run."""
-    run = client.create_run(experiment_id, run_name=config.run_name,
-                            tags={**tags, MLFLOW_PARENT_RUN_ID: parent_run_id,
-                                  "failure_reason": reason})
-    for key, value in config.as_params().items():
-        client.log_param(run.info.run_id, key, value)
-    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
-    return run.info.run_id
+def create_child(parent: MlflowRun, config: TrainConfig) -> ChildJob:
+    """The child's run, SCHEDULED under `parent` with its params, and the job that trains it."""
+    tags = parent.client.get_run(parent.run_id).data.tags
+    child = MlflowRun.create(
+        parent.client.get_experiment(parent.experiment_id).name, config.run_name,
+        parent_run_id=parent.run_id,
+        tags={ROLE_TAG: TRAIN_ROLE, PHASE_TAG: tags.get(PHASE_TAG, ""),
+              **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS}},
+        description=f"{config.variant_name}, seed {config.seed}: waiting for its turn.")
+    child.log_new_params({k: v for k, v in params_from_config(config).items()
+                          if k not in PLUMBING_SETTINGS})
+    child.client.update_run(child.run_id, status=SCHEDULED)
+    return ChildJob(config, child.run_id)
 
 
 def run_sweep(configs: Sequence[TrainConfig], data_dir: Path | str,
               experiment: str = DEFAULT_EXPERIMENT, progress: bool = True, phase: str = "",
-              command: str = "") -> SweepResult:
+              command: str = "", runner_run_id: str | None = None,
+              executor: Executor | None = None, phase_description: str = "") -> SweepResult:
     """Train every config as a child of one new parent; the parent ends FAILED if any did."""
     check_tracking_store()
-    parent_run_id = start_parent(experiment, configs, phase, command)
-    return _train_children(parent_run_id, [(c, None, None) for c in configs], data_dir,
-                           progress)
+    parent = start_parent(experiment, configs, phase, command, runner_run_id, phase_description)
+    jobs = [create_child(parent, config) for config in configs]
+    return _train_children(parent, jobs, [], data_dir, progress, executor or LocalExecutor())
 
 
 def resume_sweep(parent_run_id: str, data_dir: Path | str,
-                 given: Mapping[str, object] | None = None,
-                 progress: bool = True) -> SweepResult:
+                 given: Mapping[str, object] | None = None, progress: bool = True,
+                 executor: Executor | None = None) -> SweepResult:
     """Train, under the same parent, only the children of a sweep that did not finish.
 
-    Children are matched to the sweep's variants by their whole configuration; a killed one
-    goes on from its checkpoint, any other unfinished one is trained again as a new child.
-    `given` may change how the children run (device, precision, compile, threads), nothing else.
+    Children are matched to the sweep's variants by what they learn; a killed one goes on from
+    its checkpoint, one that never began trains in its own run, any other unfinished one is
+    trained again as a new child. `given` may change how the children run (device,
+    precision, compile, threads), nothing else.
     """
     check_tracking_store()
     client = MlflowClient()
     try:
-        parent = client.get_run(parent_run_id)
+        parent_run = client.get_run(parent_run_id)
     except MlflowException:
         raise UserError(f"no run {parent_run_id!r} in the tracking store "
-                        f"{mlflow.get_tracking_uri()}") from None
-    if parent.data.tags.get(ROLE_TAG) != SWEEP_ROLE:
+                        f"{client.tracking_uri}") from None
+    if parent_run.data.tags.get(ROLE_TAG) != SWEEP_ROLE:
         raise UserError(f"run {parent_run_id} is not a sweep's parent run")
-    if parent.info.status == "FINISHED":
+    if parent_run.info.status == "FINISHED":
         raise UserError(f"sweep {parent_run_id} is FINISHED: every child finished")
     given = dict(given or {})
     overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
     configs = [dataclasses.replace(
         config_from_params(parent_run_id, {k: str(v) for k, v in settings.items()}, given),
         **overrides) for settings in _plan(client, parent_run_id)]
-    latest = _latest_children(client, parent)
-    plan: list[tuple[TrainConfig, ChildOutcome | None, str | None]] = []
+    latest = _latest_children(client, parent_run)
+    parent = MlflowRun(parent_run_id, client)
+    parent.reopen()
+    finished: list[ChildOutcome] = []
+    jobs: list[ChildJob] = []
     for config in configs:
         child = latest.get(config.what_it_learns())
-        if child is not None and child.info.status == "FINISHED":
-            plan.append((config, ChildOutcome(config, child.info.run_id, "FINISHED"), None))
+        status = child.info.status if child is not None else ""
+        if status == "FINISHED":
+            finished.append(ChildOutcome(config, child.info.run_id, "FINISHED"))
+        elif status == SCHEDULED:
+            jobs.append(ChildJob(config, child.info.run_id))
+        elif child is not None and _resumable(client, child.info.run_id):
+            jobs.append(ChildJob(config, child.info.run_id, resume=True))
         else:
-            plan.append((config, None, child and _resumable(client, child.info.run_id)))
-    client.update_run(parent_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    return _train_children(parent_run_id, plan, data_dir, progress)
+            jobs.append(create_child(parent, config))
+    return _train_children(parent, jobs, finished, data_dir, progress,
+                           executor or LocalExecutor())
 
 
 def _plan(client: MlflowClient, parent_run_id: str) -> list[dict[str, object]]:
@@ -231,43 +290,51 @@ def _latest_children(client: MlflowClient, parent: Run) -> dict[TrainConfig, Run
                               f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent.info.run_id}'",
                               max_results=SEARCH_MAX_RESULTS_THRESHOLD,
                               order_by=["attributes.start_time ASC"])
-    return {config_from_params(run.info.run_id, run.data.params, {}).what_it_learns(): run
+    return {config_from_params(run.info.run_id, settings_of(run), {}).what_it_learns(): run
             for run in runs}
 
 
-def _resumable(client: MlflowClient, run_id: str) -> str | None:
-    """`run_id` when it can go on from a checkpoint, else None (it is trained anew)."""
+def _resumable(client: MlflowClient, run_id: str) -> bool:
+    """Whether `run_id` can go on from a checkpoint (else it is trained anew)."""
     try:
-        return resumable_run(client, run_id).info.run_id
+        resumable_run(client, run_id)
     except UserError:
-        return None
+        return False
+    return True
 
 
-def _train_children(parent_run_id: str,
-                    plan: Sequence[tuple[TrainConfig, ChildOutcome | None, str | None]],
-                    data_dir: Path | str, progress: bool) -> SweepResult:
-    """Each (config, outcome if already finished, child to resume) in turn; end the parent."""
-    client = MlflowClient()
-    children: list[ChildOutcome] = []
+def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
+                    finished: Iterable[ChildOutcome], data_dir: Path | str, progress: bool,
+                    executor: Executor) -> SweepResult:
+    """Hand `jobs` to `executor`, collect the outcomes, and end the parent by them."""
+    children = list(finished)
+    started = {job.run_id: job for job in jobs}
     try:
-        for config, finished, resume_run_id in plan:
-            children.append(finished or run_child(config, data_dir, parent_run_id, progress,
-                                                  resume_run_id))
-    except RunInterrupted as err:
-        children.append(ChildOutcome(config, err.run_id, "KILLED", str(err)))
-        _end_parent(client, SweepResult(parent_run_id, children), RunStatus.KILLED)
-        err.command = f"mnist-mlflow sweep --resume {parent_run_id}"
+        for outcome in executor.run(jobs, data_dir, progress):
+            children.append(outcome)
+            started.pop(outcome.run_id, None)
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        run_id = getattr(err, "run_id", None)
+        if run_id in started:
+            job = started.pop(run_id)
+            children.append(ChildOutcome(job.config, run_id, "KILLED", str(err)))
+        children += [ChildOutcome(job.config, job.run_id, _status(parent, job.run_id))
+                     for job in started.values()]
+        _end_parent(parent, SweepResult(parent.run_id, children), RunStatus.KILLED)
+        if isinstance(err, RunInterrupted):
+            err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
         raise
-    except KeyboardInterrupt:
-        _end_parent(client, SweepResult(parent_run_id, children), RunStatus.KILLED)
-        raise
-    result = SweepResult(parent_run_id, children)
-    _end_parent(client, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
+    result = SweepResult(parent.run_id, children)
+    _end_parent(parent, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
     return result
 
 
-def _end_parent(client: MlflowClient, result: SweepResult, status: int) -> None:
-    """Record how many children finished, failed and were killed, and end the parent."""
-    for name in ("finished", "failed", "killed"):
-        client.set_tag(result.parent_run_id, f"children_{name}", str(result.count(name.upper())))
-    client.set_terminated(result.parent_run_id, RunStatus.to_string(status))
+def _status(parent: MlflowRun, run_id: str) -> str:
+    return parent.client.get_run(run_id).info.status
+
+
+def _end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
+    """Record how many children finished, failed, were killed or never began; end the parent."""
+    parent.set_tags({f"children_{name.lower()}": str(result.count(name))
+                     for name in (*TERMINAL, SCHEDULED)})
+    parent.end(status)

@@ -1,4 +1,8 @@
-"""One training run as one MLflow run: params, per-epoch metrics, plots, log, model."""
+"""One training run as one MLflow run: params, per-epoch metrics, plots, log, model.
+
+Everything is written through `MlflowRun` (mlrun.py); the loop itself (training.py) only
+returns numbers.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,27 +25,64 @@ import mlflow
 import numpy as np
 import torch
 import torchvision
-from mlflow.entities import Param, Run, RunStatus
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
-from mnist_mlflow.config import LATER_SETTINGS, RUNTIME_SETTINGS, TrainConfig, UserError
-from mnist_mlflow.data import MnistData, Pipeline, build_pipeline, load_mnist
+from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
+from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
+from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_training_curves
 from mnist_mlflow.runtime import resolve
+from mnist_mlflow.schema import (
+    BEST_EPOCH,
+    BEST_TEST_ACC,
+    CHECKPOINT_ARTIFACT,
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    COMPILE_FALLBACK_TAG,
+    CURVES_DIR,
+    CURVES_FILE,
+    DEFAULT_EXPERIMENT,
+    FAILURE_REASON_TAG,
+    FINAL_GAP,
+    FINAL_TEST_ACC,
+    FINAL_TEST_LOSS,
+    LAST3_METRIC,
+    LAST_EPOCHS,
+    MEAN_EPOCH_SECONDS,
+    MNIST_MD5_TAG_PREFIX,
+    MODEL_SUMMARY,
+    NUM_PARAMS,
+    PLUMBING_SETTINGS,
+    RESUMED_AFTER_TAG,
+    RESUMED_ON_TAG,
+    RESUMES_RUN_TAG,
+    ROLE_TAG,
+    SUMMARY_STEP,
+    TEST_ACC,
+    TRAIN_ROLE,
+    TRAINING_LOG,
+    VARIANT_TAG,
+    config_from_params,
+    params_from_config,
+    rounded,
+    settings_of,
+)
 from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit
 
 log = logging.getLogger("mnist_mlflow")
 
-DEFAULT_EXPERIMENT = "mnist-optimization"
-MODEL_NAME_IN_RUN = "model"
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+EXPERIMENT_DESCRIPTION = (
+    "Compact MNIST CNNs (the seed's 6,132-parameter net and its GAP successors under 8k and "
+    "5k parameters), one training run per variant and seed. Sweep parents and comparison "
+    "runs hold no training metrics: filter with `tags.mnist_mlflow.role = 'train'` to chart "
+    "the training runs only.")
 # An HTTP tracking server that does not accept a connection within this is reported as down.
 STORE_CONNECT_TIMEOUT_S = 5.0
 SIGNATURE = ModelSignature(
@@ -66,44 +107,72 @@ class RunResult:
     history: list[EpochMetrics]
 
 
-# The ">= 99.4% at each of the last 3 epochs" target is read off this metric.
-LAST_EPOCHS = 3
-LAST3_METRIC = f"min_test_acc_last{LAST_EPOCHS}"
-
-
 def summary_metrics(history: list[EpochMetrics]) -> dict[str, float]:
-    """The run in a few numbers.
+    """The run in a few numbers, rounded to what they mean.
 
-    best_test_acc and best_epoch (first epoch reaching it); final_gap (train - test accuracy
-    at the last epoch); min_test_acc_last3 (the worst of the last 3 epochs: a run that peaks
-    once does not count); mean_epoch_seconds (training plus evaluation).
+    best_test_acc and best_epoch (first epoch reaching it); final_test_acc/loss and final_gap
+    (train - test accuracy) at the last epoch, whose model is logged; min_test_acc_last3 (the
+    worst of the last 3 epochs: a run that peaks once does not count); mean_epoch_seconds.
     """
     best = max(history, key=lambda m: (m.test_acc, -m.epoch))
     last = history[-1]
-    return {"best_test_acc": best.test_acc, "best_epoch": best.epoch,
-            "final_gap": last.train_acc - last.test_acc,
-            LAST3_METRIC: min(m.test_acc for m in history[-LAST_EPOCHS:]),
-            "mean_epoch_seconds": sum(m.epoch_seconds for m in history) / len(history)}
+    values = {FINAL_TEST_ACC: last.test_acc, FINAL_TEST_LOSS: last.test_loss,
+              BEST_TEST_ACC: best.test_acc, BEST_EPOCH: best.epoch,
+              FINAL_GAP: last.train_acc - last.test_acc,
+              LAST3_METRIC: min(m.test_acc for m in history[-LAST_EPOCHS:]),
+              MEAN_EPOCH_SECONDS: sum(m.epoch_seconds for m in history) / len(history)}
+    return {name: rounded(name, value) for name, value in values.items()}
 
 
-def run_params(config: TrainConfig, state: TrainState) -> dict[str, object]:
-    """What the run learns from. How it ran (device, precision, compile) goes in tags: a
-    resumed run may go on on another machine."""
-    return {**config.as_params(), "num_params": count_parameters(state.model),
-            "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__}
+def run_params(config: TrainConfig, state: TrainState) -> dict[str, str]:
+    """What the run learns from: the settings and the parameter count. How it ran (device,
+    precision, compile, threads, versions) goes in tags: a resumed run may go on elsewhere."""
+    params = {k: v for k, v in params_from_config(config).items() if k not in PLUMBING_SETTINGS}
+    return {**params, NUM_PARAMS: str(count_parameters(state.model))}
 
 
 def run_tags(config: TrainConfig, data: MnistData) -> dict[str, str]:
-    tags = {"variant": config.model, "dropout_enabled": str(config.dropout > 0).lower(),
-            "mlflow.runName": config.run_name}
-    tags |= {f"mnist_md5.{name.removesuffix('.gz')}": md5 for name, md5 in data.md5s.items()}
+    tags = {VARIANT_TAG: config.model, "dropout_enabled": str(config.dropout > 0).lower(),
+            "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+            **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS}}
+    tags |= {f"{MNIST_MD5_TAG_PREFIX}{name.removesuffix('.gz')}": md5
+             for name, md5 in data.md5s.items()}
     return tags
+
+
+def mnist_inputs(data: MnistData) -> dict[str, MetaDataset]:
+    """MNIST's train and test splits as MLflow datasets, named by the slice trained on and
+    identified by the MD5 of their files (the same files give the same digest)."""
+    datasets = {}
+    for context, images_file, labels_file, limit in (
+            ("train", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             data.train_limit),
+            ("test", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+             data.test_limit)):
+        md5s = [data.md5s.get(name) or RAW_FILES[name][0] for name in (images_file, labels_file)]
+        digest = "".join(md5[:4] for md5 in md5s) + (f"-{limit}" if limit else "")
+        name = f"mnist-{context}" + (f"[:{limit}]" if limit else "")
+        with warnings.catch_warnings():
+            # Two local-file source types match a path; MLflow picks the same one either way.
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(
+                str((data.root / "MNIST" / "raw" / images_file).resolve()))
+        datasets[context] = MetaDataset(
+            source, name=name, digest=digest,
+            schema=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28), "images"),
+                           TensorSpec(np.dtype(np.int64), (-1,), "labels")]))
+    return datasets
 
 
 def input_example(data: MnistData, count: int = 4) -> np.ndarray:
     images, _ = data.test_tensors()
     return (images[:count].float() / 255).unsqueeze(1).numpy()
+
+
+def describe(config: TrainConfig, num_params: int, outcome: str) -> str:
+    """The run's description: variant, recipe and outcome in a sentence."""
+    return (f"{config.variant_name}, seed {config.seed}: {num_params:,} parameters, "
+            f"{config.epochs} epochs of {config.recipe()}. {outcome}")
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -146,12 +215,13 @@ def check_tracking_store() -> None:
 
 
 def train_tracked(config: TrainConfig, data_dir: Path | str,
-                  experiment: str = DEFAULT_EXPERIMENT, parent_run_id: str | None = None,
-                  progress: bool = True, tags: Mapping[str, str] | None = None) -> RunResult:
+                  experiment: str = DEFAULT_EXPERIMENT, progress: bool = True,
+                  run: MlflowRun | None = None, runner_run_id: str | None = None,
+                  tags: Mapping[str, str] | None = None) -> RunResult:
     """Validate, load data, then train `config` as one MLflow run and log everything.
 
-    Under `mlflow run` (MLFLOW_RUN_ID set) the run MLflow created is used; otherwise a new
-    run is started in `experiment`, as a child of `parent_run_id` when given, with `tags`.
+    The run is `run` when given (a sweep creates its children first), else the run `mlflow
+    run` made (`runner_run_id`), else a new one in `experiment`; `tags` are added to it.
     """
     config.validate()
     runtime = resolve(config)
@@ -159,30 +229,35 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
     pipeline = build_pipeline(config, data, runtime)
     state = create_state(config, runtime, pipeline.steps_per_epoch)
-    under_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    if not under_mlflow_run:
-        mlflow.set_experiment(experiment)
-    run_id = mlflow.start_run(run_name=config.run_name, parent_run_id=parent_run_id,
-                              tags=dict(tags or {})).info.run_id
-    return _train_in_run(run_id, config, data, pipeline, state, [], progress,
-                         resume_command(run_id, under_mlflow_run))
+    tags = {ROLE_TAG: TRAIN_ROLE, **(tags or {})}
+    if run is None:
+        run = MlflowRun.create_or_adopt(
+            runner_run_id, experiment, config.run_name, tags=tags,
+            experiment_description=EXPERIMENT_DESCRIPTION)
+    else:
+        run.reopen()  # a sweep's child, SCHEDULED until now
+        run.set_tags(tags)
+    return _train_in_run(run, config, data, pipeline, state, [], progress,
+                         resume_command(run.run_id, runner_run_id is not None))
 
 
 def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object] | None = None,
-                   progress: bool = True) -> RunResult:
+                   progress: bool = True, runner_run_id: str | None = None) -> RunResult:
     """Reopen run `run_id`, restore its checkpoint and train the epochs it has left.
 
     Settings come from the run's params; `given` (options the user set) must agree with them,
     except how it runs (device, precision, compile, threads, determinism), which may change:
     a run may go on on another kind of machine. Every check happens before the run is
-    touched: a refused resume changes nothing.
+    touched: a refused resume changes nothing. `runner_run_id` is the run `mlflow run` made
+    for this command, which only records that it resumed `run_id`.
     """
     check_tracking_store()
     client = MlflowClient()
-    run = resumable_run(client, run_id)
+    found = resumable_run(client, run_id)
     given = dict(given or {})
     overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
-    config = dataclasses.replace(config_from_params(run_id, run.data.params, given), **overrides)
+    config = dataclasses.replace(config_from_params(run_id, settings_of(found), given),
+                                 **overrides)
     if config.device == "cuda" and "device" not in overrides and not torch.cuda.is_available():
         raise UserError(f"run {run_id} trained with --device cuda and CUDA is not available "
                         "here; resume it with --device cpu")
@@ -192,27 +267,26 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
     state = create_state(config, runtime, pipeline.steps_per_epoch)
     checkpoint = load_checkpoint(client, run_id)
     state.load_state_dict(checkpoint["state"])
-    history = [EpochMetrics(**m) for m in checkpoint["history"]]
-    runner_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
-    command = resume_command(run_id, runner_run_id is not None)
+    history = [EpochMetrics.from_record(m) for m in checkpoint["history"]]
     if runner_run_id:
-        # `mlflow run` made a new run for this command; say that it only resumed another.
-        client.set_tag(runner_run_id, MLFLOW_RUN_NAME, f"resume-{run_id[:8]}")
-        client.set_tag(runner_run_id, "resumes_run_id", run_id)
-    mlflow.set_experiment(experiment_id=run.info.experiment_id)
-    mlflow.start_run(run_id=run_id)
-    if "failure_reason" in run.data.tags:  # it is going on: the interruption is no failure
-        client.delete_tag(run_id, "failure_reason")
-    resumed_at = run.data.tags.get("resumed_after_epochs", "")
-    mlflow.set_tag("resumed_after_epochs", ",".join(filter(None, [resumed_at, str(state.epoch)])))
-    # The resolved_* tags now say how it goes on; this keeps where each resumption ran.
-    resumed_on = run.data.tags.get("resumed_on", "")
+        MlflowRun.adopt(runner_run_id, f"resume-{run_id[:8]}", {RESUMES_RUN_TAG: run_id})
+    run = MlflowRun(run_id, client)
+    run.reopen()
+    if FAILURE_REASON_TAG in found.data.tags:  # it is going on: the interruption is no failure
+        run.delete_tag(FAILURE_REASON_TAG)
+    resumed_at = found.data.tags.get(RESUMED_AFTER_TAG, "")
+    # The resolved_* tags now say how it goes on; resumed_on keeps where each resumption ran.
+    resumed_on = found.data.tags.get(RESUMED_ON_TAG, "")
     here = f"after epoch {state.epoch}: {runtime.describe()}"
-    mlflow.set_tags({**runtime.tags(), "resumed_on": "; ".join(filter(None, [resumed_on, here]))})
-    _log_missing_epochs(client, run_id, history)
+    run.set_tags({**runtime.tags(),
+                  **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS},
+                  RESUMED_AFTER_TAG: ",".join(filter(None, [resumed_at, str(state.epoch)])),
+                  RESUMED_ON_TAG: "; ".join(filter(None, [resumed_on, here]))})
+    _log_missing_epochs(run, history)
     log.info("run %s: resuming %s after epoch %d of %d", run_id, config.run_name, state.epoch,
              config.epochs)
-    return _train_in_run(run_id, config, data, pipeline, state, history, progress, command)
+    return _train_in_run(run, config, data, pipeline, state, history, progress,
+                         resume_command(run_id, runner_run_id is not None))
 
 
 def resumable_run(client: MlflowClient, run_id: str) -> Run:
@@ -231,37 +305,6 @@ def resumable_run(client: MlflowClient, run_id: str) -> Run:
     return run
 
 
-def config_from_params(run_id: str, params: Mapping[str, str],
-                       given: Mapping[str, object]) -> TrainConfig:
-    """Run `run_id`'s TrainConfig from its params; UserError when `given` contradicts one."""
-    settings = settings_from_params(params)
-    missing = [name for name in TrainConfig.field_names() if name not in settings]
-    if missing:
-        raise UserError(f"run {run_id} has no param {missing[0]!r}: it is not a training run")
-    for name, value in given.items():
-        if value != settings[name]:
-            raise UserError(f"--{name.replace('_', '-')} {value} conflicts with run "
-                            f"{run_id}, which has {name} {settings[name]}; "
-                            "leave it out to resume")
-    return TrainConfig(**settings).validate()
-
-
-def settings_from_params(params: Mapping[str, str]) -> dict[str, object]:
-    """The TrainConfig settings among a run's params, typed (not validated)."""
-    defaults = TrainConfig()
-    params = {**{k: str(getattr(defaults, k)) for k in LATER_SETTINGS}, **params}
-    settings: dict[str, object] = {}
-    for name in TrainConfig.field_names():
-        if name in params:
-            kind, text = type(getattr(defaults, name)), params[name]
-            # `mlflow run` logs -P values as typed (say epochs "20.0"), hence int via float.
-            if kind is bool:
-                settings[name] = text.strip().lower() in ("true", "1", "yes", "on")
-            else:
-                settings[name] = int(float(text)) if kind is int else kind(text)
-    return settings
-
-
 def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, object]:
     """The run's last checkpoint, loaded without unpickling anything but tensors and numbers."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,20 +312,21 @@ def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, object]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _log_missing_epochs(client: MlflowClient, run_id: str, history: list[EpochMetrics]) -> None:
+def _log_missing_epochs(run: MlflowRun, history: list[EpochMetrics]) -> None:
     """Log the checkpointed epochs whose metrics never reached the store (checkpoint is first)."""
-    logged = {m.step for m in client.get_metric_history(run_id, "test_acc")}
+    logged = {m.step for m in run.client.get_metric_history(run.run_id, TEST_ACC)}
     for metrics in history:
         if metrics.epoch not in logged:
-            mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+            run.log_metrics(metrics.as_metrics(), step=metrics.epoch)
 
 
-def _train_in_run(run_id: str, config: TrainConfig, data: MnistData, pipeline: Pipeline,
+def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline: Pipeline,
                   state: TrainState, history: list[EpochMetrics], progress: bool,
                   command: str) -> RunResult:
-    """Train the active run `run_id` from `state` to the end, checkpointing every epoch."""
+    """Train into `run` from `state` to the end, checkpointing every epoch; end the run."""
+    num_params = count_parameters(state.model)
     with tempfile.TemporaryDirectory() as tmp:
-        handler = logging.FileHandler(Path(tmp) / "training.log")
+        handler = logging.FileHandler(Path(tmp) / TRAINING_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)  # training.log records every epoch, whatever the root level
@@ -292,37 +336,45 @@ def _train_in_run(run_id: str, config: TrainConfig, data: MnistData, pipeline: P
             # Held signals: a checkpoint is never half-written, and the checkpoint goes first,
             # so a resume can log any epoch whose metrics were lost (never one twice).
             with signals_deferred():
-                log_checkpoint(trained, history, Path(tmp))
-                mlflow.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
+                log_checkpoint(run, trained, history, Path(tmp))
+                run.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
 
         def on_compile_fallback(reason: str) -> None:
-            mlflow.set_tags({"resolved_compile": "false", "compile_fallback": reason})
+            run.set_tags({"resolved_compile": "false", COMPILE_FALLBACK_TAG: reason})
 
         try:
             if not history:
-                _log_start(config, state, data)
-                log.info("run %s: training %s on %s (%d parameters)", run_id, config.run_name,
-                         state.runtime.describe(), count_parameters(state.model))
+                _log_start(run, config, state, data)
+                log.info("run %s: training %s on %s (%d parameters)", run.run_id,
+                         config.run_name, state.runtime.describe(), num_params)
+            run.describe(describe(config, num_params, "Training."))
             fit(config, state, pipeline, on_epoch=on_epoch, progress=progress,
                 on_compile_fallback=on_compile_fallback)
-            mlflow.flush_async_logging()
-            mlflow.log_metrics(summary_metrics(history), step=config.epochs)
+            run.flush()
+            summary = summary_metrics(history)
+            run.log_metrics(summary, step=SUMMARY_STEP)
             handler.flush()
-            _log_artifacts(config, state, data, history, Path(tmp))
+            _log_artifacts(run, config, state, data, history, Path(tmp))
+            run.describe(describe(config, num_params, (
+                f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
+                f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f}).")))
         except KeyboardInterrupt as err:
             name = str(err) or "SIGINT"
-            _end(run_id, RunStatus.KILLED, f"interrupted ({name}) after epoch "
-                                           f"{state.epoch} of {config.epochs}")
-            raise RunInterrupted(name, run_id, state.epoch, config.epochs, command,
+            reason = f"interrupted ({name}) after epoch {state.epoch} of {config.epochs}"
+            _end(run, RunStatus.KILLED, reason,
+                 describe(config, num_params, f"Killed: {reason}; resume with `{command}`."))
+            raise RunInterrupted(name, run.run_id, state.epoch, config.epochs, command,
                                  getattr(err, "exit_code", 130)) from err
         except BaseException as err:
-            _end(run_id, RunStatus.FAILED, f"{type(err).__name__}: {err}")
+            reason = f"{type(err).__name__}: {err}"
+            _end(run, RunStatus.FAILED, reason,
+                 describe(config, num_params, f"Failed: {reason}"))
             raise
         finally:
             log.removeHandler(handler)
             handler.close()
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
-    return RunResult(run_id, history)
+    run.end(RunStatus.FINISHED)
+    return RunResult(run.run_id, history)
 
 
 @contextlib.contextmanager
@@ -344,50 +396,40 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(caught[0])  # now handled by the restored handler
 
 
-def log_checkpoint(state: TrainState, history: list[EpochMetrics], tmp: Path) -> None:
+def log_checkpoint(run: MlflowRun, state: TrainState, history: list[EpochMetrics],
+                   tmp: Path) -> None:
     """Replace the run's `checkpoints/last.pt` with the state after the latest epoch."""
     path = tmp / CHECKPOINT_FILE
-    torch.save({"state": state.state_dict(), "history": [asdict(m) for m in history]}, path)
-    mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+    torch.save({"state": state.state_dict(), "history": [m.to_record() for m in history]}, path)
+    run.log_artifact(path, CHECKPOINT_DIR)
 
 
-def log_new_params(run_id: str, params: Mapping[str, object]) -> None:
-    """Log the params `run_id` does not have yet.
-
-    `mlflow run` has already logged the -P values as given (say "0.050"); MLflow forbids
-    changing a param, so only the ones it did not log are added.
-    """
-    client = MlflowClient()
-    existing = client.get_run(run_id).data.params
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()
-                                     if k not in existing])
+def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData) -> None:
+    run.log_new_params(run_params(config, state))
+    run.set_tags({**run_tags(config, data), **state.runtime.tags()})
+    run.log_inputs(mnist_inputs(data))
 
 
-def _log_start(config: TrainConfig, state: TrainState, data: MnistData) -> None:
-    log_new_params(mlflow.active_run().info.run_id, run_params(config, state))
-    mlflow.set_tags({**run_tags(config, data), **state.runtime.tags()})
-
-
-def _log_artifacts(config: TrainConfig, state: TrainState, data: MnistData,
+def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData,
                    history: list[EpochMetrics], tmp: Path) -> None:
-    plot = plot_training_curves(history, tmp / "training_curves.png", config.run_name)
-    mlflow.log_artifact(str(plot), "plots")
-    summary = tmp / "model_summary.txt"
+    plot = plot_training_curves(history, tmp / CURVES_FILE, config.run_name)
+    run.log_artifact(plot, CURVES_DIR)
+    summary = tmp / MODEL_SUMMARY
     summary.write_text(model_summary(state.model))
-    mlflow.log_artifact(str(summary))
-    mlflow.log_artifact(str(tmp / "training.log"))
+    run.log_artifact(summary)
+    run.log_artifact(tmp / TRAINING_LOG)
     # Served as plain NCHW: channels_last is a training-speed setting (and torch.export's
     # packaging warns about NHWC weights).
     net = copy.deepcopy(state.model).cpu().to(memory_format=torch.contiguous_format).eval()
-    mlflow.pytorch.log_model(InferenceModel(net).eval(), name=MODEL_NAME_IN_RUN,
-                             signature=SIGNATURE, input_example=input_example(data),
-                             pip_requirements=pip_requirements())
+    # Named for the variant; it carries the run's step-0 (final) metrics.
+    run.log_pytorch_model(InferenceModel(net).eval(), name=config.model_name,
+                          signature=SIGNATURE, input_example=input_example(data),
+                          pip_requirements=pip_requirements())
 
 
-def _end(run_id: str, status: int, reason: str) -> None:
+def _end(run: MlflowRun, status: int, reason: str, description: str) -> None:
     """End the run with `status`, recording why; metrics already logged stay."""
     try:
-        mlflow.flush_async_logging()
+        run.describe(description)
     finally:
-        mlflow.set_tag("failure_reason", reason[:5000])
-        mlflow.end_run(RunStatus.to_string(status))
+        run.end(status, reason)

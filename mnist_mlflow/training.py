@@ -11,18 +11,27 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mnist_mlflow.config import TrainConfig
+from mnist_mlflow.config import TrainConfig, TrainingDiverged
 from mnist_mlflow.data import Batch, Pipeline, epoch_seed
 from mnist_mlflow.models import build_model
 from mnist_mlflow.runtime import Runtime, deterministic_algorithms, torch_threads, true_fp32
+from mnist_mlflow.schema import (
+    EPOCH_METRICS,
+    EPOCH_SECONDS,
+    LR,
+    TEST_ACC,
+    TEST_LOSS,
+    TRAIN_ACC,
+    TRAIN_LOSS,
+)
 
 log = logging.getLogger("mnist_mlflow")
 
@@ -32,46 +41,37 @@ CUDA_FINITE_CHECK_EVERY = 50
 COMPILE_BACKEND = "inductor"
 
 
-class TrainingDiverged(Exception):
-    """The training loss became NaN or infinite at `step` (a batch of the epoch)."""
-
-    def __init__(self, loss: float, step: int, steps: int, exact: bool = True) -> None:
-        super().__init__(loss, step, steps, exact)
-        self.loss = loss
-        self.step = step
-        self.steps = steps
-        # On CUDA the loss is checked every few steps only: it went bad at `step` or before.
-        self.exact = exact
-        self.epoch = 0  # filled in by `fit`, which knows the epoch
-
-    def __str__(self) -> str:
-        where = "at" if self.exact else "by"
-        return (f"non-finite training loss ({self.loss}) in epoch {self.epoch}, "
-                f"{where} step {self.step} of {self.steps}")
-
-
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch produced; accuracies in percent, `lr` is the rate at its first step."""
+    """What one epoch measured, by metric name (schema.EPOCH_METRICS); accuracies in percent,
+    `lr` the rate at the epoch's first step. `m.test_acc` reads one value."""
 
     epoch: int
-    train_loss: float
-    train_acc: float
-    test_loss: float
-    test_acc: float
-    lr: float
-    epoch_seconds: float
+    values: Mapping[str, float]
+
+    def __getattr__(self, name: str) -> float:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__} has no metric {name!r}")
 
     def as_metrics(self) -> dict[str, float]:
-        """Everything but the epoch number, which is the MLflow step."""
-        values = asdict(self)
-        del values["epoch"]
-        return values
+        """The values, logged at step = epoch."""
+        return dict(self.values)
+
+    def to_record(self) -> dict[str, float]:
+        """A flat dict (epoch and values), as checkpoints keep the history."""
+        return {"epoch": self.epoch, **self.values}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, float]) -> EpochMetrics:
+        values = dict(record)
+        return cls(int(values.pop("epoch")), values)
 
     def log_line(self, epochs: int) -> str:
-        return (f"epoch {self.epoch}/{epochs} train_loss {self.train_loss:.4f} "
-                f"train_acc {self.train_acc:.2f}% test_loss {self.test_loss:.4f} "
-                f"test_acc {self.test_acc:.2f}% lr {self.lr:.6g} {self.epoch_seconds:.1f}s")
+        return " ".join([f"epoch {self.epoch}/{epochs}", *(
+            f"{name} {EPOCH_METRICS[name].format(value)}" if name in EPOCH_METRICS
+            else f"{name} {value:.6g}" for name, value in self.values.items())])
 
 
 @dataclass
@@ -344,8 +344,9 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
             if not per_step:
                 state.scheduler.step()
             state.epoch = epoch
-            metrics = EpochMetrics(epoch, train_loss, train_acc, test_loss, test_acc, lr,
-                                   time.perf_counter() - start)
+            metrics = EpochMetrics(epoch, {
+                TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc, TEST_LOSS: test_loss,
+                TEST_ACC: test_acc, LR: lr, EPOCH_SECONDS: time.perf_counter() - start})
             log.info(metrics.log_line(config.epochs))
             history.append(metrics)
             if on_epoch is not None:

@@ -37,3 +37,11 @@ def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
     children = [r for r in runs_of(experiment)
                 if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id]
     return sorted(children, key=lambda r: r.info.start_time)
+
+
+def model_uri(run_id: str) -> str:
+    """`models:/<id>` of the model `run_id` logged (named for its variant)."""
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    [model] = mlflow.search_logged_models([experiment_id], f"source_run_id = '{run_id}'",
+                                          output_format="list")
+    return f"models:/{model.model_id}"

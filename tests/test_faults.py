@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.comparison import ROLE_TAG
+from mnist_mlflow.schema import ROLE_TAG
 from tests.helpers import children_of, run_cli, runs_of
 from tests.test_interrupt import mnist_mlflow, wait_for_epoch
 
@@ -118,15 +118,15 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     finally:
         process.kill()
     assert process.returncode == 1, err[-2000:]
-    assert "1 of 2 sweep children failed (opt-dropout0.05)" in err.strip().splitlines()[-1]
+    assert "1 of 2 sweep children failed (opt-dropout0.05-seed1)" in err.strip().splitlines()[-1]
     [parent] = [r for r in runs_of("faulty-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
     parent_id = parent.info.run_id
     assert parent.info.status == "FAILED"
     assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
         "1", "1", "0"]
     first, failed = children_of("faulty-sweep", parent_id)
-    assert (first.info.run_name, first.info.status) == ("opt-dropout0", "FINISHED")
-    assert (failed.info.run_name, failed.info.status) == ("opt-dropout0.05", "FAILED")
+    assert (first.info.run_name, first.info.status) == ("opt-dropout0-seed1", "FINISHED")
+    assert (failed.info.run_name, failed.info.status) == ("opt-dropout0.05-seed1", "FAILED")
     assert str(victim) in failed.data.tags["failure_reason"]
 
     victim.write_bytes(original)  # the file is fetched again
@@ -163,7 +163,7 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     assert client.get_run(first.info.run_id).info == first.info  # never trained again
     assert client.get_run(failed.info.run_id).info.status == "FAILED"  # its record stays
     retrained = client.get_run(retrained_id)
-    assert (retrained.info.run_name, retrained.info.status) == ("opt-dropout0.05", "FINISHED")
+    assert (retrained.info.run_name, retrained.info.status) == ("opt-dropout0.05-seed1", "FINISHED")
     assert retrained.data.params["dropout"] == failed.data.params["dropout"] == "0.05"
     assert retrained.data.tags["resumed_after_epochs"] == "1"
     assert [m.step for m in client.get_metric_history(retrained_id, "test_acc")] == [1, 2]

@@ -118,7 +118,8 @@ def test_signal_in_epoch_2_ends_killed_and_resume_matches_the_uninterrupted_twin
     assert run.info.status == "FINISHED"
     assert "failure_reason" not in run.data.tags
     assert run.data.tags["resumed_after_epochs"] == "1"
-    assert run.data.metrics["best_test_acc"] == max(m.test_acc for m in twin)
+    # Summary metrics are rounded to 0.01 points.
+    assert run.data.metrics["best_test_acc"] == round(max(m.test_acc for m in twin), 2)
     assert "model_summary.txt" in {a.path for a in client.list_artifacts(run_id)}
     for name in [*COMPARED, "epoch_seconds"]:
         history = client.get_metric_history(run_id, name)

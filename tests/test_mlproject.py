@@ -43,7 +43,7 @@ def test_mlflow_run_trains_and_logs_into_the_run_it_created(
     assert run.info.status == "FINISHED"
     assert run.data.params["dropout"] == "0.05" and run.data.params["num_params"] == "6132"
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
-    assert run.info.run_name == "opt-dropout0.05"
+    assert run.info.run_name == "opt-dropout0.05-seed1"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_acc"))
     assert steps == [1, 2]
     assert {"training.log", "model_summary.txt"} <= {

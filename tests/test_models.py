@@ -21,7 +21,7 @@ def test_every_variant_has_its_parameter_count() -> None:
 
 def test_docstrings_state_the_parameter_count() -> None:
     for name, (count, _) in PARAMETERS.items():
-        builder = MODELS[name].build
+        builder = MODELS[name]
         doc = builder.__doc__ or type(builder(0.0)).__doc__ or ""
         assert f"{count:,}" in doc, name
 

@@ -228,7 +228,8 @@ def test_both_pipelines_train_and_log(tracked_runs: dict[str, mlflow.entities.Ru
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["pipeline"] == pipeline
-    assert (params["precision"], params["compile"], params["threads"]) == ("auto", "auto", "0")
+    assert (params["precision"], params["compile"], run.data.tags["threads"]) == (
+        "auto", "auto", "0")
     tags = run.data.tags
     assert (tags["resolved_precision"], tags["resolved_compile"],
             tags["resolved_channels_last"]) == ("fp32", "false", "false")

@@ -178,5 +178,5 @@ def test_a_run_without_a_model_leaves_the_registry_untouched(
                             "--filter", f"attributes.run_id = '{run.info.run_id}'"],
                            capsys, monkeypatch)
 
-    assert code == 2 and "has no logged model 'model'" in err
+    assert code == 2 and "has no logged model to register" in err
     assert client.search_registered_models("name = 'no-model'") == []

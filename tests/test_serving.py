@@ -21,7 +21,7 @@ from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
 from mnist_mlflow.registry import promote, register_run
 from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
-from tests.helpers import run_cli
+from tests.helpers import model_uri, run_cli
 
 COUNT = 10  # MNIST test images per test
 SERVER_START_LIMIT_S = 120
@@ -51,7 +51,7 @@ def test_images(store_dir: Path, production: str,
     images, labels = load_mnist(mnist_root, test_limit=100).test_tensors()
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        model = load_model(f"runs:/{production}/model")
+        model = load_model(model_uri(production))
         predicted = np.asarray(model.predict(as_model_input(images.numpy()))).argmax(axis=1)
     right = np.flatnonzero(predicted == labels.numpy())[:COUNT]
     assert len(right) == COUNT

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.comparison import ROLE_TAG
+from mnist_mlflow.schema import ROLE_TAG
 from mnist_mlflow.sweep import parse_variants, run_sweep, sweep_configs
 from tests.conftest import tiny_config
 from tests.helpers import children_of, run_cli, runs_of
@@ -28,7 +28,7 @@ def test_default_sweep_trains_the_seeds_two_variants_as_children(
     assert parent.data.params["variants"] == "opt:0,opt:0.05"
     assert parent.data.params["epochs"] == "1"
     children = children_of("default-sweep", parent.info.run_id)
-    assert [c.info.run_name for c in children] == ["opt-dropout0", "opt-dropout0.05"]
+    assert [c.info.run_name for c in children] == ["opt-dropout0-seed1", "opt-dropout0.05-seed1"]
     assert [c.data.params["dropout"] for c in children] == ["0.0", "0.05"]
     for child in children:
         assert child.info.status == "FINISHED"
@@ -52,7 +52,7 @@ def test_failing_children_are_recorded_and_the_others_still_run(
     assert parent.info.status == "FAILED"
     assert parent.data.tags["children_failed"] == "2"
     children = children_of("diverging-sweep", parent.info.run_id)
-    assert [c.info.run_name for c in children] == ["opt-dropout0", "opt-dropout0.1"]
+    assert [c.info.run_name for c in children] == ["opt-dropout0-seed1", "opt-dropout0.1-seed1"]
     for child in children:
         assert child.info.status == "FAILED"
         assert "TrainingDiverged" in child.data.tags["failure_reason"]
@@ -102,7 +102,7 @@ def test_a_child_failing_before_its_run_began_still_leaves_a_failed_run(
 
     assert [c.status for c in result.children] == ["FAILED", "FAILED"]
     children = children_of("bad-data-sweep", result.parent_run_id)
-    assert [c.info.run_name for c in children] == ["opt-dropout0", "opt-dropout0.05"]
+    assert [c.info.run_name for c in children] == ["opt-dropout0-seed1", "opt-dropout0.05-seed1"]
     for child, outcome in zip(children, result.children, strict=True):
         assert child.info.run_id == outcome.run_id
         assert child.info.status == "FAILED"

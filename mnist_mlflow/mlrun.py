@@ -1,0 +1,198 @@
+"""One MLflow run's lifecycle: create it (or adopt one `mlflow run` made), log to it, end it.
+
+Everything the project writes to a run goes through `MlflowRun`, by the client API with the
+run id it holds: no process-global active run, so a sweep's children (in this process or in
+other ones) each log to the run they were given. Runs it creates carry the context tags that
+fluent `mlflow.start_run` would set (source, git commit, user).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities.dataset_input import DatasetInput
+from mlflow.entities.input_tag import InputTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.tracking.context import registry as context_registry
+from mlflow.utils.git_utils import get_git_commit
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+)
+from mlflow.utils.time import get_current_time_millis
+
+from mnist_mlflow.config import UserError
+from mnist_mlflow.schema import DESCRIPTION_TAG, FAILURE_REASON_TAG
+
+log = logging.getLogger("mnist_mlflow")
+
+# MLflow's limits: 100 params and 1000 metrics per log_batch call; 8000 characters per tag.
+PARAMS_PER_BATCH = 100
+TAG_LIMIT = 8000
+
+
+def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,
+                  description: str = "") -> str:
+    """The id of experiment `name`: created (with `description`) when `create`, else
+    UserError when the store has none."""
+    client = client or MlflowClient()
+    if not name.strip():
+        raise UserError("invalid --experiment: the name is empty")
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if description and DESCRIPTION_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, DESCRIPTION_TAG, description)
+        return found.experiment_id
+    if not create:
+        raise UserError(f"no experiment named {name!r} in {mlflow.get_tracking_uri()}")
+    try:
+        new_id = client.create_experiment(name)
+    except MlflowException:  # created meanwhile by another process
+        new_id = client.get_experiment_by_name(name).experiment_id
+    if description:
+        client.set_experiment_tag(new_id, DESCRIPTION_TAG, description)
+    return new_id
+
+
+def context_tags() -> dict[str, str]:
+    """MLflow's context tags (user, source, ...) and the git commit of this code.
+
+    MLflow takes the commit from the entry script, which for `mnist-mlflow` is a script in
+    the (git-ignored) virtual environment: it would record none. The package's own folder
+    says which code ran.
+    """
+    tags = context_registry.resolve_tags()
+    if MLFLOW_GIT_COMMIT not in tags:
+        commit = get_git_commit(str(Path(__file__).resolve().parent))
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+class MlflowRun:
+    """A run id and the client that writes to it."""
+
+    def __init__(self, run_id: str, client: MlflowClient | None = None) -> None:
+        self.client = client or MlflowClient()
+        self.run_id = run_id
+        self._pending: list[Any] = []  # asynchronous metric batches not yet confirmed
+
+    @classmethod
+    def create(cls, experiment: str, run_name: str, parent_run_id: str | None = None,
+               tags: Mapping[str, str] | None = None, description: str = "",
+               experiment_description: str = "") -> MlflowRun:
+        """A new RUNNING run in `experiment` (created if need be), with MLflow's context tags."""
+        client = MlflowClient()
+        exp_id = experiment_id(experiment, client, create=True,
+                               description=experiment_description)
+        run_tags = {**context_tags(), **(tags or {})}
+        if parent_run_id:
+            run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if description:
+            run_tags[DESCRIPTION_TAG] = description
+        run = client.create_run(exp_id, tags=run_tags, run_name=run_name)
+        return cls(run.info.run_id, client)
+
+    @classmethod
+    def adopt(cls, run_id: str, run_name: str, tags: Mapping[str, str] | None = None) -> MlflowRun:
+        """The run `mlflow run` created for this process, renamed and tagged as ours."""
+        run = cls(run_id)
+        run.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
+        return run
+
+    @classmethod
+    def create_or_adopt(cls, runner_run_id: str | None, experiment: str, run_name: str,
+                        **kwargs: Any) -> MlflowRun:
+        """Adopt the run `mlflow run` made when there is one, else create one."""
+        if runner_run_id:
+            description = kwargs.get("description")
+            tags = {**(kwargs.get("tags") or {}),
+                    **({DESCRIPTION_TAG: description} if description else {})}
+            return cls.adopt(runner_run_id, run_name, tags)
+        return cls.create(experiment, run_name, **kwargs)
+
+    @property
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
+    def reopen(self) -> None:
+        """Mark a stopped run RUNNING again, to go on with it."""
+        self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+    def log_new_params(self, params: Mapping[str, object]) -> None:
+        """Log the params the run does not have yet.
+
+        `mlflow run` has already logged the -P values as given (say "0.050"); MLflow forbids
+        changing a param, so only the ones it did not log are added.
+        """
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for start in range(0, len(new), PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=new[start:start + PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int,
+                    synchronous: bool = True) -> None:
+        """All of `metrics` at `step` as one batch; asynchronous ones are awaited by flush."""
+        now = get_current_time_millis()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=synchronous)
+        if not synchronous and operation is not None:
+            self._pending.append(operation)
+
+    def flush(self) -> None:
+        """Wait until every asynchronous batch is in the store."""
+        pending, self._pending = self._pending, []
+        for operation in pending:
+            operation.wait()
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:TAG_LIMIT])
+                                                 for k, v in tags.items()])
+
+    def delete_tag(self, key: str) -> None:
+        self.client.delete_tag(self.run_id, key)
+
+    def describe(self, text: str) -> None:
+        """The run's description, shown on its page in the UI."""
+        self.set_tags({DESCRIPTION_TAG: text})
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_inputs(self, datasets: Mapping[str, mlflow.data.dataset.Dataset]) -> None:
+        """Datasets used by the run, by context (`train`, `test`): the UI's Dataset column."""
+        self.client.log_inputs(self.run_id, [
+            DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for context, dataset in datasets.items()])
+
+    def log_pytorch_model(self, model: Any, name: str, **kwargs: Any) -> None:
+        """`mlflow.pytorch.log_model` into this run; the run's params and its step-0 metrics
+        go with it.
+
+        The logged model is created here, in the run's experiment: left to itself, MLflow
+        would put it in the process's current experiment, which without a fluent run is
+        `Default`.
+        """
+        run = self.client.get_run(self.run_id)
+        logged = self.client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=self.run_id,
+            params=dict(run.data.params), tags=context_tags())
+        mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
+                                 step=0, **kwargs)
+
+    def end(self, status: int, reason: str = "") -> None:
+        """End the run with `status`, recording why it did not finish; metrics stay."""
+        try:
+            self.flush()
+        finally:
+            if reason:
+                self.set_tags({FAILURE_REASON_TAG: reason[:5000]})
+            self.client.set_terminated(self.run_id, RunStatus.to_string(status))

@@ -1,0 +1,178 @@
+"""What the runs hold, named once: tags, metrics, params and artifacts shared by modules, and
+the TrainConfig <-> params conversion. Imports no torch, so `compare`, `models` and `promote`
+start fast.
+
+A per-epoch metric is one entry of EPOCH_METRICS: the loop measures it, and the log line, the
+training curves and the comparison tables take it from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mnist_mlflow.config import LATER_SETTINGS, TrainConfig, UserError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+DEFAULT_EXPERIMENT = "mnist-optimization"
+DEFAULT_MODEL_NAME = "mnist-cnn"
+
+# --- tags -------------------------------------------------------------------------------------
+# What a run is: training runs are the candidates; sweep parents and comparisons hold no
+# training metrics. Filter the UI with `tags.mnist_mlflow.role = 'train'`.
+ROLE_TAG = "mnist_mlflow.role"
+TRAIN_ROLE = "train"
+SWEEP_ROLE = "sweep"
+COMPARISON_ROLE = "comparison"
+# On a sweep's parent and every child: the phase the sweep trained (empty for --variant sweeps).
+PHASE_TAG = "mnist_mlflow.phase"
+# On a sweep's parent: the command that started it, quoted in RESULTS.md.
+COMMAND_TAG = "mnist_mlflow.command"
+# Why a run ended FAILED or KILLED; deleted when a resume goes on with it.
+FAILURE_REASON_TAG = "failure_reason"
+RESUMED_AFTER_TAG = "resumed_after_epochs"
+RESUMED_ON_TAG = "resumed_on"
+# On the run `mlflow run -e main -P resume=ID` creates: the run it resumed.
+RESUMES_RUN_TAG = "resumes_run_id"
+COMPILE_FALLBACK_TAG = "compile_fallback"
+VARIANT_TAG = "variant"
+MNIST_MD5_TAG_PREFIX = "mnist_md5."
+CHOSEN_RUN_TAG = "chosen_run_id"
+# MLflow's own: the description shown on run, experiment and model pages.
+DESCRIPTION_TAG = "mlflow.note.content"
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """How a metric reads: its label, its unit, and the digits that mean something."""
+
+    label: str
+    kind: str  # "loss", "accuracy", "rate", "seconds", "epoch": plots put a kind in one panel
+    digits: int
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "accuracy"
+
+    def format(self, value: float) -> str:
+        """As the log line and tables print it: `99.21%`, `0.0312`, `0.01`, `13.2s`."""
+        if self.kind == "rate":
+            return f"{value:.6g}"
+        suffix = {"accuracy": "%", "seconds": "s"}.get(self.kind, "")
+        sign = "+" if self.kind == "gap" else ""
+        return f"{value:{sign}.{self.digits}f}{suffix}"
+
+
+TRAIN_LOSS, TRAIN_ACC, TEST_LOSS, TEST_ACC = "train_loss", "train_acc", "test_loss", "test_acc"
+LR, EPOCH_SECONDS = "lr", "epoch_seconds"
+# One value per epoch, at step = epoch (1-based). Accuracies in percent: 0.01 is one image in
+# 10,000; losses to 1e-4.
+EPOCH_METRICS: dict[str, MetricSpec] = {
+    TRAIN_LOSS: MetricSpec("Training loss", "loss", 4),
+    TRAIN_ACC: MetricSpec("Training accuracy (%)", "accuracy", 2),
+    TEST_LOSS: MetricSpec("Test loss", "loss", 4),
+    TEST_ACC: MetricSpec("Test accuracy (%)", "accuracy", 2),
+    LR: MetricSpec("Learning rate", "rate", 6),
+    EPOCH_SECONDS: MetricSpec("Seconds per epoch", "seconds", 1),
+}
+
+# The ">= 99.4% at each of the last 3 epochs" target is read off LAST3_METRIC.
+LAST_EPOCHS = 3
+LAST3_METRIC = f"min_test_acc_last{LAST_EPOCHS}"
+BEST_TEST_ACC, BEST_EPOCH, FINAL_GAP = "best_test_acc", "best_epoch", "final_gap"
+FINAL_TEST_ACC, FINAL_TEST_LOSS = "final_test_acc", "final_test_loss"
+MEAN_EPOCH_SECONDS = "mean_epoch_seconds"
+# One value per run, at step 0 (the UI draws them as bars, one per run), rounded as they read.
+SUMMARY_METRICS: dict[str, MetricSpec] = {
+    FINAL_TEST_ACC: MetricSpec("Test accuracy, last epoch (%)", "accuracy", 2),
+    FINAL_TEST_LOSS: MetricSpec("Test loss, last epoch", "loss", 4),
+    BEST_TEST_ACC: MetricSpec("Best test accuracy (%)", "accuracy", 2),
+    BEST_EPOCH: MetricSpec("Epoch of the best test accuracy", "epoch", 0),
+    FINAL_GAP: MetricSpec("Train − test accuracy, last epoch (points)", "gap", 2),
+    LAST3_METRIC: MetricSpec(f"Worst test accuracy of the last {LAST_EPOCHS} epochs (%)",
+                             "accuracy", 2),
+    MEAN_EPOCH_SECONDS: MetricSpec("Mean seconds per epoch", "seconds", 2),
+}
+METRICS = {**EPOCH_METRICS, **SUMMARY_METRICS}
+SUMMARY_STEP = 0
+
+
+def rounded(name: str, value: float) -> float:
+    """`value` to the digits metric `name` means (unknown metrics unchanged)."""
+    spec = METRICS.get(name)
+    return value if spec is None else round(value, spec.digits)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether higher is better for `metric`: accuracies up; losses, gaps and seconds down."""
+    spec = METRICS.get(metric)
+    if spec is not None:
+        return spec.higher_is_better
+    return not any(word in metric for word in ("loss", "gap", "seconds"))
+
+
+# --- artifacts --------------------------------------------------------------------------------
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+TRAINING_LOG = "training.log"
+CURVES_DIR = "plots"
+CURVES_FILE = "training_curves.png"
+MODEL_SUMMARY = "model_summary.txt"
+# A sweep parent's list of every child's whole configuration, read by --resume.
+PLAN_ARTIFACT = "sweep_plan.json"
+REPORT_FILE = "comparison.md"
+REPORT_PLOT = "comparison.png"
+
+# --- params -----------------------------------------------------------------------------------
+NUM_PARAMS = "num_params"
+# Settings recorded as tags, not params: how a run ran, which a resumption may change.
+PLUMBING_SETTINGS = ("threads",)
+
+
+def params_from_config(config: TrainConfig) -> dict[str, str]:
+    """Every setting as an MLflow param (strings, as MLflow stores them)."""
+    return {name: str(value) for name, value in config.as_params().items()}
+
+
+def settings_of(run: Run) -> dict[str, str]:
+    """A run's settings as strings: its params, and the plumbing settings kept as tags."""
+    tags = {k: run.data.tags[k] for k in PLUMBING_SETTINGS if k in run.data.tags}
+    return {**tags, **run.data.params}
+
+
+def settings_from_params(params: Mapping[str, str]) -> dict[str, object]:
+    """The TrainConfig settings among a run's params, typed (not validated)."""
+    defaults = TrainConfig()
+    params = {**{k: str(getattr(defaults, k)) for k in LATER_SETTINGS}, **params}
+    settings: dict[str, object] = {}
+    for name in TrainConfig.field_names():
+        if name not in params:
+            continue
+        kind, text = type(getattr(defaults, name)), params[name]
+        if kind is bool:
+            settings[name] = text.strip().lower() in ("true", "1", "yes", "on")
+        else:
+            # `mlflow run` logs -P values as typed (say epochs "20.0"), hence int via float.
+            settings[name] = int(float(text)) if kind is int else kind(text)
+    return settings
+
+
+def config_from_params(run_id: str, params: Mapping[str, str],
+                       given: Mapping[str, object]) -> TrainConfig:
+    """Run `run_id`'s TrainConfig from its params; UserError when `given` contradicts one."""
+    settings = settings_from_params(params)
+    missing = [name for name in TrainConfig.field_names() if name not in settings]
+    if missing:
+        raise UserError(f"run {run_id} has no param {missing[0]!r}: it is not a training run")
+    for name, value in given.items():
+        if value != settings[name]:
+            raise UserError(f"--{name.replace('_', '-')} {value} conflicts with run "
+                            f"{run_id}, which has {name} {settings[name]}; "
+                            "leave it out to resume")
+    return TrainConfig(**settings).validate()

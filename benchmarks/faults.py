@@ -1,5 +1,9 @@
-"""Interrupt short runs at random moments, resume them, and count those that end identical to
-the same run left alone; then the cost of one checkpoint (what every epoch pays for it).
+"""Faults a user causes, measured on real processes: (1) interrupt short runs at random
+moments, resume them, and count those that end identical to the same run left alone, and the
+cost of one checkpoint; (2) four trainings started at once on a new SQLite store, repeated;
+(3) SIGINT at evenly spread moments of one short run, from before its first epoch to after
+its model is logged: each must end FINISHED, or KILLED and then resumed to FINISHED, and none
+may stay RUNNING.
 
 Each of `--runs` runs (seed 1, 2, ...) is a real `mnist-mlflow train` subprocess against a
 SQLite store in a temporary folder. Once the run exists it gets SIGINT or SIGTERM (chosen at
@@ -9,8 +13,10 @@ twin: the same settings trained uninterrupted in this process. A signal that lan
 the first checkpoint leaves nothing to resume and is reported as such (the run is KILLED).
 On a shared machine keep `--threads 1` (see epoch_speed.py).
 
-    python benchmarks/faults.py                           # 5 runs, ~2 min on 2 cores
-    python benchmarks/faults.py --runs 10 --epochs 4 --random-seed 7
+    python benchmarks/faults.py                           # all three parts
+    python benchmarks/faults.py --part resume --runs 10 --epochs 4 --random-seed 7
+    python benchmarks/faults.py --part concurrent --repeats 10
+    python benchmarks/faults.py --part signals --moments 20
 """
 
 from __future__ import annotations
@@ -104,16 +110,7 @@ def checkpoint_seconds(config: TrainConfig, store: str, repeats: int) -> tuple[f
     return sorted(times)[len(times) // 2], size
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-limit", type=int, default=4096)
-    parser.add_argument("--test-limit", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--random-seed", type=int, default=0, help="Seeds the moments chosen.")
-    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
-    args = parser.parse_args()
+def resume_part(args: argparse.Namespace) -> None:
     moments = random.Random(args.random_seed)
     identical_count = resumed = early = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,6 +159,100 @@ def main() -> None:
     epoch_seconds = sum(m.epoch_seconds for m in twin) / len(twin)
     print(f"Checkpoint cost per epoch: {cost * 1000:.1f} ms ({size / 1024:.0f} KiB, saved and "
           f"logged to a local SQLite/file store); the tiny epochs here took {epoch_seconds:.2f} s.")
+
+
+def concurrent_part(args: argparse.Namespace) -> None:
+    """Four `train` processes started together on a new store, `--repeats` times."""
+    good = 0
+    for repeat in range(1, args.repeats + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+            tiny = ["--epochs", "1", "--train-limit", "512", "--test-limit", "256",
+                    "--device", "cpu", "--threads", "1", "--data-dir", args.data_dir,
+                    "--experiment", EXPERIMENT]
+            processes = [cli(store, "train", *tiny, "--seed", str(seed)) for seed in range(1, 5)]
+            errors = [p.communicate()[1] for p in processes]
+            codes = [p.returncode for p in processes]
+            try:
+                client = MlflowClient(store)
+                found = client.get_experiment_by_name(EXPERIMENT)
+                statuses = sorted(r.info.status for r in client.search_runs(
+                    [found.experiment_id])) if found else []
+                usable = client.create_experiment("usable-after") is not None
+            except Exception as err:  # the store itself broke: what this part looks for
+                statuses, usable = [f"store broken: {err}"], False
+            ok = codes == [0] * 4 and statuses == ["FINISHED"] * 4 and usable
+            good += ok
+            tracebacks = sum("Traceback" in e for e in errors)
+            print(f"repeat {repeat}: exit codes {codes}, runs {statuses}, store usable "
+                  f"{usable}, tracebacks {tracebacks}: {'ok' if ok else 'LOST WORK'}",
+                  flush=True)
+    print(f"\n{good} of {args.repeats}: all 4 runs FINISHED and the store usable.")
+
+
+def signals_part(args: argparse.Namespace) -> None:
+    """SIGINT at `--moments` moments spread over one short run's whole life."""
+    tiny = ["--epochs", "2", "--train-limit", "2048", "--test-limit", "256", "--device",
+            "cpu", "--threads", "1", "--data-dir", args.data_dir, "--experiment", EXPERIMENT]
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        client = MlflowClient(store)
+        start = time.perf_counter()
+        whole = cli(store, "train", *tiny, "--seed", "1000")
+        whole.communicate()
+        life = time.perf_counter() - start  # process start to exit, model logged
+        outcomes: dict[str, int] = {}
+        for index in range(args.moments):
+            seed = 2000 + index
+            moment = life * index / (args.moments - 1) if args.moments > 1 else 0.0
+            process = cli(store, "train", *tiny, "--seed", str(seed))
+            time.sleep(moment)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate()
+            found = client.get_experiment_by_name(EXPERIMENT)
+            runs = client.search_runs([found.experiment_id], f"params.seed = '{seed}'")
+            if not runs:
+                outcome = "no run yet"
+            else:
+                run = runs[0]
+                outcome = run.info.status
+                if outcome == "KILLED":
+                    resume = cli(store, "train", "--resume", run.info.run_id, "--threads", "1",
+                                 "--data-dir", args.data_dir)
+                    resume.communicate()
+                    final = client.get_run(run.info.run_id).info.status
+                    outcome = f"KILLED, resumed to {final}"
+            if "Traceback" in err or "Exception ignored" in err:
+                outcome += " (traceback printed)"
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+            last = err.strip().splitlines()[-1][:110] if err.strip() else ""
+            print(f"SIGINT at {moment:5.1f} s of {life:.1f} s: {outcome} (exit "
+                  f"{process.returncode}); {last}", flush=True)
+    good = sum(n for o, n in outcomes.items() if o in (
+        "FINISHED", "KILLED, resumed to FINISHED", "no run yet"))
+    print(f"\n{good} of {args.moments} moments ended FINISHED, KILLED-and-resumed to FINISHED, "
+          f"or before any run existed; {dict(sorted(outcomes.items()))}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["resume", "concurrent", "signals", "all"],
+                        default="all")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-limit", type=int, default=4096)
+    parser.add_argument("--test-limit", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--random-seed", type=int, default=0, help="Seeds the moments chosen.")
+    parser.add_argument("--repeats", type=int, default=10, help="concurrent: repetitions")
+    parser.add_argument("--moments", type=int, default=20, help="signals: moments")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
+    args = parser.parse_args()
+    parts = {"resume": resume_part, "concurrent": concurrent_part, "signals": signals_part}
+    for name, part in parts.items():
+        if args.part in (name, "all"):
+            print(f"== {name}", flush=True)
+            part(args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -79,6 +80,30 @@ def invoked_command() -> str:
     return shlex.join(["mnist-mlflow", *sys.argv[1:]])
 
 
+def check_experiment(name: str) -> None:
+    if not name.strip():
+        raise UserError("invalid --experiment: the name is empty")
+
+
+def writable_path(path: Path, what: str) -> Path:
+    """`path` if its files can be written: --report's folder is made if need be, --results'
+    folder must exist."""
+    folder = path if what == "--report" else path.parent
+    if what == "--report":  # a report folder is made; a results file goes into one that is
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"invalid {what} {path}: cannot make folder {folder} "
+                            f"({err.strerror or err})") from None
+    elif not folder.is_dir():
+        raise UserError(f"invalid {what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"invalid {what} {path}: folder {folder} is not writable")
+    if path.is_dir() and what == "--results":
+        raise UserError(f"invalid {what} {path}: it is a folder")
+    return path
+
+
 def runner_run_id(ctx: click.Context) -> str | None:
     """The run `mlflow run` created for this process, if it started us."""
     return ctx.find_root().obj
@@ -117,9 +142,13 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
     """Train one variant as one MLflow run."""
     from mnist_mlflow.tracking import resume_tracked, train_tracked
 
+    check_experiment(options["experiment"])
     if resume_run_id:
+        given_experiment = ctx.get_parameter_source("experiment") is (
+            click.core.ParameterSource.COMMANDLINE)
         result = resume_tracked(resume_run_id, options["data_dir"], given_settings(ctx, options),
-                                runner_run_id=runner_run_id(ctx))
+                                runner_run_id=runner_run_id(ctx),
+                                experiment=options["experiment"] if given_experiment else None)
     else:
         config = config_from(options).validate()
         result = train_tracked(config, options["data_dir"], options["experiment"],
@@ -148,6 +177,7 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
     from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
     from mnist_mlflow.sweep import parse_variants, resume_sweep, run_sweep, sweep_configs
 
+    check_experiment(options["experiment"])
     variants = tuple(v for v in variants if v.strip())  # `mlflow run` passes "" for none
     given = given_settings(ctx, options)
     for name in ("model", "dropout"):
@@ -213,11 +243,19 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
             goal: str | None, max_params: int, top: int, report_dir: str | None,
             results_path: str | None, register: bool, model_name: str, force: bool) -> None:
     """Compare finished runs, pick the production candidate, register and promote it."""
-    from pathlib import Path
-
     from mnist_mlflow import comparison
+    from mnist_mlflow.mlrun import open_store
+    from mnist_mlflow.registry import check_model_name
     from mnist_mlflow.schema import higher_is_better as goal_of
 
+    # Every mistake is found before anything is compared, logged or registered.
+    check_experiment(experiment)
+    check_model_name(model_name)
+    if report_dir:
+        writable_path(Path(report_dir), "--report")
+    if results_path:
+        writable_path(Path(results_path), "--results")
+    open_store()
     higher_is_better = goal_of(metric) if goal is None else goal == "max"
     rule = comparison.SelectionRule(metric, max_params, higher_is_better)
     result = comparison.compare(experiment, filter_string, rule, top,
@@ -264,6 +302,42 @@ def promote(version: str, model_name: str) -> None:
 
 
 @cli.command()
+@click.option("--stale", is_flag=True,
+              help="Only the runs whose process is gone (same host: its pid is not alive; "
+                   "another host: no heartbeat for 30 minutes).")
+@click.option("--mark-killed", is_flag=True,
+              help="End the stale runs KILLED, so that --resume goes on with them.")
+def runs(stale: bool, mark_killed: bool) -> None:
+    """List the RUNNING runs of every experiment, with the process that trains each."""
+    from mnist_mlflow.comparison import markdown_table
+    from mnist_mlflow.mlrun import mark_killed as end_killed
+    from mnist_mlflow.mlrun import open_store, running_runs
+
+    if mark_killed and not stale:
+        raise UserError("--mark-killed needs --stale: only runs whose process is gone are ended")
+    open_store()
+    rows = [["Run", "Name", "Experiment", "Process", "State"]]
+    gone = []
+    for run, lease in running_runs():
+        dead = lease is not None and not lease.alive
+        if stale and not dead:
+            continue
+        state = "no lease (made before leases, or not ours)" if lease is None else (
+            "alive" if lease.alive else "gone: stale")
+        rows.append([run.info.run_id, run.info.run_name or "", run.info.experiment_id,
+                     lease.describe() if lease else "?", state])
+        if dead:
+            gone.append((run, lease))
+    click.echo(markdown_table(rows) if len(rows) > 1 else
+               f"no {'stale ' if stale else ''}RUNNING runs")
+    if mark_killed:
+        for run, lease in gone:
+            end_killed(run, lease)
+            click.echo(f"run {run.info.run_id} marked KILLED; resume it with: "
+                       f"mnist-mlflow train --resume {run.info.run_id}")
+
+
+@cli.command()
 @click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True)
 def models(model_name: str) -> None:
     """List the registered versions: aliases, selection metric, source run."""
@@ -281,8 +355,6 @@ def models(model_name: str) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def predict(model_uri: str, images: tuple[str, ...]) -> None:
     """Print the digit and its probability for each PNG/JPEG image."""
-    from pathlib import Path
-
     from mnist_mlflow.predict import load_model, predict_files
 
     results = predict_files(load_model(model_uri), [Path(p) for p in images])
@@ -329,11 +401,29 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt as err:
         _interrupted(err)
+    except Exception as err:
+        # The tracking store refusing a write (read-only, full, damaged) or a server error:
+        # one line naming the store, not MLflow's and SQLAlchemy's tracebacks. Runs being
+        # trained have already ended FAILED with the whole reason.
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(err, (MlflowException, SQLAlchemyError)):
+            raise
+        import mlflow
+
+        from mnist_mlflow.mlrun import store_error
+
+        click.echo(f"Error: tracking store {mlflow.get_tracking_uri()}: {store_error(err)}",
+                   err=True)
+        sys.exit(1)
 
 
 def _interrupted(err: KeyboardInterrupt) -> None:
     """One line on stderr, then exit 130 (SIGINT) or 143 (SIGTERM)."""
     # A RunInterrupted says which run stopped and the command that resumes it.
-    message = f"{err}" if hasattr(err, "run_id") else f"({err or 'SIGINT'})."
+    message = f"{err}" if hasattr(err, "run_id") else (
+        f"({str(err) or 'SIGINT'}) before any run was trained; nothing was recorded as "
+        "running")
     click.echo(f"Interrupted {message}", err=True)
     sys.exit(getattr(err, "exit_code", 130))

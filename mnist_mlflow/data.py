@@ -10,6 +10,7 @@ can be replayed exactly (resume) and two runs with the same seed see the same da
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,16 @@ RAW_FILES: dict[str, tuple[str, int]] = {
     "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432", 28881),
     "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3", 1648877),
     "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c", 4542),
+}
+
+# What torchvision extracts them to, and reads: name -> (md5, bytes) of the decompressed
+# originals. Training reads these, so these are checked on every load: a file altered after
+# extraction is caught even when the .gz files are fine, or gone.
+EXTRACTED_FILES: dict[str, tuple[str, int]] = {
+    "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 47040016),
+    "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", 60008),
+    "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 7840016),
+    "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10008),
 }
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -67,23 +78,29 @@ class Augmentation:
             scale=(1 - self.scale, 1 + self.scale) if self.scale else None, fill=0)
 
 
-def verify_raw_files(raw_dir: Path) -> dict[str, str]:
-    """MD5 of each MNIST archive present in `raw_dir`; UserError naming a file that is wrong."""
+def verify_files(raw_dir: Path, files: dict[str, tuple[str, int]],
+                 how_to_fix: str) -> dict[str, str]:
+    """MD5 of each of `files` present in `raw_dir`; UserError naming a file that is wrong."""
     found = {}
-    for name, (md5, size) in RAW_FILES.items():
+    for name, (md5, size) in files.items():
         path = raw_dir / name
         if not path.is_file():
             continue
         actual_size = path.stat().st_size
         if actual_size != size:
             raise UserError(f"MNIST file {path} is {actual_size} bytes, expected {size}: "
-                            "truncated or replaced; copy the original file there again")
+                            f"truncated or replaced; {how_to_fix}")
         actual_md5 = calculate_md5(str(path))
         if actual_md5 != md5:
             raise UserError(f"MNIST file {path} fails its checksum (md5 {actual_md5}, "
-                            f"expected {md5}); copy the original file there again")
+                            f"expected {md5}); {how_to_fix}")
         found[name] = actual_md5
     return found
+
+
+def verify_raw_files(raw_dir: Path) -> dict[str, str]:
+    """MD5 of each MNIST archive present in `raw_dir`; UserError naming a file that is wrong."""
+    return verify_files(raw_dir, RAW_FILES, "copy the original file there again")
 
 
 @dataclass
@@ -114,6 +131,11 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> M
     root = Path(root)
     raw_dir = root / "MNIST" / "raw"
     md5s = verify_raw_files(raw_dir)
+    extracted = all((raw_dir / name).is_file() for name in EXTRACTED_FILES)
+    if not extracted and raw_dir.is_dir() and not os.access(raw_dir, os.W_OK):
+        raise UserError(f"MNIST folder {raw_dir} cannot be written: the .gz files must be "
+                        "extracted there once; make it writable, or point --data-dir at a "
+                        "writable copy")
     try:
         train = datasets.MNIST(root, train=True, download=True)
         test = datasets.MNIST(root, train=False)
@@ -125,6 +147,10 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> M
         raise UserError(f"{what} and could not be downloaded ({reason}); "
                         f"put the four original .gz files in {raw_dir}") from None
     md5s.update(verify_raw_files(raw_dir))
+    # What training reads, checked as read: extracted files altered after extraction (the
+    # .gz files may be fine, or gone) are named, not trained on.
+    verify_files(raw_dir, EXTRACTED_FILES, "delete it, and it is extracted again from the "
+                                           "verified .gz file")
     return MnistData(root, train, test, md5s, train_limit, test_limit)
 
 

@@ -8,16 +8,24 @@ fluent `mlflow.start_run` would set (source, git commit, user).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from filelock import FileLock, Timeout
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.entities.dataset_input import DatasetInput
 from mlflow.entities.input_tag import InputTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context import registry as context_registry
 from mlflow.utils.git_utils import get_git_commit
@@ -30,13 +38,94 @@ from mlflow.utils.mlflow_tags import (
 from mlflow.utils.time import get_current_time_millis
 
 from mnist_mlflow.config import UserError
-from mnist_mlflow.schema import DESCRIPTION_TAG, FAILURE_REASON_TAG
+from mnist_mlflow.schema import (
+    DESCRIPTION_TAG,
+    FAILURE_REASON_TAG,
+    HEARTBEAT_TAG,
+    LEASE_HOST_TAG,
+    LEASE_PID_TAG,
+)
 
 log = logging.getLogger("mnist_mlflow")
 
+# An HTTP tracking server that does not accept a connection within this is reported as down.
+STORE_CONNECT_TIMEOUT_S = 5.0
+# How long a process waits for another one to finish creating or migrating a SQLite store.
+STORE_LOCK_TIMEOUT_S = 120.0
+# A RUNNING run whose process is on another host counts as gone after this long without a
+# heartbeat (one comes at the start and after every epoch; an epoch takes seconds to minutes).
+STALE_AFTER_S = 30 * 60
 # MLflow's limits: 100 params and 1000 metrics per log_batch call; 8000 characters per tag.
 PARAMS_PER_BATCH = 100
 TAG_LIMIT = 8000
+
+
+def open_store() -> str:
+    """Make the tracking store ready before anything is loaded or created; its URI.
+
+    An HTTP server that does not answer is a UserError at once (not minutes of retries). A
+    SQLite store is created and migrated by the first process that opens it; several opening
+    a new one at once race (`table experiments already exists`, an alembic temp table left
+    behind for good), so creation and migration happen under a file lock beside the
+    database: the first process creates, the others wait, then find it ready. A store that
+    cannot be opened (damaged, read-only, not a database) is one line naming it.
+    """
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port),
+                                     timeout=STORE_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise UserError(f"tracking store {uri} cannot be reached ({err.strerror or err}); "
+                            "start the server or set MLFLOW_TRACKING_URI") from None
+        return uri
+    if parsed.scheme != "sqlite":
+        return uri
+    path = Path(unquote(uri.removeprefix("sqlite:///")))
+    if not path.parent.is_dir():
+        raise UserError(f"tracking store {uri}: folder {path.parent} does not exist")
+    try:
+        with FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S), _quiet(STORE_LOGGERS):
+            client = MlflowClient()
+            client.search_experiments(max_results=1)  # creates and migrates the tables
+            client.search_registered_models(max_results=1)
+    except Timeout:
+        raise UserError(f"tracking store {uri}: another process has held {path}.lock for "
+                        f"{STORE_LOCK_TIMEOUT_S:.0f} s; remove it if no mnist-mlflow or "
+                        "mlflow command is running") from None
+    except OSError as err:  # the lock file cannot be made: a read-only folder
+        raise UserError(f"tracking store {uri} cannot be opened: {err.strerror or err} "
+                        f"({err.filename or path.parent})") from None
+    except Exception as err:  # SQLAlchemy and MLflow say it in many ways
+        raise UserError(f"tracking store {uri} cannot be opened: "
+                        f"{store_error(err)}") from None
+    return uri
+
+
+# They narrate creating a store ("Creating initial MLflow database tables...", each alembic
+# migration): a dozen lines before the command's own output on first use.
+STORE_LOGGERS = ("mlflow.store.db.utils", "alembic.runtime.migration")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def store_error(err: BaseException) -> str:
+    """The first line of what the store said, without SQLAlchemy's background links."""
+    text = str(getattr(err, "message", None) or err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,
@@ -60,6 +149,12 @@ def experiment_id(name: str, client: MlflowClient | None = None, create: bool = 
     if description:
         client.set_experiment_tag(new_id, DESCRIPTION_TAG, description)
     return new_id
+
+
+def lease_tags() -> dict[str, str]:
+    """This process as the holder of a run, alive now."""
+    return {LEASE_HOST_TAG: socket.gethostname(), LEASE_PID_TAG: str(os.getpid()),
+            HEARTBEAT_TAG: f"{time.time():.0f}"}
 
 
 def context_tags() -> dict[str, str]:
@@ -93,7 +188,9 @@ class MlflowRun:
         client = MlflowClient()
         exp_id = experiment_id(experiment, client, create=True,
                                description=experiment_description)
-        run_tags = {**context_tags(), **(tags or {})}
+        # The lease from the first moment: a process killed at any point after this leaves
+        # a run that `runs --stale` finds.
+        run_tags = {**context_tags(), **lease_tags(), **(tags or {})}
         if parent_run_id:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if description:
@@ -105,7 +202,7 @@ class MlflowRun:
     def adopt(cls, run_id: str, run_name: str, tags: Mapping[str, str] | None = None) -> MlflowRun:
         """The run `mlflow run` created for this process, renamed and tagged as ours."""
         run = cls(run_id)
-        run.set_tags({MLFLOW_RUN_NAME: run_name, **(tags or {})})
+        run.set_tags({MLFLOW_RUN_NAME: run_name, **lease_tags(), **(tags or {})})
         return run
 
     @classmethod
@@ -126,6 +223,13 @@ class MlflowRun:
     def reopen(self) -> None:
         """Mark a stopped run RUNNING again, to go on with it."""
         self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+
+    def hold_lease(self) -> None:
+        """Record that this process trains the run (host, pid) and that it is alive now."""
+        self.set_tags(lease_tags())
+
+    def heartbeat(self) -> None:
+        self.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
 
     def log_new_params(self, params: Mapping[str, object]) -> None:
         """Log the params the run does not have yet.
@@ -196,3 +300,64 @@ class MlflowRun:
             if reason:
                 self.set_tags({FAILURE_REASON_TAG: reason[:5000]})
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who holds a RUNNING run, and whether that process is still there."""
+
+    host: str
+    pid: int
+    heartbeat: float
+    alive: bool
+
+    def describe(self) -> str:
+        age = time.time() - self.heartbeat
+        return f"pid {self.pid} on {self.host}, last heartbeat {age:.0f} s ago"
+
+
+def lease_of(run: Run) -> Lease | None:
+    """The lease of a RUNNING run (None for other runs, and runs made before leases).
+
+    On this host a lease is alive while its pid is; elsewhere while its heartbeat is younger
+    than STALE_AFTER_S.
+    """
+    tags = run.data.tags
+    if run.info.status != "RUNNING" or LEASE_PID_TAG not in tags:
+        return None
+    host, pid = tags.get(LEASE_HOST_TAG, ""), int(tags[LEASE_PID_TAG])
+    heartbeat = float(tags.get(HEARTBEAT_TAG, "0"))
+    if host == socket.gethostname():
+        alive = _pid_alive(pid)
+    else:
+        alive = time.time() - heartbeat < STALE_AFTER_S
+    return Lease(host, pid, heartbeat, alive)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: there all the same
+        return True
+    return True
+
+
+def running_runs(client: MlflowClient | None = None) -> list[tuple[Run, Lease | None]]:
+    """Every RUNNING run of every experiment, with its lease."""
+    client = client or MlflowClient()
+    found = []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if experiments:
+        for run in client.search_runs(experiments, "attributes.status = 'RUNNING'",
+                                      max_results=SEARCH_MAX_RESULTS_THRESHOLD):
+            found.append((run, lease_of(run)))
+    return found
+
+
+def mark_killed(run: Run, lease: Lease) -> None:
+    """End a RUNNING run whose process is gone KILLED, saying so; --resume goes on with it."""
+    MlflowRun(run.info.run_id).end(
+        RunStatus.KILLED, f"process gone ({lease.describe()}); marked KILLED by "
+                          "mnist-mlflow runs --stale --mark-killed")

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image, UnidentifiedImageError
 
 from mnist_mlflow.config import UserError
+from mnist_mlflow.mlrun import open_store
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@production"
 # Logged models are torch.export (pt2) programs with their weights on the CPU, which cannot
@@ -49,6 +50,8 @@ def load_image(path: Path) -> np.ndarray:
 
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """The model behind `model_uri`, on the CPU; UserError naming it when it cannot be loaded."""
+    if model_uri.startswith(("models:/", "runs:/")):
+        open_store()
     try:
         return mlflow.pyfunc.load_model(model_uri, model_config={"device": PREDICTION_DEVICE})
     except (MlflowException, OSError) as err:

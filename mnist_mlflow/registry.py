@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserError
+from mnist_mlflow.mlrun import open_store, store_error
 from mnist_mlflow.schema import DEFAULT_MODEL_NAME
 
 PRODUCTION = "production"
@@ -39,6 +40,39 @@ class VersionRow:
     run_name: str
     run_id: str
     created: str
+
+
+def check_model_name(model_name: str) -> str:
+    """`model_name` if it can name a registered model; UserError otherwise.
+
+    Names go into MLflow's filter strings and `models:/` URIs: quotes would break the one,
+    slashes and colons the other.
+    """
+    if not model_name.strip():
+        raise UserError("invalid --model-name: the name is empty")
+    bad = sorted({c for c in model_name if c in "'\"/:%\\"})
+    if bad:
+        raise UserError(f"invalid --model-name {model_name!r}: it may not contain "
+                        f"{' '.join(bad)}")
+    return model_name
+
+
+def check_loads(model_uri: str) -> None:
+    """UserError unless the model at `model_uri` loads and answers: 10 finite probabilities
+    per image for two blank images (what any request to it would need)."""
+    import numpy as np
+
+    from mnist_mlflow.predict import load_model
+
+    model = load_model(model_uri)
+    try:
+        scores = np.asarray(model.predict(np.zeros((2, 1, 28, 28), dtype=np.float32)))
+    except Exception as err:  # whatever a broken model raises
+        raise UserError(f"model {model_uri} loads but cannot predict: "
+                        f"{store_error(err)}") from None
+    if scores.shape != (2, 10) or not np.isfinite(scores).all():
+        raise UserError(f"model {model_uri} answers {scores.shape} scores, not 10 finite "
+                        "probabilities per image")
 
 
 def _production(client: MlflowClient, model_name: str) -> ModelVersion | None:
@@ -71,7 +105,12 @@ def _metric(run: Run, metric: str) -> float:
 
 
 def register_run(run_id: str, model_name: str, metric: str, description: str) -> ModelVersion:
-    """The run's `model` as a version of `model_name`; the existing version if already there."""
+    """The run's model as a version of `model_name`; the existing version if already there.
+
+    The model must load and predict first, so that no version is made of one that cannot.
+    """
+    check_model_name(model_name)
+    open_store()
     client = MlflowClient()
     run = _finished_run(client, run_id)
     value, run_name = _metric(run, metric), run.info.run_name
@@ -91,6 +130,7 @@ def register_run(run_id: str, model_name: str, metric: str, description: str) ->
         if not ready:
             raise UserError(f"run {run_name} ({run_id}) has no logged model to register")
         uri = f"models:/{ready[0].model_id}"
+        check_loads(uri)
         version = mlflow.register_model(uri, model_name, tags=tags)
         _describe_model(client, model_name)
     client.update_model_version(model_name, version.version, description)
@@ -112,6 +152,7 @@ def _describe_model(client: MlflowClient, model_name: str) -> None:
 def promote_if_better(model_name: str, version: str, metric: str, higher_is_better: bool,
                       force: bool = False) -> Promotion:
     """Move `production` to `version` when it beats the current one on `metric` (or `force`)."""
+    check_model_name(model_name)
     client = MlflowClient()
     candidate = client.get_model_version(model_name, version)
     value = _metric(_finished_run(client, candidate.run_id), metric)
@@ -139,6 +180,8 @@ def promote_if_better(model_name: str, version: str, metric: str, higher_is_bett
 
 def promote(model_name: str, version: str) -> Promotion:
     """Point `production` at `version` unconditionally (rollback), if its run FINISHED."""
+    check_model_name(model_name)
+    open_store()
     client = MlflowClient()
     try:
         target = client.get_model_version(model_name, version)
@@ -154,8 +197,10 @@ def promote(model_name: str, version: str) -> Promotion:
 
 def _move(client: MlflowClient, model_name: str, version: str, current: ModelVersion | None,
           why: str) -> Promotion:
-    """Set `production` on `version`; the version that held it becomes `previous`."""
+    """Set `production` on `version`, if its run FINISHED and its model loads and predicts;
+    the version that held it becomes `previous`."""
     _finished_run(client, client.get_model_version(model_name, version).run_id)
+    check_loads(f"models:/{model_name}/{version}")
     client.set_registered_model_alias(model_name, PRODUCTION, version)
     if current is not None:
         client.set_registered_model_alias(model_name, PREVIOUS, current.version)
@@ -170,6 +215,8 @@ def _versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
 
 def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
     """Every version of `model_name` with its aliases, selection metric and source run."""
+    check_model_name(model_name)
+    open_store()
     client = MlflowClient()
     versions = _versions(client, model_name)
     if not versions:

@@ -41,6 +41,10 @@ COMPILE_FALLBACK_TAG = "compile_fallback"
 VARIANT_TAG = "variant"
 MNIST_MD5_TAG_PREFIX = "mnist_md5."
 CHOSEN_RUN_TAG = "chosen_run_id"
+# The lease of a RUNNING run: which process trains it, and when it last said so.
+LEASE_HOST_TAG = "mnist_mlflow.lease.host"
+LEASE_PID_TAG = "mnist_mlflow.lease.pid"
+HEARTBEAT_TAG = "mnist_mlflow.lease.heartbeat"
 # MLflow's own: the description shown on run, experiment and model pages.
 DESCRIPTION_TAG = "mlflow.note.content"
 

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
-from mnist_mlflow.mlrun import MlflowRun
+from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
 from mnist_mlflow.schema import (
     COMMAND_TAG,
     DEFAULT_EXPERIMENT,
@@ -42,7 +42,6 @@ from mnist_mlflow.schema import (
 from mnist_mlflow.tracking import (
     EXPERIMENT_DESCRIPTION,
     RunInterrupted,
-    check_tracking_store,
     resumable_run,
     resume_tracked,
     train_tracked,
@@ -197,6 +196,7 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
         plan = Path(tmp) / PLAN_ARTIFACT
         plan.write_text(json.dumps(settings, indent=1))
         parent.log_artifact(plan)
+    parent.hold_lease()
     return parent
 
 
@@ -220,7 +220,7 @@ def run_sweep(configs: Sequence[TrainConfig], data_dir: Path | str,
               command: str = "", runner_run_id: str | None = None,
               executor: Executor | None = None, phase_description: str = "") -> SweepResult:
     """Train every config as a child of one new parent; the parent ends FAILED if any did."""
-    check_tracking_store()
+    open_store()
     parent = start_parent(experiment, configs, phase, command, runner_run_id, phase_description)
     jobs = [create_child(parent, config) for config in configs]
     return _train_children(parent, jobs, [], data_dir, progress, executor or LocalExecutor())
@@ -236,7 +236,7 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
     trained again as a new child. `given` may change how the children run (device,
     precision, compile, threads), nothing else.
     """
-    check_tracking_store()
+    open_store()
     client = MlflowClient()
     try:
         parent_run = client.get_run(parent_run_id)
@@ -247,6 +247,10 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
         raise UserError(f"run {parent_run_id} is not a sweep's parent run")
     if parent_run.info.status == "FINISHED":
         raise UserError(f"sweep {parent_run_id} is FINISHED: every child finished")
+    lease = lease_of(parent_run)
+    if lease is not None and lease.alive:
+        raise UserError(f"sweep {parent_run_id} is running right now ({lease.describe()}); "
+                        "stop that process first")
     given = dict(given or {})
     overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
     configs = [dataclasses.replace(
@@ -255,6 +259,7 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
     latest = _latest_children(client, parent_run)
     parent = MlflowRun(parent_run_id, client)
     parent.reopen()
+    parent.hold_lease()
     finished: list[ChildOutcome] = []
     jobs: list[ChildJob] = []
     for config in configs:
@@ -313,6 +318,7 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
         for outcome in executor.run(jobs, data_dir, progress):
             children.append(outcome)
             started.pop(outcome.run_id, None)
+            parent.heartbeat()
     except (RunInterrupted, KeyboardInterrupt) as err:
         run_id = getattr(err, "run_id", None)
         if run_id in started:

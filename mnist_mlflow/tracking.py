@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import logging
 import signal
-import socket
 import tempfile
 import threading
 import warnings
@@ -19,7 +18,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -35,7 +33,7 @@ from mlflow.types import Schema, TensorSpec
 
 from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
-from mnist_mlflow.mlrun import MlflowRun
+from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_training_curves
 from mnist_mlflow.runtime import resolve
@@ -83,8 +81,6 @@ EXPERIMENT_DESCRIPTION = (
     "5k parameters), one training run per variant and seed. Sweep parents and comparison "
     "runs hold no training metrics: filter with `tags.mnist_mlflow.role = 'train'` to chart "
     "the training runs only.")
-# An HTTP tracking server that does not accept a connection within this is reported as down.
-STORE_CONNECT_TIMEOUT_S = 5.0
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
@@ -176,19 +172,24 @@ def describe(config: TrainConfig, num_params: int, outcome: str) -> str:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped a run, which ended KILLED with its last checkpoint kept."""
+    """SIGINT/SIGTERM stopped a run, which ended KILLED with its last checkpoint kept; or came
+    while it finished (`finished`), and it ended FINISHED all the same."""
 
     def __init__(self, signal_name: str, run_id: str, epoch: int, epochs: int,
-                 command: str, exit_code: int) -> None:
-        super().__init__(signal_name, run_id, epoch, epochs, command, exit_code)
+                 command: str, exit_code: int, finished: bool = False) -> None:
+        super().__init__(signal_name, run_id, epoch, epochs, command, exit_code, finished)
         self.signal_name = signal_name
         self.run_id = run_id
         self.epoch = epoch
         self.epochs = epochs
         self.command = command  # a sweep puts its own in place of the child's
         self.exit_code = exit_code
+        self.finished = finished
 
     def __str__(self) -> str:
+        if self.finished:
+            return (f"{self.signal_name} while run {self.run_id} was finishing; it ended "
+                    f"FINISHED with all {self.epochs} epochs and its model: nothing to resume")
         return (f"{self.signal_name} after epoch {self.epoch} of {self.epochs}; run "
                 f"{self.run_id} ended KILLED; resume it with: {self.command}")
 
@@ -198,20 +199,6 @@ def resume_command(run_id: str, under_mlflow_run: bool) -> str:
     if under_mlflow_run:
         return f"mlflow run . -e main -P resume={run_id}"
     return f"mnist-mlflow train --resume {run_id}"
-
-
-def check_tracking_store() -> None:
-    """UserError at once when an HTTP tracking server does not answer (not minutes of retries)."""
-    uri = mlflow.get_tracking_uri()
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return  # a local store (SQLite, files) is opened, or created, by MLflow itself
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=STORE_CONNECT_TIMEOUT_S).close()
-    except OSError as err:
-        raise UserError(f"tracking store {uri} cannot be reached ({err.strerror or err}); "
-                        "start the server or set MLFLOW_TRACKING_URI") from None
 
 
 def train_tracked(config: TrainConfig, data_dir: Path | str,
@@ -225,7 +212,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     """
     config.validate()
     runtime = resolve(config)
-    check_tracking_store()
+    open_store()
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
     pipeline = build_pipeline(config, data, runtime)
     state = create_state(config, runtime, pipeline.steps_per_epoch)
@@ -237,23 +224,32 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     else:
         run.reopen()  # a sweep's child, SCHEDULED until now
         run.set_tags(tags)
+    # At once: a run killed from here on can be resumed (or started over) from its params.
+    run.log_new_params(run_params(config, state))
     return _train_in_run(run, config, data, pipeline, state, [], progress,
                          resume_command(run.run_id, runner_run_id is not None))
 
 
 def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object] | None = None,
-                   progress: bool = True, runner_run_id: str | None = None) -> RunResult:
+                   progress: bool = True, runner_run_id: str | None = None,
+                   experiment: str | None = None) -> RunResult:
     """Reopen run `run_id`, restore its checkpoint and train the epochs it has left.
 
     Settings come from the run's params; `given` (options the user set) must agree with them,
     except how it runs (device, precision, compile, threads, determinism), which may change:
     a run may go on on another kind of machine. Every check happens before the run is
     touched: a refused resume changes nothing. `runner_run_id` is the run `mlflow run` made
-    for this command, which only records that it resumed `run_id`.
+    for this command, which only records that it resumed `run_id`; `experiment`, when given,
+    must be the run's. A run that never reached a checkpoint starts over in the same run.
     """
-    check_tracking_store()
+    open_store()
     client = MlflowClient()
-    found = resumable_run(client, run_id)
+    found, has_checkpoint = resumable_run(client, run_id)
+    if experiment is not None:
+        actual = client.get_experiment(found.info.experiment_id).name
+        if actual != experiment:
+            raise UserError(f"--experiment {experiment} conflicts with run {run_id}, which is in "
+                            f"experiment {actual}; leave it out to resume")
     given = dict(given or {})
     overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
     config = dataclasses.replace(config_from_params(run_id, settings_of(found), given),
@@ -265,9 +261,11 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
     pipeline = build_pipeline(config, data, runtime)
     state = create_state(config, runtime, pipeline.steps_per_epoch)
-    checkpoint = load_checkpoint(client, run_id)
-    state.load_state_dict(checkpoint["state"])
-    history = [EpochMetrics.from_record(m) for m in checkpoint["history"]]
+    history: list[EpochMetrics] = []
+    if has_checkpoint:
+        checkpoint = load_checkpoint(client, run_id)
+        state.load_state_dict(checkpoint["state"])
+        history = [EpochMetrics.from_record(m) for m in checkpoint["history"]]
     if runner_run_id:
         MlflowRun.adopt(runner_run_id, f"resume-{run_id[:8]}", {RESUMES_RUN_TAG: run_id})
     run = MlflowRun(run_id, client)
@@ -289,8 +287,13 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
                          resume_command(run_id, runner_run_id is not None))
 
 
-def resumable_run(client: MlflowClient, run_id: str) -> Run:
-    """The run to resume; UserError when it is unknown, FINISHED or has no checkpoint."""
+def resumable_run(client: MlflowClient, run_id: str) -> tuple[Run, bool]:
+    """The run to resume and whether it has a checkpoint; UserError when it is unknown,
+    FINISHED, being trained by a live process, or FAILED before its first checkpoint.
+
+    A KILLED run without a checkpoint (or a RUNNING one whose process is gone) starts over
+    in the same run.
+    """
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -298,18 +301,29 @@ def resumable_run(client: MlflowClient, run_id: str) -> Run:
                         f"{mlflow.get_tracking_uri()}") from None
     if run.info.status == "FINISHED":
         raise UserError(f"run {run_id} is FINISHED: there is nothing left to resume")
+    lease = lease_of(run)
+    if lease is not None and lease.alive:
+        raise UserError(f"run {run_id} is being trained right now ({lease.describe()}); "
+                        "one run has one trainer: stop that process first")
     artifacts = client.list_artifacts(run_id, CHECKPOINT_DIR)
-    if not any(a.path == CHECKPOINT_ARTIFACT for a in artifacts):
-        raise UserError(f"run {run_id} ({run.info.status}) has no checkpoint: it stopped before "
-                        "its first epoch ended; start a new run instead")
-    return run
+    has_checkpoint = any(a.path == CHECKPOINT_ARTIFACT for a in artifacts)
+    if not has_checkpoint and run.info.status == "FAILED":
+        raise UserError(f"run {run_id} FAILED before its first checkpoint "
+                        f"({run.data.tags.get(FAILURE_REASON_TAG, 'no reason recorded')}); "
+                        "start a new run instead")
+    return run, has_checkpoint
 
 
 def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, object]:
     """The run's last checkpoint, loaded without unpickling anything but tensors and numbers."""
     with tempfile.TemporaryDirectory() as tmp:
         path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated or altered: torch says it in many ways
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(f"the checkpoint of run {run_id} cannot be read ({first}); the "
+                            "run cannot go on: start a new run") from None
 
 
 def _log_missing_epochs(run: MlflowRun, history: list[EpochMetrics]) -> None:
@@ -338,11 +352,13 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
             with signals_deferred():
                 log_checkpoint(run, trained, history, Path(tmp))
                 run.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
+                run.heartbeat()
 
         def on_compile_fallback(reason: str) -> None:
             run.set_tags({"resolved_compile": "false", COMPILE_FALLBACK_TAG: reason})
 
         try:
+            run.hold_lease()
             if not history:
                 _log_start(run, config, state, data)
                 log.info("run %s: training %s on %s (%d parameters)", run.run_id,
@@ -350,14 +366,18 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
             run.describe(describe(config, num_params, "Training."))
             fit(config, state, pipeline, on_epoch=on_epoch, progress=progress,
                 on_compile_fallback=on_compile_fallback)
-            run.flush()
-            summary = summary_metrics(history)
-            run.log_metrics(summary, step=SUMMARY_STEP)
-            handler.flush()
-            _log_artifacts(run, config, state, data, history, Path(tmp))
-            run.describe(describe(config, num_params, (
-                f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
-                f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f}).")))
+            # Training is done: finish with signals held, so that the run ends FINISHED with
+            # its model, never half-logged or RUNNING; a signal meanwhile is reported after.
+            with signals_deferred(deliver=False) as caught:
+                run.flush()
+                summary = summary_metrics(history)
+                run.log_metrics(summary, step=SUMMARY_STEP)
+                handler.flush()
+                _log_artifacts(run, config, state, data, history, Path(tmp))
+                run.describe(describe(config, num_params, (
+                    f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
+                    f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f}).")))
+                run.end(RunStatus.FINISHED)
         except KeyboardInterrupt as err:
             name = str(err) or "SIGINT"
             reason = f"interrupted ({name}) after epoch {state.epoch} of {config.epochs}"
@@ -373,26 +393,32 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
         finally:
             log.removeHandler(handler)
             handler.close()
-    run.end(RunStatus.FINISHED)
+    if caught:
+        name = signal.Signals(caught[0]).name
+        raise RunInterrupted(name, run.run_id, state.epoch, config.epochs, "", 128 + caught[0],
+                             finished=True)
     return RunResult(run.run_id, history)
 
 
 @contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block is done, then deliver them as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals (and may set handlers)
-        return
+def signals_deferred(deliver: bool = True) -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM until the block is done; yields the list of those caught.
+
+    Then deliver the first one as usual, or, with `deliver=False`, leave it to the caller.
+    """
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught  # only the main thread receives signals (and may set handlers)
+        return
     previous = {signum: signal.signal(signum, lambda got, _frame: caught.append(got))
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield caught
     finally:
         for signum, handler in previous.items():
             # None: a handler set outside Python, which cannot be put back; the default then.
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        if caught:
+        if caught and deliver:
             signal.raise_signal(caught[0])  # now handled by the restored handler
 
 

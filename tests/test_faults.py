@@ -49,7 +49,7 @@ def test_huge_learning_rate_fails_the_run_at_the_diverging_step_and_logs_no_mode
     code, _, err = run_cli(["train", "--resume", run.info.run_id, "--data-dir", str(mnist_root)],
                            capsys, monkeypatch)
     assert code == 2 and err.count("\n") == 1
-    assert f"run {run.info.run_id} (FAILED) has no checkpoint" in err
+    assert f"run {run.info.run_id} FAILED before its first checkpoint" in err
     after = client.get_run(run.info.run_id)
     assert (after.info.status, after.data.tags) == ("FAILED", run.data.tags)
 

@@ -1,0 +1,305 @@
+"""Nothing lost under ordinary accidents and hostile input: concurrent first use of a store,
+an unloadable model, a trainer killed hard, two trainers for one run, MNIST altered after
+extraction, and user mistakes that must be one line. Real processes, a real SQLite store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mnist_mlflow.registry import PRODUCTION
+from mnist_mlflow.schema import CHECKPOINT_ARTIFACT, LEASE_PID_TAG
+from mnist_mlflow.tracking import train_tracked
+from tests.conftest import tiny_config, use_store
+from tests.helpers import run_cli, runs_of
+from tests.test_interrupt import mnist_mlflow, wait_for_epoch
+
+TINY = ["--train-limit", "256", "--test-limit", "128", "--epochs", "1", "--device", "cpu",
+        "--threads", "1"]
+# Epochs of about 2 s, so that a process can be caught training.
+SLOW = ["--train-limit", "6144", "--test-limit", "256", "--epochs", "3", "--device", "cpu",
+        "--threads", "1"]
+
+
+def all_runs() -> list[mlflow.entities.Run]:
+    return MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()])
+
+
+def test_four_trainings_started_at_once_on_a_new_store_all_finish(
+        tmp_path: Path, mnist_root: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlflow", "train", *TINY, "--seed", str(seed),
+         "--data-dir", str(mnist_root)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for seed in range(1, 5)]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+        assert "Traceback" not in err
+    client = MlflowClient(store)
+    [experiment] = [e for e in client.search_experiments() if e.name == "mnist-optimization"]
+    finished = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.status for r in finished) == ["FINISHED"] * 4
+    # The store is usable afterwards.
+    done = subprocess.run([sys.executable, "-m", "mnist_mlflow", "compare", "--no-register"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_compare_never_points_production_at_a_model_that_does_not_load(
+        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    first = train_tracked(tiny_config(epochs=1), mnist_root, "unloadable", progress=False)
+    code, _, err = run_cli(["compare", "--experiment", "unloadable", "--model-name",
+                            "guarded-cnn"], capsys, monkeypatch)
+    assert code == 0, err
+    second = train_tracked(tiny_config(epochs=3, lr=0.05), mnist_root, "unloadable",
+                           progress=False)
+    # The better run's model files are gone (deleted by hand, a lost disk...).
+    [model] = mlflow.search_logged_models(
+        [MlflowClient().get_run(second.run_id).info.experiment_id],
+        f"source_run_id = '{second.run_id}'", output_format="list")
+    shutil.rmtree(model.artifact_location.removeprefix("file://"))
+
+    code, _, err = run_cli(["compare", "--experiment", "unloadable", "--model-name",
+                            "guarded-cnn", "--force", "--filter",
+                            f"attributes.run_id = '{second.run_id}'"], capsys, monkeypatch)
+
+    assert code == 2 and err.strip().splitlines()[-1].startswith("Error: cannot load model")
+    client = MlflowClient()
+    production = client.get_model_version_by_alias("guarded-cnn", PRODUCTION)
+    assert production.run_id == first.run_id
+    assert [str(v.version) for v in client.search_model_versions("name = 'guarded-cnn'")] == ["1"]
+
+
+def test_a_run_being_trained_cannot_be_resumed_and_a_killed_trainer_is_found_stale(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient()
+    trainer = mnist_mlflow(tracking_store, "train", *SLOW, "--data-dir", str(mnist_root),
+                           "--experiment", "leases")
+    try:
+        run_id = wait_for_epoch(client, trainer, "leases", 1)
+        assert client.get_run(run_id).data.tags[LEASE_PID_TAG] == str(trainer.pid)
+        code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
+                               capsys, monkeypatch)
+        assert code == 2 and f"run {run_id} is being trained right now (pid {trainer.pid}" in err
+        assert err.count("\n") == 1
+    finally:
+        trainer.kill()  # kill -9: no handler runs, the run stays RUNNING
+        trainer.communicate()
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    code, out, _ = run_cli(["runs", "--stale"], capsys, monkeypatch)
+    assert code == 0 and run_id in out and "gone: stale" in out
+    code, out, _ = run_cli(["runs", "--stale", "--mark-killed"], capsys, monkeypatch)
+    assert code == 0 and f"run {run_id} marked KILLED" in out
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED" and "process gone" in killed.data.tags[
+        "failure_reason"]
+
+    code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
+                           capsys, monkeypatch)
+    assert code == 0, err
+    steps = [m.step for m in client.get_metric_history(run_id, "test_acc")]
+    assert sorted(steps) == [1, 2, 3]  # no epoch twice, none missing
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_trainer_killed_before_its_first_checkpoint_starts_over_in_the_same_run(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient()
+    trainer = mnist_mlflow(tracking_store, "train", *SLOW, "--data-dir", str(mnist_root),
+                           "--experiment", "early-kill")
+    deadline = time.monotonic() + 120
+    run_id = None
+    while run_id is None and time.monotonic() < deadline:
+        for run in runs_of("early-kill"):  # created, with its lease and its params
+            if LEASE_PID_TAG in run.data.tags and "num_params" in run.data.params:
+                run_id = run.info.run_id
+        time.sleep(0.05)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.communicate()
+    assert run_id is not None
+    assert CHECKPOINT_ARTIFACT not in {a.path for a in client.list_artifacts(run_id,
+                                                                             "checkpoints")}
+    run_cli(["runs", "--stale", "--mark-killed"], capsys, monkeypatch)
+
+    code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
+                           capsys, monkeypatch)
+
+    assert code == 0, err
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "test_acc")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"])
+def test_mnist_altered_after_extraction_is_named_before_any_run(
+        tracking_store: str, mnist_root: Path, tmp_path: Path, name: str,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(mnist_root / "MNIST", root / "MNIST")
+    path = root / "MNIST" / "raw" / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    code, _, err = run_cli(["train", *TINY, "--data-dir", str(root)], capsys, monkeypatch)
+    assert code == 2 and err.count("\n") == 1
+    assert f"MNIST file {path} fails its checksum" in err
+    assert all_runs() == []
+
+
+def test_mnist_without_its_gz_files_still_verifies_what_it_reads(
+        tracking_store: str, mnist_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(mnist_root / "MNIST", root / "MNIST")
+    for gz in (root / "MNIST" / "raw").glob("*.gz"):
+        gz.unlink()
+    code, _, err = run_cli(["train", *TINY, "--data-dir", str(root)], capsys, monkeypatch)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["train", "--seed", "99999999999999999"], "invalid seed"),
+    (["train", "--seed", "2e19"], "--seed"),
+    (["train", "--seed", "-1"], "invalid seed"),
+    (["train", "--lr", "inf"], "invalid lr: must be a finite number"),
+    (["train", "--lr", "1e309"], "invalid lr: must be a finite number"),
+    (["train", "--weight-decay", "inf"], "invalid weight_decay: must be a finite number"),
+    (["train", "--dropout", "nan"], "invalid dropout: must be a finite number"),
+    (["train", "--experiment", ""], "invalid --experiment: the name is empty"),
+    (["sweep", "--experiment", " "], "invalid --experiment: the name is empty"),
+    (["models", "--model-name", "x' OR '1'='1"], "invalid --model-name"),
+    (["compare", "--model-name", ""], "invalid --model-name: the name is empty"),
+    (["compare", "--model-name", "it's"], "invalid --model-name"),
+    (["compare", "--report", "/dev/null/x"], "invalid --report /dev/null/x"),
+    (["compare", "--results", "/nonexistent/dir/R.md"], "folder /nonexistent/dir does not exist"),
+    (["promote", "--version", "1", "--model-name", "a/b"], "invalid --model-name"),
+    (["runs", "--mark-killed"], "--mark-killed needs --stale"),
+])
+def test_user_mistakes_are_one_line_exit_2_and_create_nothing(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, args: list[str], named: str) -> None:
+    if args[0] in ("train", "sweep"):
+        args = [*args, *TINY, "--data-dir", str(mnist_root)]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and named in lines[0], err
+    assert all_runs() == []
+    assert not Path("/nonexistent").exists()
+
+
+def test_a_truncated_checkpoint_is_one_line_and_the_run_is_left_as_it_was(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    client = MlflowClient()
+    trainer = mnist_mlflow(tracking_store, "train", *SLOW, "--data-dir", str(mnist_root),
+                           "--experiment", "truncated")
+    run_id = wait_for_epoch(client, trainer, "truncated", 1)
+    trainer.send_signal(signal.SIGINT)
+    trainer.communicate(timeout=120)
+    path = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(tmp_path)))
+    path.write_bytes(path.read_bytes()[:1000])
+    client.log_artifact(run_id, str(path), "checkpoints")
+
+    code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
+                           capsys, monkeypatch)
+
+    # One error line (after MLflow's download progress bar) and no traceback.
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert f"the checkpoint of run {run_id} cannot be read" in errors[0]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_resume_refuses_another_experiment(
+        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("somewhere"))
+    code, _, err = run_cli(["train", "--resume", run.info.run_id, "--experiment", "elsewhere",
+                            "--data-dir", str(mnist_root)], capsys, monkeypatch)
+    assert code == 2
+    assert "--experiment elsewhere conflicts with run" in err and "somewhere" in err
+
+
+def test_a_tracking_store_that_is_not_a_database_is_one_line(
+        tmp_path: Path, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "mlflow.db"
+    bad.write_bytes(b"this is not an SQLite database" * 100)
+    use_store(tmp_path, monkeypatch)
+    for args in (["train", *TINY, "--data-dir", str(mnist_root)], ["models"],
+                 ["compare"], ["promote", "--version", "1"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and f"tracking store sqlite:///{bad} cannot be opened" in err
+    assert bad.read_bytes() == b"this is not an SQLite database" * 100
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trains on the CPU")
+def test_sigint_while_finishing_ends_finished_and_says_so(
+        tracking_store: str, mnist_root: Path) -> None:
+    """Ctrl-C after the last epoch (while the model is logged) is neither swallowed nor
+    turns a finished run KILLED or RUNNING."""
+    client = MlflowClient()
+    trainer = mnist_mlflow(tracking_store, "train", *SLOW[:4], "--epochs", "1", "--device",
+                           "cpu", "--threads", "1", "--data-dir", str(mnist_root),
+                           "--experiment", "finishing")
+    run_id = wait_for_epoch(client, trainer, "finishing", 1)
+    trainer.send_signal(signal.SIGINT)  # right after the epoch's metrics: while finishing
+    _, err = trainer.communicate(timeout=120)
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        assert trainer.returncode in (0, 130), err
+        if trainer.returncode == 130:
+            assert f"while run {run_id} was finishing; it ended FINISHED" in err
+    else:  # the signal came before the last epoch was done
+        assert run.info.status == "KILLED" and "resume it with" in err
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def test_sweep_resume_treats_a_child_whose_process_is_gone_as_killed(
+        store: str, mnist_root: Path) -> None:
+    """A child left RUNNING by a trainer killed hard (its pid gone) is trained on in its own
+    run by `sweep --resume`: no second child, nothing left RUNNING."""
+    from mnist_mlflow.mlrun import MlflowRun
+    from mnist_mlflow.sweep import resume_sweep, run_sweep, sweep_configs
+    from tests.helpers import children_of
+    from tests.test_tracking_layer import StopAfterFirst
+
+    configs = sweep_configs(tiny_config(epochs=1, threads=1), [("opt", 0.0), ("opt", 0.05)])
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(configs, mnist_root, "stale-sweep", progress=False, executor=StopAfterFirst())
+    [parent] = [r for r in runs_of("stale-sweep") if r.data.tags.get("mnist_mlflow.role") ==
+                "sweep"]
+    first, second = children_of("stale-sweep", parent.info.run_id)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    child = MlflowRun(second.info.run_id)
+    child.reopen()  # as a worker that began, then was killed -9 before its first checkpoint
+    child.set_tags({LEASE_PID_TAG: gone})
+
+    result = resume_sweep(parent.info.run_id, mnist_root, progress=False)
+
+    assert [c.status for c in result.children] == ["FINISHED", "FINISHED"]
+    assert [c.info.run_id for c in children_of("stale-sweep", parent.info.run_id)] == [
+        first.info.run_id, second.info.run_id]
+    assert all(r.info.status == "FINISHED" for r in runs_of("stale-sweep"))

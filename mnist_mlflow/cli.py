@@ -423,7 +423,7 @@ def _interrupted(err: KeyboardInterrupt) -> None:
     """One line on stderr, then exit 130 (SIGINT) or 143 (SIGTERM)."""
     # A RunInterrupted says which run stopped and the command that resumes it.
     message = f"{err}" if hasattr(err, "run_id") else (
-        f"({str(err) or 'SIGINT'}) before any run was trained; nothing was recorded as "
-        "running")
+        f"({str(err) or 'SIGINT'}); no run was being trained at that moment, so none was "
+        "left running")
     click.echo(f"Interrupted {message}", err=True)
     sys.exit(getattr(err, "exit_code", 130))

@@ -381,14 +381,18 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
         except KeyboardInterrupt as err:
             name = str(err) or "SIGINT"
             reason = f"interrupted ({name}) after epoch {state.epoch} of {config.epochs}"
-            _end(run, RunStatus.KILLED, reason,
-                 describe(config, num_params, f"Killed: {reason}; resume with `{command}`."))
+            # A second signal (Ctrl-C twice; under `mlflow run`, Ctrl-C reaches the entry
+            # point and the runner's SIGTERM follows) must not cut the ending short.
+            with signals_deferred(deliver=False):
+                _end(run, RunStatus.KILLED, reason,
+                     describe(config, num_params, f"Killed: {reason}; resume with `{command}`."))
             raise RunInterrupted(name, run.run_id, state.epoch, config.epochs, command,
                                  getattr(err, "exit_code", 130)) from err
         except BaseException as err:
             reason = f"{type(err).__name__}: {err}"
-            _end(run, RunStatus.FAILED, reason,
-                 describe(config, num_params, f"Failed: {reason}"))
+            with signals_deferred(deliver=False):
+                _end(run, RunStatus.FAILED, reason,
+                     describe(config, num_params, f"Failed: {reason}"))
             raise
         finally:
             log.removeHandler(handler)

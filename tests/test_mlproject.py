@@ -81,3 +81,43 @@ def test_mlflow_run_sweep_entry_point_trains_a_phase(tracking_store: str,
         assert child.data.params["scheduler"] == "onecycle"
         assert child.data.params["epochs"] == "2"
         assert child.data.params["train_limit"] == "256"
+
+
+def test_ctrl_c_under_mlflow_run_ends_the_run_with_the_resume_command(
+        tracking_store: str, mnist_root: Path) -> None:
+    """Ctrl-C in the terminal reaches the whole process group, the entry point too, and
+    MLflow's runner then sends it SIGTERM as well: the second signal must not cut the ending
+    short. The run ends KILLED and the message names `-P resume=` (the runner then
+    overwrites the status with FAILED; the reason stays)."""
+    import signal
+    import time
+
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
+    env |= {"MLFLOW_TRACKING_URI": tracking_store, "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen(
+        [str(mlflow_cli), "run", str(REPO), "--env-manager", "local", "--experiment-name",
+         "projects", "-P", "train_limit=6144", "-P", "test_limit=256", "-P", "epochs=4",
+         "-P", "threads=1", "-P", f"data_dir={mnist_root}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    client = MlflowClient(tracking_store)
+    deadline = time.monotonic() + 240
+    run_id = None
+    while run_id is None and time.monotonic() < deadline and runner.poll() is None:
+        experiment = client.get_experiment_by_name("projects")
+        for run in client.search_runs([experiment.experiment_id]) if experiment else []:
+            if client.get_metric_history(run.info.run_id, "test_acc"):
+                run_id = run.info.run_id
+        time.sleep(0.1)
+    os.killpg(runner.pid, signal.SIGINT)  # as the terminal does
+    _, err = runner.communicate(timeout=120)
+    assert run_id is not None, err[-2000:]
+    assert f"mlflow run . -e main -P resume={run_id}" in err
+    assert "Traceback" not in err.split("Interrupted")[0][-2000:]
+    run = client.get_run(run_id)
+    assert run.info.status in ("KILLED", "FAILED")  # FAILED: MLflow's runner overwrites it
+    reason = run.data.tags["failure_reason"]
+    assert reason.startswith(("interrupted (SIGINT) after epoch",
+                              "interrupted (SIGTERM) after epoch")), reason

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -303,3 +304,62 @@ def test_sweep_resume_treats_a_child_whose_process_is_gone_as_killed(
     assert [c.info.run_id for c in children_of("stale-sweep", parent.info.run_id)] == [
         first.info.run_id, second.info.run_id]
     assert all(r.info.status == "FINISHED" for r in runs_of("stale-sweep"))
+
+
+@pytest.fixture
+def remountable(tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """A tmpfs at tmp_path/ro, and a function that remounts it read-only.
+
+    Root ignores file modes, so a read-only file system is the honest way to make a store or
+    a data folder read-only. Skipped, with the reason, where mounting is not allowed."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): "
+                    "a read-only file system is needed")
+    try:
+        yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_read_only_store_is_one_line_for_every_command_and_stays_as_it_was(
+        tmp_path: Path, mnist_root: Path, remountable: Callable[[], None],
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    made = tmp_path / "made"
+    made.mkdir()
+    use_store(made, monkeypatch)
+    train_tracked(tiny_config(epochs=1), mnist_root, "before", progress=False)
+    # A copy of that store on a file system then made read-only (the first one stays open
+    # in this process, which a read-only remount would refuse).
+    folder = tmp_path / "ro"
+    shutil.copy(made / "mlflow.db", folder / "mlflow.db")
+    before = (folder / "mlflow.db").read_bytes()
+    remountable()
+    use_store(folder, monkeypatch)
+    for args in (["train", *TINY, "--data-dir", str(mnist_root)],
+                 ["sweep", *TINY, "--data-dir", str(mnist_root)],
+                 ["compare", "--experiment", "before"], ["promote", "--version", "1"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert code != 0 and len(errors) == 1 and "Traceback" not in err, (args, err)
+        assert "tracking store" in errors[0] and "Read-only file system" in errors[0], err
+    assert (folder / "mlflow.db").read_bytes() == before
+
+
+def test_a_read_only_data_folder_that_needs_extracting_is_named_as_such(
+        tmp_path: Path, mnist_root: Path, tracking_store: str,
+        remountable: Callable[[], None], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tmp_path / "ro" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (mnist_root / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(gz, raw / gz.name)
+    remountable()
+    code, _, err = run_cli(["train", *TINY, "--data-dir", str(tmp_path / "ro")], capsys,
+                           monkeypatch)
+    assert code == 2 and err.count("\n") == 1
+    assert f"MNIST folder {raw} cannot be written" in err
+    assert all_runs() == []

@@ -60,6 +60,11 @@ PARAMS_PER_BATCH = 100
 TAG_LIMIT = 8000
 
 
+# SQLite stores this process has made ready: a command opens its store once, however many
+# functions on its way ask for it (train, then register, say).
+_READY_STORES: set[str] = set()
+
+
 def open_store() -> str:
     """Make the tracking store ready before anything is loaded or created; its URI.
 
@@ -81,7 +86,7 @@ def open_store() -> str:
             raise UserError(f"tracking store {uri} cannot be reached ({err.strerror or err}); "
                             "start the server or set MLFLOW_TRACKING_URI") from None
         return uri
-    if parsed.scheme != "sqlite":
+    if parsed.scheme != "sqlite" or uri in _READY_STORES:
         return uri
     path = Path(unquote(uri.removeprefix("sqlite:///")))
     if not path.parent.is_dir():
@@ -101,6 +106,7 @@ def open_store() -> str:
     except Exception as err:  # SQLAlchemy and MLflow say it in many ways
         raise UserError(f"tracking store {uri} cannot be opened: "
                         f"{store_error(err)}") from None
+    _READY_STORES.add(uri)
     return uri
 
 

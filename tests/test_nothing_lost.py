@@ -32,6 +32,12 @@ SLOW = ["--train-limit", "6144", "--test-limit", "256", "--epochs", "3", "--devi
         "--threads", "1"]
 
 
+def slow_trainer(store: str, mnist_root: Path, experiment: str) -> subprocess.Popen[str]:
+    """`mnist-mlflow train` in a subprocess, slow enough (epochs of ~2 s) to catch training."""
+    return mnist_mlflow(store, "train", *SLOW, "--data-dir", str(mnist_root),
+                        "--experiment", experiment)
+
+
 def all_runs() -> list[mlflow.entities.Run]:
     return MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()])
@@ -90,8 +96,7 @@ def test_a_run_being_trained_cannot_be_resumed_and_a_killed_trainer_is_found_sta
         tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     client = MlflowClient()
-    trainer = mnist_mlflow(tracking_store, "train", *SLOW, "--data-dir", str(mnist_root),
-                           "--experiment", "leases")
+    trainer = slow_trainer(tracking_store, mnist_root, "leases")
     try:
         run_id = wait_for_epoch(client, trainer, "leases", 1)
         assert client.get_run(run_id).data.tags[LEASE_PID_TAG] == str(trainer.pid)
@@ -124,8 +129,7 @@ def test_a_trainer_killed_before_its_first_checkpoint_starts_over_in_the_same_ru
         tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     client = MlflowClient()
-    trainer = mnist_mlflow(tracking_store, "train", *SLOW, "--data-dir", str(mnist_root),
-                           "--experiment", "early-kill")
+    trainer = slow_trainer(tracking_store, mnist_root, "early-kill")
     deadline = time.monotonic() + 120
     run_id = None
     while run_id is None and time.monotonic() < deadline:
@@ -211,8 +215,7 @@ def test_a_truncated_checkpoint_is_one_line_and_the_run_is_left_as_it_was(
         tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     client = MlflowClient()
-    trainer = mnist_mlflow(tracking_store, "train", *SLOW, "--data-dir", str(mnist_root),
-                           "--experiment", "truncated")
+    trainer = slow_trainer(tracking_store, mnist_root, "truncated")
     run_id = wait_for_epoch(client, trainer, "truncated", 1)
     trainer.send_signal(signal.SIGINT)
     trainer.communicate(timeout=120)

@@ -27,10 +27,13 @@ SCHEDULERS = ("step", "onecycle")
 # Settings that say how a run runs here, not what it learns: a run may be resumed on another
 # kind of machine with other values of these.
 RUNTIME_SETTINGS = ("device", "precision", "compile", "threads", "deterministic")
-# Settings added after the first runs were tracked, whose defaults are what those runs did:
-# a run without the param used the default.
-LATER_SETTINGS = ("scheduler", "label_smoothing", "rotation", "translate", "scale",
-                  "deterministic")
+# Settings added after the first runs were tracked, with what the runs made before did: a run
+# without the param ran with this value (for all but val_size, the default).
+LATER_SETTINGS: dict[str, object] = {
+    "scheduler": "step", "label_smoothing": 0.0, "rotation": 7.0, "translate": 0.0,
+    "scale": 0.0, "deterministic": False, "val_size": 0}
+# MNIST's training images; --val-size holds some of them out.
+MNIST_TRAIN_IMAGES = 60_000
 # torch.manual_seed takes seeds in [-2**63, 2**64); ours are non-negative, and epoch seeds
 # (seed * 1_000_003 + epoch) must stay in range too.
 MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000
@@ -56,6 +59,10 @@ class TrainingDiverged(Exception):
         where = "at" if self.exact else "by"
         return (f"non-finite training loss ({self.loss}) in epoch {self.epoch}, "
                 f"{where} step {self.step} of {self.steps}")
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -103,7 +110,12 @@ class TrainConfig:
                                          "(torch.use_deterministic_algorithms), so that a CUDA "
                                          "run repeats exactly; on the CPU runs repeat anyway. "
                                          "With --compile auto, also trains eager.")
-    train_limit: int = setting(0, "Train on the first N examples only (0: all).")
+    val_size: int = setting(5000, "Hold out N of the 60,000 training images for validation "
+                                  "(the same N for every run: a fixed split seed); selection "
+                                  "uses them, never the test set. 0: the seed's protocol, "
+                                  "no validation.")
+    train_limit: int = setting(0, "Train on the first N examples only (0: all, after the "
+                                  "validation images are held out).")
     test_limit: int = setting(0, "Evaluate on the first N test examples only (0: all).")
 
     def validate(self) -> TrainConfig:
@@ -131,7 +143,11 @@ class TrainConfig:
             ("scale", 0.0 <= self.scale < 1.0, "must be in [0, 1)"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be in [0, {MAX_SEED}]"),
             ("threads", self.threads >= 0, "must be >= 0 (0 keeps torch's default)"),
-            ("train_limit", self.train_limit >= 0, "must be >= 0 (0 means all)"),
+            ("val_size", 0 <= self.val_size < MNIST_TRAIN_IMAGES,
+             f"must be in [0, {MNIST_TRAIN_IMAGES:,}) (0: no validation split)"),
+            ("train_limit", 0 <= self.train_limit <= MNIST_TRAIN_IMAGES - self.val_size,
+             f"must be in [0, {MNIST_TRAIN_IMAGES - self.val_size:,}] (0 means all; "
+             f"{self.val_size:,} of the {MNIST_TRAIN_IMAGES:,} are held out)"),
             ("test_limit", self.test_limit >= 0, "must be >= 0 (0 means all)"),
         ]
         for name, ok, rule in checks:
@@ -144,6 +160,17 @@ class TrainConfig:
         learn the same, wherever and however fast they ran."""
         defaults = TrainConfig()
         return dataclasses.replace(self, **{n: getattr(defaults, n) for n in RUNTIME_SETTINGS})
+
+    @property
+    def config_group(self) -> str:
+        """What the run learns, without its seed: the variant, then each setting that differs
+        from the defaults (`gap8k-dropout0 epochs=15 lr=0.05 scheduler=onecycle`). Runs that
+        differ only in seed, or in how they ran (RUNTIME_SETTINGS), share it."""
+        learns, defaults = self.what_it_learns(), TrainConfig()
+        differ = [f"{name}={_shown(getattr(learns, name))}" for name in self.field_names()
+                  if name not in ("model", "dropout", "seed")
+                  and getattr(learns, name) != getattr(defaults, name)]
+        return " ".join([self.variant_name, *differ])
 
     @property
     def variant_name(self) -> str:
@@ -175,6 +202,8 @@ class TrainConfig:
         augment += [f"shift {self.translate:g}"] if self.translate else []
         augment += [f"zoom ±{self.scale:g}"] if self.scale else []
         parts.append(", ".join(augment) or "no augmentation")
+        if not self.val_size:
+            parts.append("no validation split")
         if self.train_limit or self.test_limit:
             parts.append(f"slice {self.train_limit or 'all'}/{self.test_limit or 'all'}")
         return "; ".join(parts)

@@ -9,6 +9,7 @@ can be replayed exactly (resume) and two runs with the same seed see the same da
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import calculate_md5
 
-from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.config import MNIST_TRAIN_IMAGES, TrainConfig, UserError
 from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
 from mnist_mlflow.runtime import Runtime
 
@@ -46,6 +47,28 @@ EXTRACTED_FILES: dict[str, tuple[str, int]] = {
 }
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+# The validation split's own seed: not the run's, so that every run of every variant holds
+# out the same images and their validation accuracies compare.
+VAL_SPLIT_SEED = 20_251_129
+
+
+def validation_split(val_size: int, total: int = MNIST_TRAIN_IMAGES
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of MNIST's training images, each ascending.
+
+    The validation images are the first `val_size` of one fixed permutation, so a smaller
+    split is part of a larger one.
+    """
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+    held_out = torch.zeros(total, dtype=torch.bool)
+    held_out[order[:val_size]] = True
+    return (~held_out).nonzero().squeeze(1), held_out.nonzero().squeeze(1)
+
+
+def split_digest(indices: torch.Tensor) -> str:
+    """A short SHA-256 of the validation indices: equal digests, the same images."""
+    return hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -105,7 +128,11 @@ def verify_raw_files(raw_dir: Path) -> dict[str, str]:
 
 @dataclass
 class MnistData:
-    """Verified MNIST: torchvision datasets plus the raw uint8 tensors (on the CPU)."""
+    """Verified MNIST: torchvision datasets plus the raw uint8 tensors (on the CPU).
+
+    `val_size` training images are held out (`validation_split`); `train_limit` slices what
+    is left.
+    """
 
     root: Path
     train: datasets.MNIST
@@ -113,10 +140,29 @@ class MnistData:
     md5s: dict[str, str]
     train_limit: int = 0
     test_limit: int = 0
+    val_size: int = 0
+
+    @property
+    def train_indices(self) -> torch.Tensor:
+        """Indices into MNIST's training images of those trained on."""
+        return _first(validation_split(self.val_size, len(self.train.targets))[0],
+                      self.train_limit)
+
+    @property
+    def val_indices(self) -> torch.Tensor:
+        return validation_split(self.val_size, len(self.train.targets))[1]
+
+    @property
+    def val_digest(self) -> str:
+        return split_digest(self.val_indices)
 
     def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        limit = self.train_limit
-        return _first(self.train.data, limit), _first(self.train.targets, limit)
+        index = self.train_indices
+        return self.train.data[index], self.train.targets[index]
+
+    def val_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.val_indices
+        return self.train.data[index], self.train.targets[index]
 
     def test_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _first(self.test.data, self.test_limit), _first(self.test.targets, self.test_limit)
@@ -126,7 +172,8 @@ def _first(tensor: torch.Tensor, limit: int) -> torch.Tensor:
     return tensor[:limit] if limit else tensor
 
 
-def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> MnistData:
+def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0,
+               val_size: int = 0) -> MnistData:
     """Verify (or, with network, download) MNIST under `root`/MNIST/raw and open it."""
     root = Path(root)
     raw_dir = root / "MNIST" / "raw"
@@ -151,7 +198,7 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0) -> M
     # .gz files may be fine, or gone) are named, not trained on.
     verify_files(raw_dir, EXTRACTED_FILES, "delete it, and it is extracted again from the "
                                            "verified .gz file")
-    return MnistData(root, train, test, md5s, train_limit, test_limit)
+    return MnistData(root, train, test, md5s, train_limit, test_limit, val_size)
 
 
 def eval_batch_size(device: torch.device) -> int:
@@ -188,7 +235,10 @@ class TorchvisionPipeline:
         test_tf = transforms.Compose([transforms.ToTensor(), normalize])
         train_set = datasets.MNIST(data.root, train=True, transform=train_tf)
         test_set = datasets.MNIST(data.root, train=False, transform=test_tf)
-        self.train_set = _limited(train_set, data.train_limit)
+        self.train_set = Subset(train_set, data.train_indices.tolist())
+        # Validation images are training images, seen as the test images are: no augmentation.
+        self.val_set = Subset(datasets.MNIST(data.root, train=True, transform=test_tf),
+                              data.val_indices.tolist())
         self.test_set = _limited(test_set, data.test_limit)
         self.batch_size = batch_size
         self.device = device
@@ -209,9 +259,18 @@ class TorchvisionPipeline:
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         yield from self._to_device(loader)
 
+    @property
+    def num_val(self) -> int:
+        return len(self.val_set)
+
+    def val_batches(self) -> Iterator[Batch]:
+        yield from self._evaluation_batches(self.val_set)
+
     def test_batches(self) -> Iterator[Batch]:
-        loader = DataLoader(self.test_set, eval_batch_size(self.device),
-                            num_workers=self.num_workers)
+        yield from self._evaluation_batches(self.test_set)
+
+    def _evaluation_batches(self, dataset: Subset | datasets.MNIST) -> Iterator[Batch]:
+        loader = DataLoader(dataset, eval_batch_size(self.device), num_workers=self.num_workers)
         yield from self._to_device(loader)
 
     def _to_device(self, loader: DataLoader) -> Iterator[Batch]:
@@ -257,11 +316,10 @@ class FastPipeline:
         self.augmentation = augmentation
         self.channels_last = channels_last
         train_images, train_labels = data.train_tensors()
-        test_images, test_labels = data.test_tensors()
         self.train_images = train_images.to(device).unsqueeze(1)  # uint8 (N, 1, 28, 28)
         self.train_labels = train_labels.to(device)
-        self.test_images = self._laid_out(_normalize(test_images.to(device).unsqueeze(1)))
-        self.test_labels = test_labels.to(device)
+        self.val_images, self.val_labels = self._evaluation_set(*data.val_tensors())
+        self.test_images, self.test_labels = self._evaluation_set(*data.test_tensors())
         # A whole number of batches, so that chunks never split one.
         self.chunk = batch_size * max(1, chunk_images(device) // batch_size)
 
@@ -303,10 +361,27 @@ class FastPipeline:
                   if aug.translate else None)
         return angles, scales, shifts
 
+    def _evaluation_set(self, images: torch.Tensor, labels: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized once, on the device: evaluation sees the same tensors every epoch."""
+        return (self._laid_out(_normalize(images.to(self.device).unsqueeze(1))),
+                labels.to(self.device))
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_labels)
+
+    def val_batches(self) -> Iterator[Batch]:
+        yield from self._evaluation_batches(self.val_images, self.val_labels)
+
     def test_batches(self) -> Iterator[Batch]:
+        yield from self._evaluation_batches(self.test_images, self.test_labels)
+
+    def _evaluation_batches(self, images: torch.Tensor, labels: torch.Tensor
+                            ) -> Iterator[Batch]:
         size = eval_batch_size(self.device)
-        for start in range(0, len(self.test_labels), size):
-            yield self.test_images[start:start + size], self.test_labels[start:start + size]
+        for start in range(0, len(labels), size):
+            yield images[start:start + size], labels[start:start + size]
 
     def _laid_out(self, images: torch.Tensor) -> torch.Tensor:
         # As the model is (Runtime.channels_last); for one channel this only relabels

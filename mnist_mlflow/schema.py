@@ -39,6 +39,10 @@ RESUMED_ON_TAG = "resumed_on"
 RESUMES_RUN_TAG = "resumes_run_id"
 COMPILE_FALLBACK_TAG = "compile_fallback"
 VARIANT_TAG = "variant"
+# The run's configuration without its seed, readable (`opt-dropout0.05`, or
+# `gap8k-dropout0 lr=0.05 scheduler=onecycle`): the UI's "Group by" puts its seeds together,
+# and `compare` aggregates over it.
+CONFIG_GROUP_TAG = "config_group"
 MNIST_MD5_TAG_PREFIX = "mnist_md5."
 CHOSEN_RUN_TAG = "chosen_run_id"
 # The lease of a RUNNING run: which process trains it, and when it last said so.
@@ -73,12 +77,15 @@ class MetricSpec:
 
 
 TRAIN_LOSS, TRAIN_ACC, TEST_LOSS, TEST_ACC = "train_loss", "train_acc", "test_loss", "test_acc"
+VAL_LOSS, VAL_ACC = "val_loss", "val_acc"
 LR, EPOCH_SECONDS = "lr", "epoch_seconds"
 # One value per epoch, at step = epoch (1-based). Accuracies in percent: 0.01 is one image in
-# 10,000; losses to 1e-4.
+# 10,000; losses to 1e-4. Validation metrics only where the run holds out a split.
 EPOCH_METRICS: dict[str, MetricSpec] = {
     TRAIN_LOSS: MetricSpec("Training loss", "loss", 4),
     TRAIN_ACC: MetricSpec("Training accuracy (%)", "accuracy", 2),
+    VAL_LOSS: MetricSpec("Validation loss", "loss", 4),
+    VAL_ACC: MetricSpec("Validation accuracy (%)", "accuracy", 2),
     TEST_LOSS: MetricSpec("Test loss", "loss", 4),
     TEST_ACC: MetricSpec("Test accuracy (%)", "accuracy", 2),
     LR: MetricSpec("Learning rate", "rate", 6),
@@ -90,9 +97,13 @@ LAST_EPOCHS = 3
 LAST3_METRIC = f"min_test_acc_last{LAST_EPOCHS}"
 BEST_TEST_ACC, BEST_EPOCH, FINAL_GAP = "best_test_acc", "best_epoch", "final_gap"
 FINAL_TEST_ACC, FINAL_TEST_LOSS = "final_test_acc", "final_test_loss"
+FINAL_VAL_ACC, BEST_VAL_ACC, BEST_VAL_EPOCH = "final_val_acc", "best_val_acc", "best_val_epoch"
 MEAN_EPOCH_SECONDS = "mean_epoch_seconds"
 # One value per run, at step 0 (the UI draws them as bars, one per run), rounded as they read.
 SUMMARY_METRICS: dict[str, MetricSpec] = {
+    FINAL_VAL_ACC: MetricSpec("Validation accuracy, last epoch (%)", "accuracy", 2),
+    BEST_VAL_ACC: MetricSpec("Best validation accuracy (%)", "accuracy", 2),
+    BEST_VAL_EPOCH: MetricSpec("Epoch of the best validation accuracy", "epoch", 0),
     FINAL_TEST_ACC: MetricSpec("Test accuracy, last epoch (%)", "accuracy", 2),
     FINAL_TEST_LOSS: MetricSpec("Test loss, last epoch", "loss", 4),
     BEST_TEST_ACC: MetricSpec("Best test accuracy (%)", "accuracy", 2),
@@ -135,6 +146,9 @@ REPORT_PLOT = "comparison.png"
 
 # --- params -----------------------------------------------------------------------------------
 NUM_PARAMS = "num_params"
+# SHA-256 (16 hex digits) of the held-out training indices: equal on runs that validated on
+# the same images.
+VAL_SPLIT_DIGEST = "val_split_digest"
 # Settings recorded as tags, not params: how a run ran, which a resumption may change.
 PLUMBING_SETTINGS = ("threads",)
 
@@ -153,7 +167,7 @@ def settings_of(run: Run) -> dict[str, str]:
 def settings_from_params(params: Mapping[str, str]) -> dict[str, object]:
     """The TrainConfig settings among a run's params, typed (not validated)."""
     defaults = TrainConfig()
-    params = {**{k: str(getattr(defaults, k)) for k in LATER_SETTINGS}, **params}
+    params = {**{k: str(v) for k, v in LATER_SETTINGS.items()}, **params}
     settings: dict[str, object] = {}
     for name in TrainConfig.field_names():
         if name not in params:

@@ -40,10 +40,13 @@ from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import (
     BEST_EPOCH,
     BEST_TEST_ACC,
+    BEST_VAL_ACC,
+    BEST_VAL_EPOCH,
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     COMPILE_FALLBACK_TAG,
+    CONFIG_GROUP_TAG,
     CURVES_DIR,
     CURVES_FILE,
     DEFAULT_EXPERIMENT,
@@ -51,6 +54,7 @@ from mnist_mlflow.schema import (
     FINAL_GAP,
     FINAL_TEST_ACC,
     FINAL_TEST_LOSS,
+    FINAL_VAL_ACC,
     LAST3_METRIC,
     LAST_EPOCHS,
     MEAN_EPOCH_SECONDS,
@@ -66,6 +70,8 @@ from mnist_mlflow.schema import (
     TEST_ACC,
     TRAIN_ROLE,
     TRAINING_LOG,
+    VAL_ACC,
+    VAL_SPLIT_DIGEST,
     VARIANT_TAG,
     config_from_params,
     params_from_config,
@@ -117,18 +123,27 @@ def summary_metrics(history: list[EpochMetrics]) -> dict[str, float]:
               FINAL_GAP: last.train_acc - last.test_acc,
               LAST3_METRIC: min(m.test_acc for m in history[-LAST_EPOCHS:]),
               MEAN_EPOCH_SECONDS: sum(m.epoch_seconds for m in history) / len(history)}
+    if VAL_ACC in last.values:
+        # What selection reads: the logged (last) epoch's, and the best for the record.
+        best_val = max(history, key=lambda m: (m.val_acc, -m.epoch))
+        values |= {FINAL_VAL_ACC: last.val_acc, BEST_VAL_ACC: best_val.val_acc,
+                   BEST_VAL_EPOCH: best_val.epoch}
     return {name: rounded(name, value) for name, value in values.items()}
 
 
-def run_params(config: TrainConfig, state: TrainState) -> dict[str, str]:
+def run_params(config: TrainConfig, state: TrainState, data: MnistData) -> dict[str, str]:
     """What the run learns from: the settings and the parameter count. How it ran (device,
     precision, compile, threads, versions) goes in tags: a resumed run may go on elsewhere."""
     params = {k: v for k, v in params_from_config(config).items() if k not in PLUMBING_SETTINGS}
-    return {**params, NUM_PARAMS: str(count_parameters(state.model))}
+    params[NUM_PARAMS] = str(count_parameters(state.model))
+    if config.val_size:
+        params[VAL_SPLIT_DIGEST] = data.val_digest
+    return params
 
 
 def run_tags(config: TrainConfig, data: MnistData) -> dict[str, str]:
-    tags = {VARIANT_TAG: config.model, "dropout_enabled": str(config.dropout > 0).lower(),
+    tags = {VARIANT_TAG: config.model, CONFIG_GROUP_TAG: config.config_group,
+            "dropout_enabled": str(config.dropout > 0).lower(),
             "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
             **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS}}
     tags |= {f"{MNIST_MD5_TAG_PREFIX}{name.removesuffix('.gz')}": md5
@@ -137,17 +152,24 @@ def run_tags(config: TrainConfig, data: MnistData) -> dict[str, str]:
 
 
 def mnist_inputs(data: MnistData) -> dict[str, MetaDataset]:
-    """MNIST's train and test splits as MLflow datasets, named by the slice trained on and
-    identified by the MD5 of their files (the same files give the same digest)."""
+    """MNIST's train, validation and test splits as MLflow datasets, named by the slice used
+    and identified by the MD5 of their files (and the held-out indices' digest)."""
+    train_files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+    test_files = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    held_out = f"-val{data.val_size}" if data.val_size else ""
+    splits = [("train", train_files, data.train_limit, held_out),
+              ("test", test_files, data.test_limit, "")]
+    if data.val_size:
+        splits.insert(1, ("validation", train_files, data.val_size, ""))
     datasets = {}
-    for context, images_file, labels_file, limit in (
-            ("train", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             data.train_limit),
-            ("test", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-             data.test_limit)):
+    for context, (images_file, labels_file), limit, minus in splits:
         md5s = [data.md5s.get(name) or RAW_FILES[name][0] for name in (images_file, labels_file)]
         digest = "".join(md5[:4] for md5 in md5s) + (f"-{limit}" if limit else "")
-        name = f"mnist-{context}" + (f"[:{limit}]" if limit else "")
+        name = f"mnist-{context}{minus}" + (f"[:{limit}]" if limit else "")
+        if context == "validation":
+            digest, name = data.val_digest, f"mnist-validation[{data.val_size}]"
+        elif minus:
+            digest += f"-{data.val_digest[:8]}"
         with warnings.catch_warnings():
             # Two local-file source types match a path; MLflow picks the same one either way.
             warnings.simplefilter("ignore", UserWarning)
@@ -213,7 +235,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     config.validate()
     runtime = resolve(config)
     open_store()
-    data = load_mnist(data_dir, config.train_limit, config.test_limit)
+    data = load_mnist(data_dir, config.train_limit, config.test_limit, config.val_size)
     pipeline = build_pipeline(config, data, runtime)
     state = create_state(config, runtime, pipeline.steps_per_epoch)
     tags = {ROLE_TAG: TRAIN_ROLE, **(tags or {})}
@@ -225,7 +247,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
         run.reopen()  # a sweep's child, SCHEDULED until now
         run.set_tags(tags)
     # At once: a run killed from here on can be resumed (or started over) from its params.
-    run.log_new_params(run_params(config, state))
+    run.log_new_params(run_params(config, state, data))
     return _train_in_run(run, config, data, pipeline, state, [], progress,
                          resume_command(run.run_id, runner_run_id is not None))
 
@@ -258,7 +280,7 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
         raise UserError(f"run {run_id} trained with --device cuda and CUDA is not available "
                         "here; resume it with --device cpu")
     runtime = resolve(config)
-    data = load_mnist(data_dir, config.train_limit, config.test_limit)
+    data = load_mnist(data_dir, config.train_limit, config.test_limit, config.val_size)
     pipeline = build_pipeline(config, data, runtime)
     state = create_state(config, runtime, pipeline.steps_per_epoch)
     history: list[EpochMetrics] = []
@@ -435,7 +457,7 @@ def log_checkpoint(run: MlflowRun, state: TrainState, history: list[EpochMetrics
 
 
 def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData) -> None:
-    run.log_new_params(run_params(config, state))
+    run.log_new_params(run_params(config, state, data))
     run.set_tags({**run_tags(config, data), **state.runtime.tags()})
     run.log_inputs(mnist_inputs(data))
 

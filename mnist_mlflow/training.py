@@ -31,6 +31,8 @@ from mnist_mlflow.schema import (
     TEST_LOSS,
     TRAIN_ACC,
     TRAIN_LOSS,
+    VAL_ACC,
+    VAL_LOSS,
 )
 
 log = logging.getLogger("mnist_mlflow")
@@ -340,13 +342,15 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
                 except TrainingDiverged as err:
                     err.epoch = epoch
                     raise
-            test_loss, test_acc = evaluate(state.model, pipeline.test_batches())
+            values = {TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
+            if pipeline.num_val:
+                values[VAL_LOSS], values[VAL_ACC] = evaluate(state.model, pipeline.val_batches())
+            values[TEST_LOSS], values[TEST_ACC] = evaluate(state.model, pipeline.test_batches())
             if not per_step:
                 state.scheduler.step()
             state.epoch = epoch
             metrics = EpochMetrics(epoch, {
-                TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc, TEST_LOSS: test_loss,
-                TEST_ACC: test_acc, LR: lr, EPOCH_SECONDS: time.perf_counter() - start})
+                **values, LR: lr, EPOCH_SECONDS: time.perf_counter() - start})
             log.info(metrics.log_line(config.epochs))
             history.append(metrics)
             if on_epoch is not None:

@@ -62,5 +62,6 @@ def store(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def tiny_config(**overrides: object) -> TrainConfig:
     """A configuration that trains in about a second: a slice of MNIST, few epochs, CPU."""
-    settings = {"train_limit": 512, "test_limit": 256, "epochs": 2, "device": "cpu"}
+    settings = {"train_limit": 512, "test_limit": 256, "val_size": 256, "epochs": 2,
+                "device": "cpu"}
     return TrainConfig(**(settings | overrides))

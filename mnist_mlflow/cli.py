@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -221,28 +222,39 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
               help="Experiment whose runs are compared (under `mlflow run`, the run's wins).")
 @click.option("--filter", "filter_string", default="",
               help="MLflow filter string, e.g. \"params.epochs = '20'\".")
-@click.option("--metric", default="best_test_acc", show_default=True,
-              help="Selection metric.")
+@click.option("--metric", default="final_val_acc", show_default=True,
+              help="Selection metric, averaged over a group's seeds. A test metric (say "
+                   "final_test_acc, for runs made with --val-size 0) selects on the test set, "
+                   "and the report says so first.")
 @click.option("--goal", type=click.Choice(["max", "min"]), default=None,
               help="Whether the metric is maximized [default: min for losses/gaps, else max].")
 @click.option("--max-params", type=int, default=8000, show_default=True,
-              help="Only runs with at most this many parameters are eligible.")
+              help="Only groups with at most this many parameters are eligible.")
 @click.option("--top", type=int, default=5, show_default=True,
-              help="Runs shown side by side and plotted.")
+              help="Groups shown side by side and plotted.")
+@click.option("--diff", "diffs", nargs=2, multiple=True, metavar="GROUP_A GROUP_B",
+              help="Also say whether these two groups (config_group, or the start of one) "
+                   "really differ: the difference of means with its 95% Welch interval. "
+                   "Repeatable; the top two are always compared.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
-              help="Also write comparison.md and comparison.png to this folder.")
+              help="Also write comparison.md, comparison.png and comparison_pareto.png to this "
+                   "folder.")
 @click.option("--results", "results_path", type=click.Path(dir_okay=False), default=None,
               help="Also write RESULTS.md here: a table per phase of the experiment's sweeps.")
 @click.option("--register/--no-register", default=True, show_default=True,
               help="Register the chosen run's model and consider it for production.")
 @click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True,
               help="Registered model name.")
-@click.option("--force", is_flag=True, help="Move `production` even if it is not better.")
+@click.option("--force", is_flag=True,
+              help="Move `production` even when the challenger's group does not beat "
+                   "production's beyond seed noise.")
 @click.pass_context
 def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str,
-            goal: str | None, max_params: int, top: int, report_dir: str | None,
-            results_path: str | None, register: bool, model_name: str, force: bool) -> None:
-    """Compare finished runs, pick the production candidate, register and promote it."""
+            goal: str | None, max_params: int, top: int, diffs: tuple[tuple[str, str], ...],
+            report_dir: str | None, results_path: str | None, register: bool, model_name: str,
+            force: bool) -> None:
+    """Compare finished runs by group over seeds, pick the production candidate on
+    validation, register it, and move `production` only if it is really better."""
     from mnist_mlflow import comparison
     from mnist_mlflow.mlrun import open_store
     from mnist_mlflow.registry import check_model_name
@@ -260,14 +272,18 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
     rule = comparison.SelectionRule(metric, max_params, higher_is_better)
     result = comparison.compare(experiment, filter_string, rule, top,
                                 Path(report_dir) if report_dir else None,
-                                runner_run_id=runner_run_id(ctx))
-    click.echo(comparison.markdown_table(
-        comparison.summary_table(result.ranked, result.chosen, rule)))
+                                runner_run_id=runner_run_id(ctx), diffs=diffs)
+    click.echo(comparison.headline(rule))
+    click.echo()
+    click.echo(comparison.markdown_table(comparison.summary_table(result)))
     click.echo()
     click.echo(comparison.markdown_table(
-        comparison.side_by_side_table(result.ranked[:top], rule)))
+        comparison.side_by_side_table(result.groups[:top], rule)))
     click.echo(f"\nRule: {rule.describe()}.")
-    click.echo(f"Chosen: {result.chosen.name} ({result.chosen.run_id}): {result.reason}.")
+    click.echo(f"Chosen: {result.chosen_group.label()}: {result.reason}.")
+    click.echo(f"Registered run: {result.chosen.name} ({result.chosen.run_id})")
+    for line in result.differences:
+        click.echo(f"Difference: {line}")
     click.echo(f"Report logged to comparison run {result.comparison_run_id}"
                + (f" and written to {report_dir}" if report_dir else ""))
     if results_path:
@@ -279,15 +295,11 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
         return
     from mnist_mlflow import registry
 
-    # First sentence short: the registry's version table shows only the start.
-    description = (f"{result.chosen.name}: {metric} {result.chosen.metrics[metric]:.6g}, "
-                   f"{result.chosen.num_params:,} parameters. Chosen by `mnist-mlflow compare` "
-                   f"(comparison run {result.comparison_run_id}) from run "
-                   f"{result.chosen.run_id}: {result.reason}. Rule: {rule.describe()}.")
-    version = registry.register_run(result.chosen.run_id, model_name, metric, description)
+    version = registry.register_run(result.chosen.run_id, model_name, metric,
+                                    comparison.version_description(result))
     click.echo(f"Registered {model_name} version {version.version}")
-    promotion = registry.promote_if_better(model_name, version.version, metric,
-                                           higher_is_better, force)
+    promotion = registry.promote_if(model_name, version.version,
+                                    partial(comparison.promotion_case, result), force)
     click.echo(promotion.message)
 
 

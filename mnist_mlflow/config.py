@@ -61,7 +61,8 @@ class TrainingDiverged(Exception):
                 f"{where} step {self.step} of {self.steps}")
 
 
-def _shown(value: object) -> str:
+def shown_value(value: object) -> str:
+    """A setting as people write it: floats without trailing zeros (0.05, 0, 1e-05)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -167,7 +168,7 @@ class TrainConfig:
         from the defaults (`gap8k-dropout0 epochs=15 lr=0.05 scheduler=onecycle`). Runs that
         differ only in seed, or in how they ran (RUNTIME_SETTINGS), share it."""
         learns, defaults = self.what_it_learns(), TrainConfig()
-        differ = [f"{name}={_shown(getattr(learns, name))}" for name in self.field_names()
+        differ = [f"{name}={shown_value(getattr(learns, name))}" for name in self.field_names()
                   if name not in ("model", "dropout", "seed")
                   and getattr(learns, name) != getattr(defaults, name)]
         return " ".join([self.variant_name, *differ])

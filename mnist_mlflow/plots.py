@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mnist_mlflow.schema import EPOCH_METRICS, METRICS  # noqa: E402
 
-if TYPE_CHECKING:  # a type only: `compare` plots without importing torch
+if TYPE_CHECKING:  # types only: `compare` plots without importing torch
+    from mnist_mlflow.stats import Summary
     from mnist_mlflow.training import EpochMetrics
 
 
@@ -60,6 +61,43 @@ def plot_comparison(histories: dict[str, dict[str, list[tuple[int, float]]]], pa
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: Sequence[tuple[int, float]]) -> list[int]:
+    """Indices of the non-dominated (parameters, accuracy) points, fewest parameters first:
+    none other is as small and as accurate, and better in one."""
+    front = []
+    for i, (size, acc) in enumerate(points):
+        dominated = any(s <= size and a >= acc and (s < size or a > acc)
+                        for j, (s, a) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: str) -> Path:
+    """Test accuracy (group mean, 95% interval as error bars) against parameters (log scale),
+    one point per group; the non-dominated groups joined by a line."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for label, size, summary in groups:
+        interval = summary.mean_interval()
+        error = None if interval is None else [[summary.mean - interval[0]],
+                                               [interval[1] - summary.mean]]
+        ax.errorbar([size], [summary.mean], yerr=error, fmt="o", capsize=4,
+                    label=f"{label}: {summary.mean:.2f}")
+    front = pareto_front([(size, summary.mean) for _, size, summary in groups])
+    ax.plot([groups[i][1] for i in front], [groups[i][2].mean for i in front], "k--",
+            linewidth=1, label="non-dominated")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("test accuracy, last epoch (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -6,6 +6,7 @@ FINISHED; the version that loses it gets `previous`, so a rollback is one `promo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -149,33 +150,28 @@ def _describe_model(client: MlflowClient, model_name: str) -> None:
         "description says why it was chosen."))
 
 
-def promote_if_better(model_name: str, version: str, metric: str, higher_is_better: bool,
-                      force: bool = False) -> Promotion:
-    """Move `production` to `version` when it beats the current one on `metric` (or `force`)."""
+def promote_if(model_name: str, version: str, judge: Callable[[str], tuple[bool, str]],
+               force: bool = False) -> Promotion:
+    """Move `production` to `version` when `judge(production's run id)` says it beats the
+    current one (and why), or with `force`; the first promotion of a name needs no judging."""
     check_model_name(model_name)
     client = MlflowClient()
-    candidate = client.get_model_version(model_name, version)
-    value = _metric(_finished_run(client, candidate.run_id), metric)
     current = _production(client, model_name)
     if current is None:
-        return _move(client, model_name, version, None, "no version was production yet")
+        return _move(client, model_name, version, None,
+                     f"the first promotion of {model_name}: no version was {PRODUCTION} yet")
     if str(current.version) == str(version):
         return Promotion(version, False, f"version {version} is already {PRODUCTION}")
-    current_value = client.get_run(current.run_id).data.metrics.get(metric)
+    beats, why = judge(current.run_id)
     if force:
-        return _move(client, model_name, version, current, "--force")
-    if current_value is None:
+        return _move(client, model_name, version, current,
+                     "--force" + ("" if beats else f"; without it, it would stay: {why}"))
+    if not beats:
         return Promotion(current.version, False,
-                         f"{PRODUCTION} stays at version {current.version}: its run has no "
-                         f"{metric} to compare with; use --force to move it anyway")
-    better = value > current_value if higher_is_better else value < current_value
-    if not better:
-        return Promotion(current.version, False,
-                         f"{PRODUCTION} stays at version {current.version}: version {version} "
-                         f"has {metric} {value:.6g}, which does not beat {current_value:.6g}; "
+                         f"{PRODUCTION} stays at version {current.version}: {why}; "
                          "use --force to move it anyway")
     return _move(client, model_name, version, current,
-                 f"{metric} {value:.6g} beats {current_value:.6g} of version {current.version}")
+                 f"{why}, over version {current.version}")
 
 
 def promote(model_name: str, version: str) -> Promotion:

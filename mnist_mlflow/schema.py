@@ -143,6 +143,7 @@ MODEL_SUMMARY = "model_summary.txt"
 PLAN_ARTIFACT = "sweep_plan.json"
 REPORT_FILE = "comparison.md"
 REPORT_PLOT = "comparison.png"
+REPORT_PARETO = "comparison_pareto.png"
 
 # --- params -----------------------------------------------------------------------------------
 NUM_PARAMS = "num_params"

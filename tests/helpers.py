@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.cli import main
@@ -45,3 +47,29 @@ def model_uri(run_id: str) -> str:
     [model] = mlflow.search_logged_models([experiment_id], f"source_run_id = '{run_id}'",
                                           output_format="list")
     return f"models:/{model.model_id}"
+
+
+def craft_run(experiment: str, name: str, val: float | None, test: float | None = None,
+              seed: int = 1, gap: float = 1.0, num_params: int = 6132, start: int = 0,
+              status: str = "FINISHED", **settings: object) -> str:
+    """A FINISHED-looking training run with chosen metric values and no model: what the
+    comparison reads, without training. `val` None is a run made with --val-size 0."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, start_time=start or int(time.time() * 1000),
+                            run_name=name)
+    run_id = run.info.run_id
+    params = {"model": "opt", "epochs": 20, "lr": 0.01, "batch_size": 64, "dropout": 0.0,
+              "seed": seed, "val_size": 0 if val is None else 5000, "num_params": num_params,
+              **settings}
+    test = val if test is None else test
+    metrics = {"train_acc": test + gap, "test_acc": test, "final_test_acc": test,
+               "final_gap": gap, "best_test_acc": test, "test_loss": 0.02}
+    if val is not None:
+        metrics |= {"final_val_acc": val, "val_acc": val}
+    client.log_batch(run_id, [Metric(k, v, int(time.time() * 1000), 20)
+                              for k, v in metrics.items()],
+                     [Param(k, str(v)) for k, v in params.items()], [])
+    client.set_terminated(run_id, status)
+    return run_id

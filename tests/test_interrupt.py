@@ -24,8 +24,10 @@ from tests.helpers import run_cli
 # Long enough epochs (about 2 s) that a signal sent right after epoch 1 lands in epoch 2.
 TRAIN_LIMIT, TEST_LIMIT, EPOCHS = 6144, 256, 3
 TRAIN_ARGS = ["--train-limit", str(TRAIN_LIMIT), "--test-limit", str(TEST_LIMIT),
+              "--val-size", "256",
               "--epochs", str(EPOCHS), "--device", "cpu", "--threads", "1"]
-COMPARED = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]  # not epoch_seconds
+# Not epoch_seconds; validation metrics too: a resumed run validates as if it never stopped.
+COMPARED = ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr"]
 
 
 def mnist_mlflow(store: str, *args: str) -> subprocess.Popen[str]:
@@ -62,7 +64,7 @@ def twin(mnist_root: Path) -> list[EpochMetrics]:
                          threads=1)
     threads = torch.get_num_threads()
     try:
-        data = load_mnist(mnist_root, config.train_limit, config.test_limit)
+        data = load_mnist(mnist_root, config.train_limit, config.test_limit, config.val_size)
         pipeline = build_pipeline(config, data, resolve(config))
         state = create_state(config, resolve(config), pipeline.steps_per_epoch)
         return fit(config, state, pipeline, progress=False)
@@ -120,6 +122,8 @@ def test_signal_in_epoch_2_ends_killed_and_resume_matches_the_uninterrupted_twin
     assert run.data.tags["resumed_after_epochs"] == "1"
     # Summary metrics are rounded to 0.01 points.
     assert run.data.metrics["best_test_acc"] == round(max(m.test_acc for m in twin), 2)
+    assert run.data.metrics["final_val_acc"] == round(twin[-1].val_acc, 2)
+    assert run.data.metrics["best_val_acc"] == round(max(m.val_acc for m in twin), 2)
     assert "model_summary.txt" in {a.path for a in client.list_artifacts(run_id)}
     for name in [*COMPARED, "epoch_seconds"]:
         history = client.get_metric_history(run_id, name)

@@ -20,24 +20,38 @@ from tests.helpers import run_cli
 EXPERIMENT = "registry"
 
 
+# Real tiny runs with real models, two seeds per group but `single`. `weak` (lr 1e-5) stays
+# near chance; `twin` differs from `strong` only by a weight decay too small to matter.
+GROUPS = {
+    "weak": {"lr": 1e-5},
+    "strong": {"lr": 0.05},
+    "twin": {"lr": 0.05, "weight_decay": 1e-7},
+    "single": {"lr": 0.05, "momentum": 0.8},
+}
+FILTERS = {
+    "weak": "params.lr = '1e-05'",
+    "strong": "params.lr = '0.05' and params.weight_decay = '0.0' and params.momentum = '0.9'",
+    "twin": "params.weight_decay = '1e-07'",
+    "single": "params.momentum = '0.8'",
+}
+
+
 @pytest.fixture(scope="module")
-def better_worse(store_dir: Path, mnist_root: Path) -> tuple[str, str]:
-    """Two real tiny runs, as (lower test_loss, higher test_loss): a strict order for the rule."""
+def groups(store_dir: Path, mnist_root: Path) -> dict[str, list[str]]:
+    """Group name -> its run ids, trained for real (2 epochs on 2,048 images)."""
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        run_ids = [train_tracked(tiny_config(epochs=1, dropout=dropout), mnist_root, EXPERIMENT,
-                                 progress=False).run_id for dropout in (0.0, 0.05)]
-        losses = {r: MlflowClient().get_run(r).data.metrics["test_loss"] for r in run_ids}
-    assert len(set(losses.values())) == 2
-    better, worse = sorted(run_ids, key=losses.get)
-    return better, worse
+        return {name: [train_tracked(tiny_config(epochs=2, train_limit=2048, seed=seed,
+                                                 **settings), mnist_root, EXPERIMENT,
+                                     progress=False).run_id
+                       for seed in ((1,) if name == "single" else (1, 2))]
+                for name, settings in GROUPS.items()}
 
 
-def compare_only(run_id: str, model: str, capsys: pytest.CaptureFixture[str],
-                 monkeypatch: pytest.MonkeyPatch, *extra: str) -> str:
-    """`compare` restricted to one run, selecting by test_loss; returns its stdout."""
-    code, out, err = run_cli(["compare", "--experiment", EXPERIMENT, "--metric", "test_loss",
-                              "--filter", f"attributes.run_id = '{run_id}'",
+def compare_group(group: str, model: str, capsys: pytest.CaptureFixture[str],
+                  monkeypatch: pytest.MonkeyPatch, *extra: str) -> str:
+    """`compare` restricted to one group's runs; returns its stdout."""
+    code, out, err = run_cli(["compare", "--experiment", EXPERIMENT, "--filter", FILTERS[group],
                               "--model-name", model, *extra], capsys, monkeypatch)
     assert code == 0, err
     return out
@@ -54,25 +68,31 @@ def version_of(model: str, run_id: str) -> str:
 
 
 def test_compare_registers_the_choice_and_production_predicts_real_images(
-        store: str, better_worse: tuple[str, str], mnist_root: Path,
+        store: str, groups: dict[str, list[str]], mnist_root: Path,
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    code, out, err = run_cli(["compare", "--experiment", EXPERIMENT], capsys, monkeypatch)
-    assert code == 0, err
+    out = compare_group("strong", "mnist-cnn", capsys, monkeypatch)
     client = MlflowClient()
-    chosen_id = out.split("Chosen: ")[1].split("(")[1].split(")")[0]
+    chosen_id = out.split("Registered run: ")[1].split("(")[1].split(")")[0]
+    assert chosen_id in groups["strong"]
     chosen = client.get_run(chosen_id)
+    # The group's run with the highest validation accuracy.
+    assert chosen.data.metrics["final_val_acc"] == max(
+        client.get_run(r).data.metrics["final_val_acc"] for r in groups["strong"])
     version = client.get_model_version("mnist-cnn", "1")
     assert version.run_id == chosen_id
     assert aliases("mnist-cnn") == {PRODUCTION: "1"}
-    assert version.tags == {"selection_metric": "best_test_acc",
-                            "best_test_acc": str(chosen.data.metrics["best_test_acc"]),
+    assert version.tags == {"selection_metric": "final_val_acc",
+                            "final_val_acc": str(chosen.data.metrics["final_val_acc"]),
                             "run_name": chosen.info.run_name}
-    assert chosen_id in version.description and "highest `best_test_acc`" in version.description
-    assert "production -> version 1 (no version was production yet)" in out
+    assert "Test accuracy of its recipe" in version.description
+    assert "(95% CI, n = 2)" in version.description
+    assert chosen_id in version.description and "highest mean `final_val_acc`" in (
+        version.description)
+    assert "production -> version 1 (the first promotion of mnist-cnn" in out
 
     # The same choice again: no second version, the alias stays.
-    code, out, _ = run_cli(["compare", "--experiment", EXPERIMENT], capsys, monkeypatch)
-    assert code == 0 and "version 1 is already production" in out
+    out = compare_group("strong", "mnist-cnn", capsys, monkeypatch)
+    assert "version 1 is already production" in out
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == 1
 
     model = load_model("models:/mnist-cnn@production")
@@ -85,38 +105,40 @@ def test_compare_registers_the_choice_and_production_predicts_real_images(
     assert abs(accuracy - chosen.data.metrics["test_acc"]) <= 100 / 256
 
 
-def test_a_better_version_takes_production_and_the_old_one_becomes_previous(
-        store: str, better_worse: tuple[str, str], capsys: pytest.CaptureFixture[str],
+def test_production_moves_on_a_real_gain_only_or_when_forced(
+        store: str, groups: dict[str, list[str]], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    better, worse = better_worse
-    compare_only(worse, "moves", capsys, monkeypatch)
-    out = compare_only(better, "moves", capsys, monkeypatch)
-    assert aliases("moves") == {PRODUCTION: version_of("moves", better),
-                                PREVIOUS: version_of("moves", worse)}
-    assert "beats" in out
+    model = "honest"
+    out = compare_group("weak", model, capsys, monkeypatch)
+    assert f"production -> version 1 (the first promotion of {model}" in out
 
+    out = compare_group("strong", model, capsys, monkeypatch)
+    assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}
+    assert "production -> version 2 (lr 0.05 vs 1e-05, final_val_acc: +" in out
+    assert "n = 2 vs 2: real at 95%, over version 1)" in out
 
-def test_a_worse_version_is_registered_but_production_stays_unless_forced(
-        store: str, better_worse: tuple[str, str], capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    better, worse = better_worse
-    compare_only(better, "keeps", capsys, monkeypatch)
-    out = compare_only(worse, "keeps", capsys, monkeypatch)
-    assert aliases("keeps") == {PRODUCTION: version_of("keeps", better)}
-    assert f"production stays at version {version_of('keeps', better)}" in out
-    assert "does not beat" in out
+    out = compare_group("twin", model, capsys, monkeypatch)
+    assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}  # registered, not promoted
+    assert version_of(model, out.split("Registered run: ")[1].split("(")[1].split(")")[0]) == "3"
+    assert "production stays at version 2: within noise: weight_decay 1e-07 vs 0" in out
+    assert "use --force to move it anyway" in out
 
-    compare_only(worse, "keeps", capsys, monkeypatch, "--force")
-    assert aliases("keeps") == {PRODUCTION: version_of("keeps", worse),
-                                PREVIOUS: version_of("keeps", better)}
+    out = compare_group("single", model, capsys, monkeypatch)
+    assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}
+    assert "production stays at version 2: too few seeds: " in out
+    assert "n = 1 vs 2: one seed: cannot tell" in out
+
+    out = compare_group("twin", model, capsys, monkeypatch, "--force")
+    assert aliases(model) == {PRODUCTION: "3", PREVIOUS: "2"}
+    assert "production -> version 3 (--force; without it, it would stay: within noise" in out
 
 
 def test_promote_rolls_back_and_models_lists_the_versions(
-        store: str, better_worse: tuple[str, str], capsys: pytest.CaptureFixture[str],
+        store: str, groups: dict[str, list[str]], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    better, worse = better_worse
-    compare_only(worse, "rollback", capsys, monkeypatch)
-    compare_only(better, "rollback", capsys, monkeypatch)
+    worse, better = groups["weak"], groups["strong"]
+    compare_group("weak", "rollback", capsys, monkeypatch)
+    compare_group("strong", "rollback", capsys, monkeypatch)
     assert aliases("rollback") == {PRODUCTION: "2", PREVIOUS: "1"}
 
     code, out, err = run_cli(["promote", "--model-name", "rollback", "--version", "1"],
@@ -134,18 +156,19 @@ def test_promote_rolls_back_and_models_lists_the_versions(
     rows = [line for line in out.splitlines() if line.startswith("| 1 ") or
             line.startswith("| 2 ")]
     client = MlflowClient()
-    for row, run_id, alias in zip(rows, (worse, better), (PRODUCTION, PREVIOUS), strict=True):
-        loss = client.get_run(run_id).data.metrics["test_loss"]
-        assert alias in row and f"test_loss {loss}" in row and run_id in row
+    for row, run_ids, alias in zip(rows, (worse, better), (PRODUCTION, PREVIOUS), strict=True):
+        run_id = next(r for r in run_ids if r in row)
+        value = client.get_run(run_id).data.metrics["final_val_acc"]
+        assert alias in row and f"final_val_acc {value}" in row
 
     code, _, err = run_cli(["models", "--model-name", "nothing"], capsys, monkeypatch)
     assert code == 2 and "no registered model 'nothing'" in err
 
 
 def test_production_never_points_at_a_failed_run(
-        store: str, better_worse: tuple[str, str], capsys: pytest.CaptureFixture[str],
+        store: str, groups: dict[str, list[str]], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    compare_only(better_worse[0], "guarded", capsys, monkeypatch)
+    compare_group("strong", "guarded", capsys, monkeypatch)
     # A version registered by hand from a run that then failed (a real logged model).
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name="failed-after-logging") as run:
@@ -163,10 +186,10 @@ def test_production_never_points_at_a_failed_run(
 
 
 def test_a_run_without_a_model_leaves_the_registry_untouched(
-        store: str, better_worse: tuple[str, str], capsys: pytest.CaptureFixture[str],
+        store: str, groups: dict[str, list[str]], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     client = MlflowClient()
-    source = client.get_run(better_worse[0])
+    source = client.get_run(groups["strong"][0])
     run = client.create_run(source.info.experiment_id, run_name="metrics-only")
     for key, value in source.data.params.items():
         client.log_param(run.info.run_id, key, value)

@@ -25,18 +25,26 @@ from mlflow.tracking import MlflowClient
 EXPERIMENT = "benchmark"
 
 
+SEEDS = 5
+
+
 def create_runs(client: MlflowClient, count: int, epochs: int, seed: int = 0) -> None:
-    """`count` finished runs with plausible, varied values (some over the parameter budget)."""
+    """`count` finished runs with plausible, varied values (some over the parameter budget):
+    count / 5 configurations, each over 5 seeds, as a search over recipes would leave them."""
     rng = random.Random(seed)
     experiment_id = client.create_experiment(EXPERIMENT)
     start = int(time.time() * 1000) - count * 60_000
     for index in range(count):
-        dropout = rng.choice([0.0, 0.05, 0.1])
-        num_params = rng.randrange(4_000, 12_000)
+        config = index // SEEDS
+        config_rng = random.Random(config)  # the same for each seed of a configuration
+        dropout = config_rng.choice([0.0, 0.05, 0.1])
+        lr = round(config_rng.uniform(0.005, 0.1), 4)
+        num_params = config_rng.randrange(4_000, 12_000)
         run = client.create_run(experiment_id, start_time=start + index * 60_000,
-                                run_name=f"synthetic-{index}-dropout{dropout:g}")
-        params = {"model": "opt", "dropout": dropout, "epochs": epochs, "lr": 0.01,
-                  "batch_size": 64, "momentum": 0.9, "seed": index, "num_params": num_params}
+                                run_name=f"synthetic-{config}-dropout{dropout:g}-seed{index}")
+        params = {"model": "opt", "dropout": dropout, "epochs": epochs, "lr": lr,
+                  "batch_size": 64, "momentum": 0.9, "seed": index % SEEDS, "val_size": 5000,
+                  "num_params": num_params}
         timestamp = start + index * 60_000
         metrics, train_acc, test_acc = [], 0.0, 0.0
         best = (0.0, 0)
@@ -44,11 +52,13 @@ def create_runs(client: MlflowClient, count: int, epochs: int, seed: int = 0) ->
             train_acc = 99.6 - 8 / epoch + rng.uniform(-0.1, 0.1)
             test_acc = 99.4 - 7 / epoch + rng.uniform(-0.15, 0.15)
             best = max(best, (test_acc, -epoch))
+            val_acc = 99.3 - 7 / epoch + rng.uniform(-0.15, 0.15)
             values = {"train_loss": 0.3 / epoch, "train_acc": train_acc, "test_loss": 0.25 / epoch,
-                      "test_acc": test_acc, "lr": 0.01, "epoch_seconds": 10.0}
+                      "test_acc": test_acc, "val_acc": val_acc, "lr": lr, "epoch_seconds": 10.0}
             metrics += [Metric(k, v, timestamp + epoch, epoch) for k, v in values.items()]
         summary = {"best_test_acc": best[0], "best_epoch": -best[1],
-                   "final_gap": train_acc - test_acc}
+                   "final_gap": train_acc - test_acc, "final_test_acc": test_acc,
+                   "final_val_acc": val_acc}
         metrics += [Metric(k, v, timestamp + epochs, epochs) for k, v in summary.items()]
         client.log_batch(run.info.run_id, metrics=metrics,
                          params=[Param(k, str(v)) for k, v in params.items()],
@@ -82,7 +92,8 @@ def main() -> None:
         began = time.perf_counter()
         result = compare(EXPERIMENT)
         in_process = time.perf_counter() - began
-        print(f"compare() over {len(result.ranked)} runs: {in_process:.2f} s "
+        print(f"compare() over {len(result.ranked)} runs in {len(result.groups)} groups: "
+              f"{in_process:.2f} s "
               f"(chose {result.chosen.name}, {result.rule.metric} "
               f"{result.chosen.metrics[result.rule.metric]:.2f})")
 

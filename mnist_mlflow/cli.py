@@ -21,7 +21,7 @@ import click
 
 from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
-from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPORT_PARETO
 
 DEFAULTS = TrainConfig()
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
@@ -171,14 +171,41 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
               help="Train every variant once per seed (instead of --seed).")
 @click.option("--resume", "resume_run_id", default="", metavar="PARENT_RUN_ID",
               help="Train only the unfinished children of this sweep, under the same parent.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="local: children one after another in this process. ray: each child a Ray "
+                   "task (pip install -e \".[ray]\"), on a local Ray started for the sweep "
+                   "or the cluster at --ray-address.")
+@click.option("--ray-address", default="", metavar="ADDR",
+              help="Ray cluster to run on (say ray://head:10001 or auto) [default: a local "
+                   "Ray with this machine's CPUs].")
+@click.option("--cpus-per-run", type=int, default=1, show_default=True,
+              help="CPUs each Ray task reserves; its torch uses as many threads.")
+@click.option("--gpus-per-run", type=float, default=0.0, show_default=True,
+              help="GPUs each Ray task reserves (fractions share one).")
 @click.pass_context
 def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds: str,
-          resume_run_id: str, **options: Any) -> None:
+          resume_run_id: str, executor: str, ray_address: str, cpus_per_run: int,
+          gpus_per_run: float, **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
     from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
-    from mnist_mlflow.sweep import parse_variants, resume_sweep, run_sweep, sweep_configs
+    from mnist_mlflow.sweep import (
+        LocalExecutor,
+        parse_variants,
+        resume_sweep,
+        run_sweep,
+        sweep_configs,
+    )
 
     check_experiment(options["experiment"])
+    if executor == "ray":
+        from mnist_mlflow.ray_executor import RayExecutor
+
+        children_run_by = RayExecutor(ray_address, cpus_per_run, gpus_per_run)
+    else:
+        if ray_address:
+            raise UserError("--ray-address needs --executor ray")
+        children_run_by = LocalExecutor()
     variants = tuple(v for v in variants if v.strip())  # `mlflow run` passes "" for none
     given = given_settings(ctx, options)
     for name in ("model", "dropout"):
@@ -192,7 +219,8 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
         if variants or phase_name or seeds:
             raise UserError("--phase, --variant and --seeds do not apply with --resume: "
                             "the sweep's own are used")
-        result = resume_sweep(resume_run_id, options["data_dir"], given)
+        result = resume_sweep(resume_run_id, options["data_dir"], given,
+                              executor=children_run_by)
     else:
         description = ""
         if variants:
@@ -205,7 +233,7 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
             configs = over_seeds(configs, parse_seeds(seeds))
         result = run_sweep(configs, options["data_dir"], options["experiment"], phase=phase_name,
                            command=invoked_command(), runner_run_id=runner_run_id(ctx),
-                           phase_description=description)
+                           phase_description=description, executor=children_run_by)
     for child in result.children:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
@@ -289,7 +317,11 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
     if results_path:
         from mnist_mlflow.results import render_results
 
-        Path(results_path).write_text(render_results(result.experiment, invoked_command()))
+        pareto = (Path(os.path.relpath(Path(report_dir) / REPORT_PARETO,
+                                       Path(results_path).resolve().parent))
+                  if report_dir else None)
+        Path(results_path).write_text(render_results(result.experiment, invoked_command(),
+                                                     pareto))
         click.echo(f"Results by phase written to {results_path}")
     if not register:
         return

@@ -1,72 +1,58 @@
-"""RESULTS.md: one table per phase, from the tracked runs, with the commands that made them.
+"""RESULTS.md: one table per phase, from the tracked runs, with the commands that made them,
+whether the differences within a phase are real, and the targets judged on recipes chosen on
+validation.
 
-Runs of a phase are grouped by variant: the same settings but for the seed (and how they
-ran: device, threads). Each row gives the variant's worst-of-the-last-3-epochs test accuracy
-over its seeds, the figure the "≥ 99.4% at each of the last 3 epochs" target is read from.
+Runs of a phase are grouped by `config_group` (the same settings but for the seed and how they
+ran). Each row gives the group's validation and test accuracy over its seeds, and its
+worst-of-the-last-3-epochs test accuracy, the figure the "≥ 99.4% at each of the last 3
+epochs" target is read from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from statistics import mean
+from itertools import combinations
+from pathlib import Path
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.comparison import markdown_table, search_all
+from mnist_mlflow.comparison import (
+    SEED_PROTOCOL,
+    Group,
+    contrast,
+    group_runs,
+    markdown_table,
+    search_all,
+    training_runs,
+)
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.mlrun import experiment_id
 from mnist_mlflow.phases import PHASES
 from mnist_mlflow.schema import (
     COMMAND_TAG,
+    FINAL_TEST_ACC,
+    FINAL_VAL_ACC,
     LAST3_METRIC,
     MEAN_EPOCH_SECONDS,
-    NUM_PARAMS,
     PHASE_TAG,
-    TEST_ACC,
     settings_from_params,
     settings_of,
 )
+from mnist_mlflow.stats import welch
 
 # The seed's next target: at least this at each of the last 3 epochs, for every seed.
 TARGET_ACC = 99.40
 TARGET_PARAMS = 8000
 TARGET_EPOCHS = 15
 TARGET_SEEDS = 3
-# Settings that say how a run ran, not what it learned: runs differing only here are pooled.
-RUN_ONLY_SETTINGS = ("seed", "device", "threads", "compile", "deterministic")
 
 
-@dataclass(frozen=True)
-class VariantResult:
-    """One variant of a phase over its seeds (the latest finished run per seed)."""
-
-    name: str
-    settings: dict[str, object]
-    num_params: int
-    runs: list[Run]
-
-    @property
-    def last3(self) -> list[float]:
-        return [r.data.metrics[LAST3_METRIC] for r in self.runs]
-
-    def meets_target(self) -> bool:
-        return (self.num_params < TARGET_PARAMS and int(self.settings["epochs"]) <= TARGET_EPOCHS
-                and len(self.runs) >= TARGET_SEEDS and min(self.last3) >= TARGET_ACC)
-
-    def row(self) -> list[str]:
-        metrics = [r.data.metrics for r in self.runs]
-        seeds = [int(settings_from_params(settings_of(r))["seed"]) for r in self.runs]
-        return [self.name, TrainConfig(**self.settings).recipe(), f"{self.num_params:,}",
-                str(self.settings["epochs"]), ",".join(map(str, seeds)),
-                f"{mean(self.last3):.2f}", f"{min(self.last3):.2f}",
-                " / ".join(f"{v:.2f}" for v in self.last3),
-                f"{mean(m[TEST_ACC] for m in metrics):.2f}",
-                f"{mean(m[MEAN_EPOCH_SECONDS] for m in metrics):.1f}",
-                how_run(self.runs[0]), "yes" if self.meets_target() else "no"]
+def meets_target(group: Group) -> bool:
+    return (group.num_params < TARGET_PARAMS and group.config.epochs <= TARGET_EPOCHS
+            and group.n >= TARGET_SEEDS and min(group.values(LAST3_METRIC)) >= TARGET_ACC)
 
 
 def how_run(run: Run) -> str:
@@ -80,26 +66,27 @@ def how_run(run: Run) -> str:
     return f"{device}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def variant_results(runs: Sequence[Run]) -> list[VariantResult]:
-    """Runs grouped by variant, first-seen order; per seed only the latest run counts."""
-    groups: dict[tuple[tuple[str, object], ...], dict[int, Run]] = {}
-    for run in runs:  # oldest first, so a later run of the same seed replaces an earlier one
-        settings = settings_from_params(settings_of(run))
-        key = tuple((k, v) for k, v in settings.items() if k not in RUN_ONLY_SETTINGS)
-        groups.setdefault(key, {})[int(settings["seed"])] = run
-    results = []
-    for key, by_seed in groups.items():
-        settings = dict(key)
-        name = TrainConfig(**settings).variant_name
-        chosen = [by_seed[seed] for seed in sorted(by_seed)]
-        results.append(VariantResult(name, settings, int(chosen[0].data.params[NUM_PARAMS]),
-                                     chosen))
-    return results
-
-
-HEADER = ["Variant", "Recipe", "Params", "Epochs", "Seeds", "Last-3 min, mean", "Last-3 min, min",
-          "Last-3 min per seed", "Final test acc, mean", "s/epoch", "Device",
+HEADER = ["Variant", "Recipe", "Params", "Epochs", "Seeds", "Final val acc", "Final test acc",
+          "Test acc, 95% CI of the mean", "Last-3 min, mean", "Last-3 min, min",
+          "Last-3 min per seed", "s/epoch", "Device",
           f"Target met (< {TARGET_PARAMS:,}, ≤ {TARGET_EPOCHS} ep, ≥ {TARGET_ACC:.2f}%)"]
+
+
+def group_row(group: Group, runs: dict[str, Run]) -> list[str]:
+    val, test = group.summary(FINAL_VAL_ACC), group.summary(FINAL_TEST_ACC)
+    last3 = group.values(LAST3_METRIC)
+    interval = test.mean_interval()
+    seconds = group.values(MEAN_EPOCH_SECONDS) if group.has(MEAN_EPOCH_SECONDS) else []
+    return [group.config.variant_name, group.config.recipe(), f"{group.num_params:,}",
+            str(group.config.epochs), ",".join(map(str, group.seeds)),
+            f"{val.mean:.2f} ± {val.sd:.2f}" if val and val.n > 1 else
+            f"{val.mean:.2f}" if val else SEED_PROTOCOL,
+            f"{test.mean:.2f} ± {test.sd:.2f}" if test.n > 1 else f"{test.mean:.2f}",
+            f"{interval[0]:.2f}–{interval[1]:.2f}" if interval else "one seed",
+            f"{sum(last3) / len(last3):.2f}", f"{min(last3):.2f}",
+            " / ".join(f"{v:.2f}" for v in last3),
+            f"{sum(seconds) / len(seconds):.1f}" if seconds else "?",
+            how_run(runs[group.runs[0].run_id]), "yes" if meets_target(group) else "no"]
 
 
 def phase_runs(experiment: str) -> dict[str, list[Run]]:
@@ -127,35 +114,94 @@ def sweep_commands(runs: Sequence[Run]) -> list[str]:
     lines = []
     for parent, children in trained.items():
         command = client.get_run(parent).data.tags.get(COMMAND_TAG) or f"(sweep run {parent})"
-        settings = [settings_from_params(settings_of(r)) for r in children]
-        variants = dict.fromkeys(TrainConfig(**s).variant_name for s in settings)
-        recipes = dict.fromkeys(TrainConfig(**s).recipe() for s in settings)
+        configs = [TrainConfig(**settings_from_params(settings_of(r))) for r in children]
+        variants = dict.fromkeys(c.variant_name for c in configs)
+        recipes = dict.fromkeys(c.recipe() for c in configs)
         lines.append(f"{command}\n    # trained {', '.join(variants)}: {' | '.join(recipes)}")
     return lines
 
 
-def render_results(experiment: str, command: str) -> str:
+def differences(groups: Sequence[Group]) -> list[str]:
+    """Each pair of a phase's groups on final test accuracy (and on validation, where both
+    have it): a gain, and whether seed noise explains it."""
+    lines = []
+    for a, b in combinations(groups, 2):
+        if a.config.model != b.config.model:
+            continue  # different networks: the table and the Pareto view compare those
+        label = contrast(a.config, b.config)
+        lines.append(welch(a.values(FINAL_TEST_ACC), b.values(FINAL_TEST_ACC))
+                     .sentence(f"{label}, {FINAL_TEST_ACC}"))
+        if a.has(FINAL_VAL_ACC) and b.has(FINAL_VAL_ACC):
+            lines.append(welch(a.values(FINAL_VAL_ACC), b.values(FINAL_VAL_ACC))
+                         .sentence(f"{label}, {FINAL_VAL_ACC}"))
+    return lines
+
+
+def targets_on_validation(groups: Sequence[Group]) -> list[str]:
+    """Per model with validated recipes: the recipe with the highest mean final_val_acc, and
+    whether it meets the target on the test set."""
+    lines = []
+    models = dict.fromkeys(g.config.model for g in groups if g.has(FINAL_VAL_ACC))
+    for model in models:
+        candidates = [g for g in groups if g.config.model == model and g.has(FINAL_VAL_ACC)]
+        chosen = max(candidates, key=lambda g: (g.summary(FINAL_VAL_ACC).mean, g.n))
+        last3 = chosen.values(LAST3_METRIC)
+        others = ", ".join(f"{g.config.recipe()} ({g.summary(FINAL_VAL_ACC).mean:.2f})"
+                           for g in candidates if g is not chosen) or "none"
+        lines.append(
+            f"- **{model}** ({chosen.num_params:,} parameters): chosen on validation from "
+            f"{len(candidates)} recipe(s): {chosen.config.recipe()} (mean final_val_acc "
+            f"{chosen.summary(FINAL_VAL_ACC).mean:.2f}, n = {chosen.n}; others: {others}). "
+            f"Test, worst of the last 3 epochs per seed: {' / '.join(f'{v:.2f}' for v in last3)}"
+            f": target {'met' if meets_target(chosen) else 'NOT met'}.")
+    return lines
+
+
+def render_results(experiment: str, command: str, pareto: Path | None = None) -> str:
     """RESULTS.md for every phase trained in `experiment`."""
     lines = ["# Results", "",
              f"Generated by `{command}` on {datetime.now():%Y-%m-%d %H:%M} from the finished "
              f"runs of experiment `{experiment}`; nothing here is typed by hand.", "",
-             f"\"Last-3 min\" is `{LAST3_METRIC}`: a run's lowest test accuracy (%, on all "
+             "Every run holds out the same validation images (`--val-size`, a fixed split "
+             "seed) unless it says \"" + SEED_PROTOCOL + "\". Recipes are chosen on "
+             "validation accuracy alone; test accuracy is reported, never used to choose, and "
+             "any further recipe search is judged on validation alone.", "",
+             "Per group (one configuration over its seeds): final validation and test "
+             "accuracy as mean ± sd over the seeds, the 95% t interval of the test mean, and "
+             f"\"Last-3 min\": `{LAST3_METRIC}`, a run's lowest test accuracy (%, on all "
              "10,000 test images unless the recipe names a slice) over its last 3 epochs. "
-             "Per variant: its mean and minimum over the seeds, and each seed's value. "
              f"\"Target met\": fewer than {TARGET_PARAMS:,} parameters, at most "
              f"{TARGET_EPOCHS} epochs, and last-3 min ≥ {TARGET_ACC:.2f}% for every one of "
              f"at least {TARGET_SEEDS} seeds. s/epoch is training plus evaluation, on the "
-             "device and threads shown.", ""]
-    defaults = TrainConfig()
+             "device and threads shown. Differences: Welch's 95% interval of the difference "
+             "of means (scipy.stats); \"within seed noise\" when it holds zero.", ""]
+    all_groups: list[Group] = []
     for phase, runs in phase_runs(experiment).items():
+        summaries, _ = training_runs(runs)
+        groups = group_runs(summaries)
+        all_groups += groups
+        by_id = {run.info.run_id: run for run in runs}
         known = PHASES.get(phase)
         lines += [f"## Phase `{phase}`", ""]
         if known:
             lines += [f"{known.description[0].upper()}{known.description[1:]}.", ""]
-        rows = [HEADER, *(v.row() for v in variant_results(runs))]
-        lines += [markdown_table(rows), "", "Commands:", "", "```",
-                  *sweep_commands(runs), "```", ""]
+        rows = [HEADER, *(group_row(g, by_id) for g in groups)]
+        lines += [markdown_table(rows), ""]
+        found = differences(groups)
+        if found:
+            lines += ["Is the difference real?", "", *(f"- {line}" for line in found), ""]
+        lines += ["Commands:", "", "```", *sweep_commands(runs), "```", ""]
+    chosen = targets_on_validation(all_groups)
+    if chosen:
+        lines += ["## Targets, with each model's recipe chosen on validation", "", *chosen, ""]
+    if pareto is not None:
+        lines += ["## Accuracy against size", "",
+                  f"![Test accuracy against parameters, one point per group]({pareto})", "",
+                  "Group means with their 95% intervals; the dashed line joins the groups no "
+                  "other beats on both size and accuracy.", ""]
+    defaults = TrainConfig()
     lines += [f"Defaults (the seed's recipe): StepLR lr {defaults.lr:g} ×{defaults.gamma:g} every "
               f"{defaults.step_size} epochs, SGD momentum {defaults.momentum:g}, batch "
-              f"{defaults.batch_size}, rotation ±{defaults.rotation:g}°.", ""]
+              f"{defaults.batch_size}, rotation ±{defaults.rotation:g}°, validation split of "
+              f"{defaults.val_size:,} training images.", ""]
     return "\n".join(lines)

@@ -111,21 +111,26 @@ def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True) -> C
     except RunInterrupted:
         raise
     except KeyboardInterrupt:  # before training began: the run never started
-        _end_unless_ended(job.run_id, RunStatus.KILLED, "interrupted before training began")
+        end_unless_ended(job.run_id, RunStatus.KILLED, "interrupted before training began")
         raise
     except Exception as err:  # one child's crash must not stop the others
         reason = f"{type(err).__name__}: {err}"
         log.error("child %s failed: %s", job.config.run_name, reason)
         # Training ends its run FAILED itself, unless it failed before it began.
-        _end_unless_ended(job.run_id, RunStatus.FAILED, reason)
+        end_unless_ended(job.run_id, RunStatus.FAILED, reason)
         return ChildOutcome(job.config, job.run_id, "FAILED", reason)
     return ChildOutcome(job.config, result.run_id, "FINISHED")
 
 
-def _end_unless_ended(run_id: str, status: int, reason: str) -> None:
+def end_unless_ended(run_id: str, status: int, reason: str,
+                     keep_scheduled: bool = False) -> None:
+    """End run `run_id` with `status` and `reason` unless it already ended (or, with
+    `keep_scheduled`, never began: resume then trains it in its own run)."""
     run = MlflowRun(run_id)
-    if run.client.get_run(run_id).info.status not in TERMINAL:
-        run.end(status, reason)
+    current = run.client.get_run(run_id).info.status
+    if current in TERMINAL or (keep_scheduled and current == SCHEDULED):
+        return
+    run.end(status, reason)
 
 
 class LocalExecutor:

@@ -150,7 +150,7 @@ def test_deterministic_auto_trains_eager_on_a_gpu(gpu: None) -> None:
 @pytest.fixture(scope="module")
 def two_shapes(mnist_root: Path) -> MnistData:
     """100 images at batch 64: a full batch and a partial one, the two graphs of an epoch."""
-    return load_mnist(mnist_root, train_limit=100, test_limit=64)
+    return load_mnist(mnist_root, train_limit=100, test_limit=64, val_size=tiny_config().val_size)
 
 
 def train_children(data: MnistData, dropouts: list[float]) -> list[str]:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from mnist_mlflow.comparison import Group, RunSummary
+from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.phases import PHASES, phase_configs
-from mnist_mlflow.results import VariantResult
+from mnist_mlflow.results import meets_target
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import ROLE_TAG
 from mnist_mlflow.training import EpochMetrics, create_state, fit
@@ -70,9 +73,13 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
         row = rows[name]
         assert row[2] == f"{int(runs[0].data.params['num_params']):,}"
         assert row[4] == "1,2"
-        assert row[6] == f"{min(values):.2f}"
-        assert row[7] == " / ".join(f"{v:.2f}" for v in values)
+        assert row[9] == f"{min(values):.2f}"
+        assert row[10] == " / ".join(f"{v:.2f}" for v in values)
+        val = [r.data.metrics["final_val_acc"] for r in runs]
+        assert row[5] == f"{sum(val) / 2:.2f} ± {statistics.stdev(val):.2f}"
         assert row[-1] == "no"  # two seeds: the target asks for three (checked below)
+    assert "## Targets, with each model's recipe chosen on validation" in text
+    assert "- **gap8k** (7,580 parameters): chosen on validation from 1 recipe(s)" in text
 
 
 @pytest.mark.parametrize(("last3", "num_params", "epochs", "met"), [
@@ -84,10 +91,11 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
 ])
 def test_the_target_is_met_only_by_every_one_of_three_seeds(
         last3: list[float], num_params: int, epochs: int, met: bool) -> None:
-    runs = [SimpleNamespace(data=SimpleNamespace(metrics={"min_test_acc_last3": v}))
-            for v in last3]
-    result = VariantResult("gap8k-dropout0", {"epochs": epochs}, num_params, runs)
-    assert result.meets_target() is met
+    config = TrainConfig(model="gap8k", epochs=epochs)
+    runs = tuple(RunSummary(f"run{seed}", f"seed{seed}", seed, "FINISHED", num_params, {},
+                            {"min_test_acc_last3": v}, dataclasses.replace(config, seed=seed))
+                 for seed, v in enumerate(last3))
+    assert meets_target(Group(config.config_group, runs)) is met
 
 
 def test_phases_name_valid_configs_and_the_seed_phase_is_the_seeds_runs() -> None:

@@ -48,7 +48,8 @@ def mlproject() -> dict:
 
 @pytest.mark.parametrize(("entry", "beside", "left_out"), [
     ("main", {"data_dir", "resume"}, set()),
-    ("sweep", {"data_dir", "phase", "variants", "seeds"}, {"model", "dropout"}),
+    ("sweep", {"data_dir", "phase", "variants", "seeds", "executor", "ray_address",
+               "cpus_per_run", "gpus_per_run"}, {"model", "dropout"}),
 ])
 def test_mlproject_entry_points_expose_exactly_the_settings_with_their_defaults(
         entry: str, beside: set[str], left_out: set[str]) -> None:

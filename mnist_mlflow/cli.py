@@ -428,6 +428,9 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, no traceback."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # MLflow draws a progress bar for every model it downloads (predict, the registry's load
+    # check): on a remote server, a screenful of bars before the one line that matters.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort as abort:

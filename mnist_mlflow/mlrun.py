@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -128,10 +129,33 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
             logger.setLevel(level)
 
 
+# What a refused endpoint of the tracking server would have done, for permission errors.
+ACTIONS = {"runs/create": "create runs in this experiment",
+           "model-versions/create": "register versions of this model",
+           "registered-models/create": "create registered models",
+           "registered-models/alias": "move this model's aliases",
+           "experiments/create": "create experiments"}
+
+
 def store_error(err: BaseException) -> str:
-    """The first line of what the store said, without SQLAlchemy's background links."""
-    text = str(getattr(err, "message", None) or err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
+    """The first line of what the store said, without SQLAlchemy's background links; for a
+    server that refuses the credentials or the permission, what to do about it."""
+    text = str(getattr(err, "message", None) or err).strip()
+    code = getattr(err, "error_code", "")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if "error code 401" in text or code == "UNAUTHENTICATED":
+        if not user:
+            return ("the server needs credentials: set MLFLOW_TRACKING_USERNAME and "
+                    "MLFLOW_TRACKING_PASSWORD")
+        return (f"the server refused the credentials of user {user!r}: check "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if "error code 403" in text or code == "PERMISSION_DENIED":
+        endpoint = re.search(r"/api/2\.0/mlflow/(\S+?) failed", text)
+        action = ACTIONS.get(endpoint.group(1), endpoint.group(1)) if endpoint else "do this"
+        return (f"permission denied: user {user!r} may not {action}; ask the server's admin "
+                "for EDIT (or MANAGE) on it")
+    lines = text.splitlines()
+    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,

@@ -1,0 +1,246 @@
+"""A shared `mlflow server` on PostgreSQL with basic-auth, as the README's Team setup runs it:
+credentials from the environment, permissions that read well, many writers at once, and a
+server restart while a run trains.
+
+Needs a PostgreSQL role that may create databases, named by MNIST_TEST_POSTGRES_URI
+(`.ci/run` starts the cluster and sets it); skipped without one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import run_cli
+from tests.test_serving import free_port
+
+POSTGRES = os.environ.get("MNIST_TEST_POSTGRES_URI", "")
+pytestmark = pytest.mark.skipif(not POSTGRES, reason="MNIST_TEST_POSTGRES_URI is not set")
+ADMIN_PASSWORD = "admin-password-1234"
+READER, READER_PASSWORD = "reader", "reader-password-1234"
+START_LIMIT_S = 120
+TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--val-size", "256",
+        "--device", "cpu", "--threads", "1"]
+
+
+@dataclass
+class Server:
+    """A running `mlflow server`: its URI, the command that (re)starts it, its process."""
+
+    uri: str
+    command: list[str]
+    env: dict[str, str]
+    folder: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.folder / "server.log").open("a")
+        self.process = subprocess.Popen(self.command, env=self.env, cwd=self.folder,
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + START_LIMIT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"mlflow server exited:\n{self.log()[-3000:]}")
+            try:
+                requests.get(f"{self.uri}/health", timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        pytest.fail(f"mlflow server did not answer in {START_LIMIT_S} s:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+    def log(self) -> str:
+        return (self.folder / "server.log").read_text()
+
+
+def fresh_database() -> str:
+    """A new, empty database on the test PostgreSQL; its URI."""
+    import psycopg
+
+    name = f"mnist_mlflow_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+               fresh_database(), "--artifacts-destination", str(folder / "artifacts"),
+               "--serve-artifacts", "--app-name", "basic-auth", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "2"]
+    env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
+           "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(name, None)
+    running = Server(f"http://127.0.0.1:{port}", command, env, folder)
+    running.start()
+    yield running
+    running.stop()
+
+
+def as_user(monkeypatch: pytest.MonkeyPatch, server: Server, user: str | None,
+            password: str | None) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    for name, value in (("MLFLOW_TRACKING_USERNAME", user),
+                        ("MLFLOW_TRACKING_PASSWORD", password)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    import mlflow
+
+    mlflow.set_tracking_uri(server.uri)
+
+
+def train_at_once(mnist_root: Path, experiment: str, seeds: tuple[int, ...]) -> None:
+    """One training process per seed, all at once, logging to the server."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "mnist_mlflow", "train", *TINY,
+                                   "--seed", str(seed), "--data-dir", str(mnist_root),
+                                   "--experiment", experiment], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for seed in seeds]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def production(server: Server, mnist_root: Path) -> str:
+    """As admin: four seeds trained at once, compared, registered as mnist-cnn; the reader
+    may READ the model and the experiment. The experiment's id."""
+    with pytest.MonkeyPatch.context() as patch:
+        as_user(patch, server, "admin", ADMIN_PASSWORD)
+        train_at_once(mnist_root, "team", (1, 2, 3, 4))
+        subprocess.run([sys.executable, "-m", "mnist_mlflow", "compare", "--experiment",
+                        "team"], env=os.environ, check=True, capture_output=True)
+        from mlflow.server import get_app_client
+
+        auth = get_app_client("basic-auth", tracking_uri=server.uri)
+        auth.create_user(READER, READER_PASSWORD)
+        experiment_id = MlflowClient().get_experiment_by_name("team").experiment_id
+        auth.grant_user_permission(READER, "experiment", experiment_id, "READ")
+        auth.grant_user_permission(READER, "registered_model", "mnist-cnn", "READ")
+        return experiment_id
+
+
+@pytest.mark.parametrize(("user", "password", "message"), [
+    (None, None, "the server needs credentials: set MLFLOW_TRACKING_USERNAME and "
+                 "MLFLOW_TRACKING_PASSWORD"),
+    (READER, "wrong", "the server refused the credentials of user 'reader'"),
+])
+def test_without_valid_credentials_every_command_says_what_to_set(
+        server: Server, production: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], user: str | None, password: str | None,
+        message: str) -> None:
+    as_user(monkeypatch, server, user, password)
+    for args in (["models"], ["compare", "--experiment", "team"], ["runs"]):
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        assert code != 0 and err.count("\n") == 1, err
+        assert message in err and server.uri in err
+
+
+def test_a_reader_predicts_with_production_but_cannot_compare_or_promote(
+        server: Server, production: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from PIL import Image
+
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    client = MlflowClient()
+    # A second version that the reader might try to promote.
+    first = client.get_model_version("mnist-cnn", "1")
+    import mlflow
+
+    mlflow.register_model(first.source, "mnist-cnn")
+    before = ({a: str(v) for a, v in client.get_registered_model("mnist-cnn").aliases.items()},
+              len(client.search_model_versions("name = 'mnist-cnn'")))
+    as_user(monkeypatch, server, READER, READER_PASSWORD)
+
+    Image.new("L", (28, 28)).save(tmp_path / "blank.png")
+    code, out, err = run_cli(["predict", str(tmp_path / "blank.png")], capsys, monkeypatch)
+    assert code == 0, err
+    assert out.startswith(f"{tmp_path / 'blank.png'}: ")
+
+    code, _, err = run_cli(["compare", "--experiment", "team"], capsys, monkeypatch)
+    assert code != 0 and err.count("\n") == 1, err
+    assert "permission denied: user 'reader' may not create runs in this experiment" in err
+    code, _, err = run_cli(["promote", "--version", "2"], capsys, monkeypatch)
+    assert code != 0 and err.count("\n") == 1, err
+    assert "permission denied: user 'reader' may not move this model's aliases" in err
+
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    after = ({a: str(v) for a, v in client.get_registered_model("mnist-cnn").aliases.items()},
+             len(client.search_model_versions("name = 'mnist-cnn'")))
+    assert after == before
+
+
+def test_concurrent_trainings_lose_nothing(server: Server, production: str,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The four trainings of `production` ran at once: every param, step and artifact."""
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    client = MlflowClient()
+    runs = [r for r in client.search_runs([production])
+            if r.data.tags.get("mnist_mlflow.role") == "train"]
+    assert sorted(r.data.params["seed"] for r in runs) == ["1", "2", "3", "4"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["val_size"] == "256" and "num_params" in run.data.params
+        for name in ("train_loss", "val_acc", "test_acc", "lr", "epoch_seconds"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2]
+        assert "final_val_acc" in run.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"training.log", "model_summary.txt", "plots", "checkpoints"} <= artifacts
+
+
+def test_a_server_restart_while_training_loses_no_epoch(
+        server: Server, production: str, mnist_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "4", "--train-limit", "6144",
+         "--test-limit", "256", "--val-size", "256", "--device", "cpu", "--threads", "1",
+         "--data-dir", str(mnist_root), "--experiment", "restart"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    deadline = time.monotonic() + 300
+    run_id = ""
+    while time.monotonic() < deadline and trainer.poll() is None and not run_id:
+        found = client.get_experiment_by_name("restart")
+        for run in client.search_runs([found.experiment_id]) if found else []:
+            if client.get_metric_history(run.info.run_id, "test_acc"):
+                run_id = run.info.run_id
+        time.sleep(0.2)
+    assert run_id, trainer.communicate()[1][-2000:]
+    server.stop()
+    time.sleep(8)  # down for about 10 s, with the restart
+    server.start()
+    _, err = trainer.communicate(timeout=600)
+    run = client.get_run(run_id)
+    assert "Traceback" not in err, err[-3000:]
+    if trainer.returncode == 0:
+        assert run.info.status == "FINISHED"
+        for name in ("train_loss", "val_acc", "test_acc"):
+            assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2, 3, 4]
+    else:  # it could not go on: a clear reason, and a checkpoint to resume from
+        assert run.info.status in ("FAILED", "KILLED"), run.info.status
+        assert run.data.tags.get("failure_reason")
+        assert "checkpoints" in {a.path for a in client.list_artifacts(run_id)}

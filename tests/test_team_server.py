@@ -244,3 +244,23 @@ def test_a_server_restart_while_training_loses_no_epoch(
         assert run.info.status in ("FAILED", "KILLED"), run.info.status
         assert run.data.tags.get("failure_reason")
         assert "checkpoints" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def test_a_ray_sweep_logs_through_the_server_with_the_drivers_credentials(
+        server: Server, production: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray workers are fresh processes: they get the URI and credentials from the driver."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    code, out, err = run_cli(["sweep", *TINY, "--variant", "opt:0", "--seeds", "1,2",
+                              "--executor", "ray", "--data-dir", str(mnist_root),
+                              "--experiment", "team-ray"], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("team-ray").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mnist_mlflow.role") == "train"]
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [
+            1, 2]
+        assert child.data.tags["mlflow.user"] == "admin"

@@ -157,7 +157,8 @@ def test_plumbing_is_tags_and_settings_are_params(store: str,
     plumbing = {"threads", "resolved_device", "resolved_precision", "resolved_compile",
                 "torch_version", "torchvision_version", "data_dir", "resume"}
     assert not plumbing & set(params)
-    assert set(params) == (set(TrainConfig.field_names()) - {"threads"}) | {"num_params"}
+    assert set(params) == (set(TrainConfig.field_names()) - {"threads"}) | {
+        "num_params", "val_split_digest"}
     assert tags["threads"] == "1" and tags["resolved_device"] == "cpu"
     assert tags[ROLE_TAG] == TRAIN_ROLE
 
@@ -169,8 +170,11 @@ def test_the_run_describes_itself_and_names_its_dataset_and_model(
     assert f"Finished: test accuracy {tracked.data.metrics['final_test_acc']:.2f}%" in description
     assert tracked.info.run_name == "opt-dropout0.05-seed1"
     inputs = {d.tags[0].value: d.dataset for d in tracked.inputs.dataset_inputs}
-    assert inputs["train"].name == "mnist-train[:512]" and inputs["test"].name == "mnist-test[:256]"
-    assert inputs["train"].digest != inputs["test"].digest
+    assert inputs["train"].name == "mnist-train-val256[:512]"
+    assert inputs["validation"].name == "mnist-validation[256]"
+    assert inputs["test"].name == "mnist-test[:256]"
+    assert inputs["validation"].digest == tracked.data.params["val_split_digest"]
+    assert len({d.digest for d in inputs.values()}) == 3
     [model] = mlflow.search_logged_models([tracked.info.experiment_id],
                                           f"source_run_id = '{tracked.info.run_id}'",
                                           output_format="list")

@@ -396,14 +396,25 @@ def models(model_name: str) -> None:
 
 @cli.command()
 @click.option("--model-uri", default="models:/mnist-cnn@production", show_default=True)
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def predict(model_uri: str, images: tuple[str, ...]) -> None:
-    """Print the digit and its probability for each PNG/JPEG image."""
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per input on stdout: file and digit and probability, or "
+                   "file and error.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+def predict(model_uri: str, as_json: bool, images: tuple[str, ...]) -> None:
+    """Print the digit and its probability for each image (PNG, JPEG, ...), framed as MNIST's
+    digits were (see the README). A directory stands for the image files in it. Each input
+    gets its own line, an error naming what is wrong if it cannot be read; the exit code is 1
+    if any failed."""
+    import json
+
+    from mnist_mlflow.framing import expand_inputs
     from mnist_mlflow.predict import load_model, predict_files
 
-    results = predict_files(load_model(model_uri), [Path(p) for p in images])
+    results = predict_files(load_model(model_uri), expand_inputs([Path(p) for p in images]))
     for result in results:
-        if result.error:
+        if as_json:
+            click.echo(json.dumps(result.as_json()))
+        elif result.error:
             click.echo(f"Error: {result.error}", err=True)
         else:
             click.echo(f"{result.path}: {result.digit} (p={result.probability:.3f})")

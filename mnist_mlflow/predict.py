@@ -9,9 +9,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
-from PIL import Image, UnidentifiedImageError
 
 from mnist_mlflow.config import UserError
+from mnist_mlflow.framing import ImageRejected, load_digit
 from mnist_mlflow.mlrun import open_store
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@production"
@@ -30,22 +30,11 @@ class Prediction:
     probability: float = 0.0
     error: str = ""
 
-
-def load_image(path: Path) -> np.ndarray:
-    """A PNG/JPEG of any size as MNIST sees it: (1, 28, 28) float32 in [0, 1], white on black."""
-    try:
-        with Image.open(path) as image:
-            gray = image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{path}: not a readable image ({type(err).__name__})") from None
-    pixels = np.asarray(gray, dtype=np.float32) / 255.0
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    # A light background means dark ink on paper: invert to MNIST's white digit on black.
-    if border.mean() > 0.5:
-        pixels = 1.0 - pixels
-    return pixels[np.newaxis]
+    def as_json(self) -> dict[str, object]:
+        if self.error:
+            return {"file": str(self.path), "error": self.error.removeprefix(f"{self.path}: ")}
+        return {"file": str(self.path), "digit": self.digit,
+                "probability": round(self.probability, 6)}
 
 
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
@@ -65,9 +54,9 @@ def predict_files(model: mlflow.pyfunc.PyFuncModel, paths: Sequence[Path]) -> li
     errors: dict[int, str] = {}
     for index, path in enumerate(paths):
         try:
-            images[index] = load_image(path)
-        except UserError as err:
-            errors[index] = str(err)
+            images[index] = load_digit(path)
+        except ImageRejected as err:
+            errors[index] = f"{path}: {err}"
     probabilities = {}
     if images:
         batch = np.stack(list(images.values()))

@@ -101,7 +101,7 @@ def test_any_size_dark_on_light_image_reads_like_mnist_and_bad_files_are_named(
     assert out.splitlines()[0].startswith(f"{tmp_path / 'paper.jpg'}: {labels[0]} (p=")
     assert out.splitlines()[1].startswith(f"{tmp_path / 'digit.png'}: {labels[1]} (p=")
     errors = err.splitlines()
-    assert f"Error: {tmp_path / 'notes.png'}: not a readable image" in errors[0]
+    assert f"Error: {tmp_path / 'notes.png'}: not an image" in errors[0]
     assert f"Error: {tmp_path / 'missing.png'}: no such file" in errors[1]
     assert "2 of 4 files could not be predicted" in errors[2]
 

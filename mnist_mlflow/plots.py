@@ -79,17 +79,24 @@ def pareto_front(points: Sequence[tuple[int, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: str) -> Path:
+def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: str,
+                named: int = 10) -> Path:
     """Test accuracy (group mean, 95% interval as error bars) against parameters (log scale),
-    one point per group; the non-dominated groups joined by a line."""
+    one point per group; the non-dominated groups joined by a line. The first `named` groups
+    and the non-dominated ones are in the legend; the others are grey points (a search over
+    hundreds of recipes would otherwise bury the plot under its legend)."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for label, size, summary in groups:
+    front = pareto_front([(size, summary.mean) for _, size, summary in groups])
+    for index, (label, size, summary) in enumerate(groups):
         interval = summary.mean_interval()
         error = None if interval is None else [[summary.mean - interval[0]],
                                                [interval[1] - summary.mean]]
-        ax.errorbar([size], [summary.mean], yerr=error, fmt="o", capsize=4,
-                    label=f"{label}: {summary.mean:.2f}")
-    front = pareto_front([(size, summary.mean) for _, size, summary in groups])
+        if index < named or index in front:
+            ax.errorbar([size], [summary.mean], yerr=error, fmt="o", capsize=4,
+                        label=f"{label}: {summary.mean:.2f}")
+        else:
+            ax.errorbar([size], [summary.mean], yerr=error, fmt="o", color="0.7",
+                        markersize=3, elinewidth=0.5)
     ax.plot([groups[i][1] for i in front], [groups[i][2].mean for i in front], "k--",
             linewidth=1, label="non-dominated")
     ax.set_xscale("log")

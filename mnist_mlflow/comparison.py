@@ -64,6 +64,12 @@ REQUIRED_METRICS = (TEST_ACC, TRAIN_ACC, FINAL_GAP, BEST_TEST_ACC)
 PLOT_METRICS = (VAL_ACC, TEST_ACC, TEST_LOSS)
 
 
+def metric_text(metric: str, value: float) -> str:
+    """A metric's value to the digits it means (99.36, 0.0213), without its unit."""
+    spec = METRICS.get(metric)
+    return spec.format(value).rstrip("%s") if spec else f"{value:.4g}"
+
+
 def on_test_set(metric: str) -> bool:
     """Whether choosing on `metric` looks at the test set."""
     return "test" in metric
@@ -293,12 +299,13 @@ def _reason(chosen: Group, eligible: list[Group], rule: SelectionRule) -> str:
     best = "highest" if rule.higher_is_better else "lowest"
     mean = chosen.summary(rule.metric).mean
     if len(eligible) == 1:
-        return f"it is the only eligible group (mean {rule.metric} {mean:.4g}, n = {chosen.n})"
+        return (f"it is the only eligible group (mean {rule.metric} "
+                f"{metric_text(rule.metric, mean)}, n = {chosen.n})")
     runner_up = eligible[1]
     other = runner_up.summary(rule.metric).mean
-    text = (f"it has the {best} mean {rule.metric} ({mean:.4g}, n = {chosen.n}) of the "
-            f"{len(eligible)} eligible groups; the runner-up {runner_up.label()} has "
-            f"{other:.4g}")
+    text = (f"it has the {best} mean {rule.metric} ({metric_text(rule.metric, mean)}, "
+            f"n = {chosen.n}) of the {len(eligible)} eligible groups; the runner-up "
+            f"{runner_up.label()} has {metric_text(rule.metric, other)}")
     if mean == other:
         text += (f"; tied, it wins on {'more seeds' if chosen.n != runner_up.n else ''}"
                  f"{'fewer parameters' if chosen.n == runner_up.n else ''}")
@@ -385,9 +392,10 @@ def summary_table(comparison: Comparison) -> list[list[str]]:
 def side_by_side_table(groups: Sequence[Group], rule: SelectionRule) -> list[list[str]]:
     """Metrics as rows (mean ± sd over seeds), groups as columns (the chosen one first), then
     each group's mean minus the first's."""
-    names = [g.label() for g in groups]
+    # Numbered columns: config_groups can be long, and each Δ column would repeat two of them.
+    names = [f"{index}: {g.label()}" for index, g in enumerate(groups, 1)]
     metrics = [*TABLE_ROWS, *([rule.metric] if rule.metric not in TABLE_ROWS else [])]
-    rows = [["Metric", *names, *(f"Δ {name} − {names[0]}" for name in names[1:])]]
+    rows = [["Metric", *names, *(f"Δ {index} − 1" for index in range(2, len(groups) + 1))]]
     for key in metrics:
         summaries = [g.summary(key) for g in groups]
         if not any(summaries):
@@ -432,7 +440,8 @@ def render_report(comparison: Comparison, shown: Sequence[Group]) -> str:
              "## Choice", "",
              f"**{c.chosen_group.label()}**: {c.reason}.", "",
              f"Registered run: {c.chosen.name} (`{c.chosen.run_id}`), {c.rule.metric} "
-             f"{c.chosen.metrics[c.rule.metric]:.4g}, {c.chosen.num_params:,} parameters. "
+             f"{metric_text(c.rule.metric, c.chosen.metrics[c.rule.metric])}, "
+             f"{c.chosen.num_params:,} parameters. "
              f"Test accuracy of the recipe: {chosen_test.format_interval()}; of this run: "
              f"{c.chosen.metrics[FINAL_TEST_ACC]:.2f}.", ""]
     if c.differences:
@@ -539,7 +548,7 @@ def version_description(comparison: Comparison) -> str:
     table shows only the start), then the recipe's expected test accuracy and why."""
     c, metric = comparison, comparison.rule.metric
     test = c.chosen_group.summary(FINAL_TEST_ACC)
-    return (f"{c.chosen.name}: {metric} {c.chosen.metrics[metric]:.4g}, "
+    return (f"{c.chosen.name}: {metric} {metric_text(metric, c.chosen.metrics[metric])}, "
             f"{c.chosen.num_params:,} parameters. Test accuracy of its recipe "
             f"({c.chosen_group.name}): {test.format_interval()}; of this run: "
             f"{c.chosen.metrics[FINAL_TEST_ACC]:.2f}. {headline(c.rule)} Run {c.chosen.run_id}, "

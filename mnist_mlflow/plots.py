@@ -85,7 +85,7 @@ def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: s
     one point per group; the non-dominated groups joined by a line. The first `named` groups
     and the non-dominated ones are in the legend; the others are grey points (a search over
     hundreds of recipes would otherwise bury the plot under its legend)."""
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 7))
     front = pareto_front([(size, summary.mean) for _, size, summary in groups])
     for index, (label, size, summary) in enumerate(groups):
         interval = summary.mean_interval()
@@ -103,7 +103,8 @@ def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: s
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel("test accuracy, last epoch (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    # Below the axes: group names are long, and inside they would hide the points.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -122,17 +122,18 @@ def sweep_commands(runs: Sequence[Run]) -> list[str]:
 
 
 def differences(groups: Sequence[Group]) -> list[str]:
-    """Each pair of a phase's groups on final test accuracy (and on validation, where both
-    have it): a gain, and whether seed noise explains it."""
+    """Each later variant of a phase against each earlier one of the same network (the phase
+    lists its baseline first), on final test accuracy and, where both have it, validation: a
+    gain, and whether seed noise explains it."""
     lines = []
-    for a, b in combinations(groups, 2):
-        if a.config.model != b.config.model:
+    for base, change in combinations(groups, 2):
+        if base.config.model != change.config.model:
             continue  # different networks: the table and the Pareto view compare those
-        label = contrast(a.config, b.config)
-        lines.append(welch(a.values(FINAL_TEST_ACC), b.values(FINAL_TEST_ACC))
+        label = contrast(change.config, base.config)
+        lines.append(welch(change.values(FINAL_TEST_ACC), base.values(FINAL_TEST_ACC))
                      .sentence(f"{label}, {FINAL_TEST_ACC}"))
-        if a.has(FINAL_VAL_ACC) and b.has(FINAL_VAL_ACC):
-            lines.append(welch(a.values(FINAL_VAL_ACC), b.values(FINAL_VAL_ACC))
+        if change.has(FINAL_VAL_ACC) and base.has(FINAL_VAL_ACC):
+            lines.append(welch(change.values(FINAL_VAL_ACC), base.values(FINAL_VAL_ACC))
                          .sentence(f"{label}, {FINAL_VAL_ACC}"))
     return lines
 
@@ -146,11 +147,13 @@ def targets_on_validation(groups: Sequence[Group]) -> list[str]:
         candidates = [g for g in groups if g.config.model == model and g.has(FINAL_VAL_ACC)]
         chosen = max(candidates, key=lambda g: (g.summary(FINAL_VAL_ACC).mean, g.n))
         last3 = chosen.values(LAST3_METRIC)
-        others = ", ".join(f"{g.config.recipe()} ({g.summary(FINAL_VAL_ACC).mean:.2f})"
+        others = "; ".join(f"{g.config.variant_name}, {g.config.recipe()}: "
+                           f"{g.summary(FINAL_VAL_ACC).mean:.2f}"
                            for g in candidates if g is not chosen) or "none"
         lines.append(
             f"- **{model}** ({chosen.num_params:,} parameters): chosen on validation from "
-            f"{len(candidates)} recipe(s): {chosen.config.recipe()} (mean final_val_acc "
+            f"{len(candidates)} recipe(s): {chosen.config.variant_name}, "
+            f"{chosen.config.recipe()} (mean final_val_acc "
             f"{chosen.summary(FINAL_VAL_ACC).mean:.2f}, n = {chosen.n}; others: {others}). "
             f"Test, worst of the last 3 epochs per seed: {' / '.join(f'{v:.2f}' for v in last3)}"
             f": target {'met' if meets_target(chosen) else 'NOT met'}.")

@@ -115,7 +115,7 @@ def test_the_rule_picks_the_best_group_mean_within_the_parameter_budget(store: s
         craft_run("budget", "big-better", big, num_params=9000, seed=seed, lr=0.04)
     name, reason = choose("budget")
     assert name == "opt-dropout0 lr=0.03"
-    assert "highest mean final_val_acc (99.4, n = 2) of the 2 eligible groups" in reason
+    assert "highest mean final_val_acc (99.40, n = 2) of the 2 eligible groups" in reason
     assert choose("budget", SelectionRule(max_params=10_000))[0] == "opt-dropout0 lr=0.04"
 
 

@@ -77,7 +77,9 @@ def test_predict_works_where_cuda_is_available(
     from PIL import Image
 
     image = tmp_path / "digit.png"
-    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    pixels = np.zeros((28, 28), dtype=np.uint8)
+    pixels[6:22, 13:15] = 255  # a "1": framing needs ink
+    Image.fromarray(pixels).save(image)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     code, out, err = run_cli(["predict", "--model-uri", model_uri(logged_run),
                               str(image)], capsys, monkeypatch)

@@ -25,7 +25,7 @@ from tests.conftest import tiny_config  # noqa: E402
 from tests.helpers import children_of, run_cli, runs_of  # noqa: E402
 
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
-SLOW = ["--epochs", "3", "--train-limit", "6144", "--test-limit", "256", "--val-size", "256",
+SLOW = ["--epochs", "3", "--train-limit", "4096", "--test-limit", "256", "--val-size", "256",
         "--device", "cpu"]
 
 

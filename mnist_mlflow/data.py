@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -142,15 +143,19 @@ class MnistData:
     test_limit: int = 0
     val_size: int = 0
 
+    @cached_property
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # Drawn once: the pipelines, the digest and the dataset inputs all read it.
+        return validation_split(self.val_size, len(self.train.targets))
+
     @property
     def train_indices(self) -> torch.Tensor:
         """Indices into MNIST's training images of those trained on."""
-        return _first(validation_split(self.val_size, len(self.train.targets))[0],
-                      self.train_limit)
+        return _first(self._split[0], self.train_limit)
 
     @property
     def val_indices(self) -> torch.Tensor:
-        return validation_split(self.val_size, len(self.train.targets))[1]
+        return self._split[1]
 
     @property
     def val_digest(self) -> str:

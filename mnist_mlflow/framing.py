@@ -96,9 +96,9 @@ def _to_gray(image: Image.Image) -> np.ndarray:
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "PA", "RGBA", "La", "RGBa"):
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3]
-        luminance = np.asarray(image.convert("RGBA").convert("L"), dtype=np.float32) / 255.0
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        luminance = np.asarray(rgba.convert("L"), dtype=np.float32) / 255.0
         return _composite(luminance, alpha)
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 

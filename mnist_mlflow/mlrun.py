@@ -61,6 +61,17 @@ PARAMS_PER_BATCH = 100
 TAG_LIMIT = 8000
 
 
+# A dataset insert that lost a race with another run's (see MlflowRun.log_inputs) is tried
+# again this many times; PostgreSQL says "duplicate key", SQLite "UNIQUE constraint failed".
+DATASET_RACE_RETRIES = 3
+_UNIQUE_VIOLATION = re.compile(r"duplicate key value|UNIQUE constraint failed|UniqueViolation",
+                               re.IGNORECASE)
+
+
+def _lost_insert_race(err: MlflowException) -> bool:
+    return bool(_UNIQUE_VIOLATION.search(str(err)))
+
+
 # SQLite stores this process has made ready: a command opens its store once, however many
 # functions on its way ask for it (train, then register, say).
 _READY_STORES: set[str] = set()
@@ -302,10 +313,24 @@ class MlflowRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_inputs(self, datasets: Mapping[str, mlflow.data.dataset.Dataset]) -> None:
-        """Datasets used by the run, by context (`train`, `test`): the UI's Dataset column."""
-        self.client.log_inputs(self.run_id, [
-            DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
-            for context, dataset in datasets.items()])
+        """Datasets used by the run, by context (`train`, `test`): the UI's Dataset column.
+
+        MLflow's store looks for the experiment's existing dataset rows, then inserts the
+        missing ones in the same transaction; two runs logging a new dataset at the same
+        moment (a sweep's children on Ray) both insert it and the second fails on the unique
+        key. Its transaction is rolled back whole, so trying again finds the row and links it.
+        """
+        inputs = [DatasetInput(dataset._to_mlflow_entity(),
+                               [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+                  for context, dataset in datasets.items()]
+        for attempt in range(DATASET_RACE_RETRIES + 1):
+            try:
+                self.client.log_inputs(self.run_id, inputs)
+                return
+            except MlflowException as err:
+                if attempt == DATASET_RACE_RETRIES or not _lost_insert_race(err):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_pytorch_model(self, model: Any, name: str, **kwargs: Any) -> None:
         """`mlflow.pytorch.log_model` into this run; the run's params and its step-0 metrics

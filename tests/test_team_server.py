@@ -267,3 +267,42 @@ def test_a_ray_sweep_logs_through_the_server_with_the_drivers_credentials(
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_acc")] == [
             1, 2]
         assert child.data.tags["mlflow.user"] == "admin"
+
+
+def test_runs_logging_the_same_new_dataset_at_once_all_link_it(
+        server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's children start together and log the same new dataset: MLflow's store
+    inserts it from each of them, and all but one insert hit the unique key."""
+    import threading
+
+    import mlflow.data
+    import numpy as np
+
+    from mnist_mlflow.mlrun import MlflowRun
+
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    writers, rounds = 8, 20  # 3 rounds did not always collide without the retry
+    runs = [MlflowRun.create("dataset-race", f"writer-{i}") for i in range(writers)]
+    failures: list[BaseException] = []
+    for round_ in range(rounds):
+        dataset = mlflow.data.from_numpy(np.arange(16) + round_, name=f"shared-{round_}")
+        barrier = threading.Barrier(writers)
+
+        def log(run: MlflowRun, barrier: threading.Barrier = barrier,
+                dataset: object = dataset) -> None:
+            barrier.wait()
+            try:
+                MlflowRun(run.run_id).log_inputs({"train": dataset})
+            except BaseException as err:  # noqa: BLE001 - reported below
+                failures.append(err)
+
+        threads = [threading.Thread(target=log, args=(run,)) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[0]
+    client = MlflowClient()
+    for run in runs:
+        names = {d.dataset.name for d in client.get_run(run.run_id).inputs.dataset_inputs}
+        assert names == {f"shared-{r}" for r in range(rounds)}

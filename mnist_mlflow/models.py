@@ -9,6 +9,8 @@ from torch import nn
 
 from mnist_mlflow.config import MODEL_CHOICES
 
+# What a served model says when a request's pixels are not finite numbers in [0, 1].
+INVALID_PIXELS = "pixels must be finite numbers in [0, 1] (divide 8-bit values by 255)"
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
@@ -128,7 +130,12 @@ def count_parameters(model: nn.Module) -> int:
 class InferenceModel(nn.Module):
     """What gets logged: raw [0, 1] pixels in, 10 class probabilities out.
 
-    Normalization lives inside so that a served model takes plain images.
+    Normalization lives inside so that a served model takes plain images. Pixels that are
+    not finite numbers in [0, 1] are refused rather than answered: NaN in gives NaN
+    probabilities, which `mlflow models serve` would send as a 200 whose JSON strict parsers
+    reject. The refusal is an assert node, since MLflow logs the model with torch.export,
+    which cannot trace a Python `if` on the data; the scoring server answers the
+    RuntimeError it raises with a 400 whose stack_trace ends with INVALID_PIXELS.
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -136,6 +143,10 @@ class InferenceModel(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        valid = torch.isfinite(images).all() & (images >= 0).all() & (images <= 1).all()
+        # Checked on the host: a failed assert on a CUDA tensor is a device-side assert,
+        # which leaves the CUDA context unusable for every later request.
+        torch._assert_async(valid.cpu(), INVALID_PIXELS)
         return torch.softmax(self.net((images - MNIST_MEAN) / MNIST_STD), dim=1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_mlflow.data import load_mnist
+from mnist_mlflow.models import INVALID_PIXELS
 from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
 from mnist_mlflow.registry import promote, register_run
 from mnist_mlflow.tracking import train_tracked
@@ -139,10 +141,20 @@ def test_mlflow_models_serve_answers_with_ten_scores_per_image(
             start_new_session=True)  # its own process group, so its workers go with it
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server, log_path)
-        response = requests.post(f"http://127.0.0.1:{port}/invocations",
-                                 json={"inputs": as_model_input(images).tolist()}, timeout=60)
+        url = f"http://127.0.0.1:{port}/invocations"
+        response = requests.post(url, json={"inputs": as_model_input(images).tolist()},
+                                 timeout=60)
         assert response.status_code == 200, response.text
-        scores = np.array(response.json()["predictions"])
+        scores = np.array(strict_json(response.text)["predictions"])
+        for bad in (float("nan"), float("inf"), -float("inf"), 1e308, -0.5, 2.0):
+            pixels = as_model_input(images[:2]).astype(np.float64)  # 1e308 as sent
+            pixels[1, 0, 14, 14] = bad
+            refused = requests.post(url, data=json.dumps({"inputs": pixels.tolist()}),
+                                    headers={"Content-Type": "application/json"}, timeout=60)
+            assert refused.status_code == 400, (bad, refused.text[:500])
+            assert INVALID_PIXELS in strict_json(refused.text)["stack_trace"], bad
+        again = requests.post(url, json={"inputs": as_model_input(images).tolist()}, timeout=60)
+        assert again.status_code == 200 and strict_json(again.text)["predictions"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -154,6 +166,13 @@ def test_mlflow_models_serve_answers_with_ten_scores_per_image(
     np.testing.assert_allclose(scores, np.asarray(direct), atol=1e-5)
     assert MlflowClient().get_model_version_by_alias("mnist-cnn", "production").run_id == \
         production
+
+
+def strict_json(text: str) -> dict:
+    """JSON as strict parsers read it: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in a JSON answer")
+    return json.loads(text, parse_constant=refuse)
 
 
 def wait_until_up(url: str, server: subprocess.Popen[bytes], log_path: Path) -> None:

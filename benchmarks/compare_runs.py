@@ -28,13 +28,14 @@ EXPERIMENT = "benchmark"
 SEEDS = 5
 
 
-def create_runs(client: MlflowClient, count: int, epochs: int, seed: int = 0) -> None:
+def create_runs(client: MlflowClient, experiment_id: str, count: int, epochs: int,
+                first: int = 0) -> None:
     """`count` finished runs with plausible, varied values (some over the parameter budget):
-    count / 5 configurations, each over 5 seeds, as a search over recipes would leave them."""
-    rng = random.Random(seed)
-    experiment_id = client.create_experiment(EXPERIMENT)
-    start = int(time.time() * 1000) - count * 60_000
-    for index in range(count):
+    count / 5 configurations, each over 5 seeds, as a search over recipes would leave them.
+    Runs `first` to `first + count - 1` of such a search, so that processes can share one."""
+    rng = random.Random(first)
+    start = int(time.time() * 1000) - (first + count) * 60_000
+    for index in range(first, first + count):
         config = index // SEEDS
         config_rng = random.Random(config)  # the same for each seed of a configuration
         dropout = config_rng.choice([0.0, 0.05, 0.1])
@@ -83,7 +84,7 @@ def main() -> None:
         client = MlflowClient(uri)
         if client.get_experiment_by_name(EXPERIMENT) is None:
             began = time.perf_counter()
-            create_runs(client, args.runs, args.epochs)
+            create_runs(client, client.create_experiment(EXPERIMENT), args.runs, args.epochs)
             print(f"created {args.runs} runs x {args.epochs} epochs in "
                   f"{time.perf_counter() - began:.1f} s")
 

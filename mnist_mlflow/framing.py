@@ -153,6 +153,15 @@ def frame_digit(gray: np.ndarray) -> np.ndarray:
     return frame
 
 
+def resize_whole_frame(gray: np.ndarray) -> np.ndarray:
+    """The whole white-on-black image squeezed to (28, 28), as `predict` read files before
+    `frame_digit`: kept as the baseline that framing is measured against."""
+    top = float(gray.max(initial=0.0)) or 1.0
+    image = Image.fromarray((gray / top).astype(np.float32), mode="F")
+    resized = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized), 0.0, 1.0)
+
+
 def load_digit(path: Path) -> np.ndarray:
     """A file as the model sees it: (1, 28, 28) float32, MNIST-framed; ImageRejected else."""
     return frame_digit(white_on_black(read_gray(path)))[np.newaxis]

@@ -6,6 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+# Two test workers share the machine (pyproject's addopts): with torch's default of one
+# OpenMP thread per core, each worker's threads wait on the other's and a 1 s training takes
+# a minute. Set before torch is imported; subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import mlflow
 import pytest
 

@@ -60,6 +60,17 @@ def test_the_ink_lands_as_mnist_places_it(tmp_path: Path, case: str,
     assert_framed_as_mnist(load_digit(path)[0])
 
 
+FONT_DIGITS = Path(__file__).parent / "data" / "font_digits"
+
+
+def test_every_shipped_font_digit_is_framed_as_mnist() -> None:
+    """320 digits drawn with 8 fonts, two pens, on light and dark grounds, PNG and JPEG."""
+    paths = sorted(FONT_DIGITS.iterdir())
+    assert len(paths) == 320 and {p.suffix for p in paths} == {".png", ".jpg"}
+    for path in paths:
+        assert_framed_as_mnist(load_digit(path)[0])
+
+
 def test_transparent_and_16_bit_images_keep_their_ink(tmp_path: Path) -> None:
     # Black ink on a transparent background: a drawing app's usual PNG.
     ink = stroke_image((200, 200), (40, 40, 160, 170), 10, ink=255, paper=0)

@@ -71,6 +71,18 @@ def test_every_shipped_font_digit_is_framed_as_mnist() -> None:
         assert_framed_as_mnist(load_digit(path)[0])
 
 
+def test_grain_on_the_paper_is_background_not_ink(tmp_path: Path) -> None:
+    """A photo's grain must not widen the ink's bounding box to the whole image."""
+    clean = stroke_image((240, 180), (150, 100, 200, 160), 5, ink=60, paper=200)
+    grain = np.random.default_rng(0).normal(0, 4, (180, 240))
+    noisy = np.clip(np.asarray(clean, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    clean.save(tmp_path / "clean.png")
+    framed, reference = load_digit(tmp_path / "noisy.png")[0], load_digit(tmp_path / "clean.png")[0]
+    assert_framed_as_mnist(framed)
+    assert np.abs(framed - reference).mean() < 0.05
+
+
 def test_transparent_and_16_bit_images_keep_their_ink(tmp_path: Path) -> None:
     # Black ink on a transparent background: a drawing app's usual PNG.
     ink = stroke_image((200, 200), (40, 40, 160, 170), 10, ink=255, paper=0)

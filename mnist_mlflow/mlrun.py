@@ -59,6 +59,8 @@ STALE_AFTER_S = 30 * 60
 # MLflow's limits: 100 params and 1000 metrics per log_batch call; 8000 characters per tag.
 PARAMS_PER_BATCH = 100
 TAG_LIMIT = 8000
+CUT_NOTE = ("\n\n*(Cut here: a run's description holds 8,000 characters. The whole text is "
+            "among the run's artifacts.)*\n")
 
 
 # A dataset insert that lost a race with another run's (see MlflowRun.log_inputs) is tried
@@ -66,6 +68,18 @@ TAG_LIMIT = 8000
 DATASET_RACE_RETRIES = 3
 _UNIQUE_VIOLATION = re.compile(r"duplicate key value|UNIQUE constraint failed|UniqueViolation",
                                re.IGNORECASE)
+
+
+def fit_tag(value: str, key: str = "") -> str:
+    """`value` cut to what a tag holds. PostgreSQL and MySQL stores refuse a longer one (a
+    comparison over 2,000 groups made a 384 KB description), SQLite keeps it. A description
+    is cut at a line, with a note saying where the rest is."""
+    if len(value) <= TAG_LIMIT:
+        return value
+    if key != DESCRIPTION_TAG:
+        return value[:TAG_LIMIT]
+    end = value.rfind("\n", 0, TAG_LIMIT - len(CUT_NOTE))
+    return value[:end if end > 0 else TAG_LIMIT - len(CUT_NOTE)] + CUT_NOTE
 
 
 def _lost_insert_race(err: MlflowException) -> bool:
@@ -236,7 +250,8 @@ class MlflowRun:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if description:
             run_tags[DESCRIPTION_TAG] = description
-        run = client.create_run(exp_id, tags=run_tags, run_name=run_name)
+        run = client.create_run(exp_id, run_name=run_name,
+                                tags={k: fit_tag(str(v), k) for k, v in run_tags.items()})
         return cls(run.info.run_id, client)
 
     @classmethod
@@ -299,7 +314,7 @@ class MlflowRun:
             operation.wait()
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:TAG_LIMIT])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, fit_tag(str(v), k))
                                                  for k, v in tags.items()])
 
     def delete_tag(self, key: str) -> None:

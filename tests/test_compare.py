@@ -21,7 +21,8 @@ from mnist_mlflow.comparison import (
     summary_table,
 )
 from mnist_mlflow.config import UserError
-from mnist_mlflow.schema import COMPARISON_ROLE, ROLE_TAG
+from mnist_mlflow.mlrun import CUT_NOTE, TAG_LIMIT
+from mnist_mlflow.schema import COMPARISON_ROLE, DESCRIPTION_TAG, ROLE_TAG
 from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
 from tests.helpers import craft_run, run_cli
@@ -106,6 +107,22 @@ def test_the_report_lives_in_a_comparison_run(store: str, real_runs: list[str],
     assert Path(downloaded).read_text() == result.report
     # Comparison runs (and sweep parents) are never candidates themselves.
     assert compare("real").ranked == result.ranked
+
+
+def test_a_report_too_long_for_a_description_is_cut_at_a_line_and_kept_whole_as_artifact(
+        store: str, tmp_path: Path) -> None:
+    """PostgreSQL stores refuse a tag over 8,000 characters: a comparison over many groups
+    failed on the team server when it created its run."""
+    for index in range(80):
+        craft_run("many", f"recipe-{index}", 99.0 + index / 1000, lr=round(0.001 * (index + 1), 3))
+    result = compare("many")
+    assert len(result.report) > TAG_LIMIT
+    description = MlflowClient().get_run(result.comparison_run_id).data.tags[DESCRIPTION_TAG]
+    assert len(description) <= TAG_LIMIT and description.endswith(CUT_NOTE)
+    assert result.report.startswith(description.removesuffix(CUT_NOTE))
+    downloaded = mlflow.artifacts.download_artifacts(
+        run_id=result.comparison_run_id, artifact_path="comparison.md", dst_path=str(tmp_path))
+    assert Path(downloaded).read_text() == result.report
 
 
 def test_the_rule_picks_the_best_group_mean_within_the_parameter_budget(store: str) -> None:

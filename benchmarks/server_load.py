@@ -3,15 +3,18 @@
     python benchmarks/server_load.py --postgres postgresql://USER:PASSWORD@127.0.0.1/postgres \
         [--writers 4,8,16] [--seconds 20] [--runs 10000]
 
-Starts the README's Team setup server (PostgreSQL backend store in a new database, proxied
-artifacts, basic-auth, MLflow's default workers) on a free port of 127.0.0.1. Then, for each
-K, K writer processes log what a training epoch logs (one batch of the 8 per-epoch metrics,
-then the heartbeat tag) as fast as the server takes it for `--seconds`: epochs and metrics
-per second, request latency, errors (expected: none), and a read-back that every step of
-every writer is in the store. Last, it fills an experiment with `--runs` finished runs of
-20 epochs (as `benchmarks/compare_runs.py` makes them) and times `mnist-mlflow compare
---no-register` on it, a new process as a user runs it. The role in `--postgres` must be
-allowed to create databases; the database made is left for inspection (its name printed).
+Starts the README's Team setup server (PostgreSQL backend store in a new database,
+proxied artifacts, basic-auth with its credential cache on, MLflow's default workers) on a
+free port of 127.0.0.1. For each K, K writer processes log what a training epoch logs (one
+batch of the 8 per-epoch metrics, then the heartbeat tag) as fast as the server takes it
+for `--seconds`: epochs and metrics per second, latency per epoch (two requests), errors
+(expected: none), and a read-back that every step of every writer is in the store. It fills
+an experiment with `--runs` finished runs of 20 epochs (as `benchmarks/compare_runs.py`
+makes them) and times `mnist-mlflow compare --no-register` on it through the server, a new
+process as a user runs it. Then the writers again on the same database with MLflow's
+default basic-auth (no credential cache) and with no auth, to show what checking
+credentials costs. The role in `--postgres` must be allowed to create databases; the
+database made is left for inspection (its name printed).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,21 +48,50 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", 
 RUN_CHUNKS = 8  # processes filling the 10,000-run experiment
 
 
-def start_server(postgres: str, folder: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """The Team setup server on a fresh database; its process, URI and database name."""
+def new_database(postgres: str) -> str:
+    """A new, empty database on the PostgreSQL of `postgres`; its URI."""
     database = f"mnist_mlflow_load_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(postgres, autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {database}")
+    return postgres.rsplit("/", 1)[0] + f"/{database}"
+
+
+# How the server checks credentials: the README's Team setup (basic-auth with its credential
+# cache on), MLflow's default basic-auth (every request hashes the password: scrypt, about
+# 100 ms of CPU here), and no auth at all.
+AUTH_MODES = {"basic-auth, cache 60 s": 60, "basic-auth, no cache": 0, "no auth": None}
+
+
+def auth_config(folder: Path, cache_seconds: int) -> Path:
+    """A basic_auth.ini as the README's Team setup writes it."""
+    path = folder / f"basic_auth_{cache_seconds}.ini"
+    path.write_text(f"""[mlflow]
+default_permission = READ
+database_uri = sqlite:///{folder / 'basic_auth.db'}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = {cache_seconds}
+""")
+    return path
+
+
+def start_server(store: str, folder: Path,
+                 cache_seconds: int | None) -> tuple[subprocess.Popen[bytes], str]:
+    """The Team setup server on `store` (basic-auth unless `cache_seconds` is None); its
+    process and URI."""
     port = free_port()
     env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    auth = cache_seconds is not None
+    if auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(folder, cache_seconds))
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         postgres.rsplit("/", 1)[0] + f"/{database}", "--artifacts-destination",
-         str(folder / "artifacts"), "--serve-artifacts", "--app-name", "basic-auth",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+         "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts",
+         "--host", "127.0.0.1", "--port", str(port)]
+        + (["--app-name", "basic-auth"] if auth else []),
+        env=env, cwd=folder, stdout=(folder / "server.log").open("a"),
+        stderr=subprocess.STDOUT, start_new_session=True)  # its workers go with it
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -66,10 +99,15 @@ def start_server(postgres: str, folder: Path) -> tuple[subprocess.Popen[bytes], 
             sys.exit(f"mlflow server exited:\n{(folder / 'server.log').read_text()[-3000:]}")
         try:
             requests.get(f"{uri}/health", timeout=2)
-            return server, uri, database
+            return server, uri
         except requests.ConnectionError:
             time.sleep(0.5)
     sys.exit("mlflow server did not answer in 180 s")
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=60)
 
 
 def writer(experiment_id: str, seconds: float, start_at: float,
@@ -125,12 +163,14 @@ def load(experiment_id: str, writers: int, seconds: float) -> dict[str, float]:
             "first_error": errors[0] if errors else ""}
 
 
-def fill(uri: str, experiment_id: str, count: int) -> None:
-    """`count` finished runs, made by RUN_CHUNKS processes at once."""
+def fill(store: str, experiment_id: str, count: int) -> None:
+    """`count` finished runs, written by RUN_CHUNKS processes straight into the server's
+    database: through the server they would take an hour (3 requests a run), and how the
+    runs got there does not change what `compare` reads."""
     context = multiprocessing.get_context("spawn")
     chunk = -(-count // RUN_CHUNKS)
     processes = [context.Process(target=fill_chunk,
-                                 args=(experiment_id, first, min(chunk, count - first)))
+                                 args=(store, experiment_id, first, min(chunk, count - first)))
                  for first in range(0, count, chunk)]
     for process in processes:
         process.start()
@@ -140,8 +180,8 @@ def fill(uri: str, experiment_id: str, count: int) -> None:
             sys.exit("creating the runs failed")
 
 
-def fill_chunk(experiment_id: str, first: int, count: int) -> None:
-    create_runs(MlflowClient(), experiment_id, count, epochs=20, first=first)
+def fill_chunk(store: str, experiment_id: str, first: int, count: int) -> None:
+    create_runs(MlflowClient(store), experiment_id, count, epochs=20, first=first)
 
 
 def main() -> int:
@@ -153,35 +193,41 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10_000)
     args = parser.parse_args()
 
+    store = new_database(args.postgres)
+    os.environ.update({"MLFLOW_TRACKING_USERNAME": "admin",
+                       "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD})
+    print(f"database {store.rsplit('/', 1)[1]}; {os.cpu_count()} CPUs here, shared by the "
+          "server, PostgreSQL and the writers")
     with tempfile.TemporaryDirectory() as tmp:
-        server, uri, database = start_server(args.postgres, Path(tmp))
-        os.environ.update({"MLFLOW_TRACKING_URI": uri, "MLFLOW_TRACKING_USERNAME": "admin",
-                           "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD})
-        try:
-            print(f"server {uri}, database {database}; {os.cpu_count()} CPUs here, shared by "
-                  "the server, PostgreSQL and the writers")
-            client = MlflowClient()
-            for writers in (int(k) for k in args.writers.split(",")):
-                experiment_id = client.create_experiment(f"load-{writers}")
-                r = load(experiment_id, writers, args.seconds)
-                print(f"K={writers:>2}: {r['epochs_per_s']:7.1f} epochs/s "
-                      f"{r['metrics_per_s']:7.0f} metrics/s, latency p50 {r['p50_ms']:.0f} ms "
-                      f"p95 {r['p95_ms']:.0f} ms, errors {r['errors']}, "
-                      f"missing steps {r['missing_steps']} {r['first_error']}")
-            began = time.perf_counter()
-            fill(uri, client.create_experiment(EXPERIMENT), args.runs)
-            print(f"created {args.runs} runs x 20 epochs in {time.perf_counter() - began:.0f} s")
-            began = time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "mnist_mlflow", "compare",
-                                   "--experiment", EXPERIMENT, "--no-register"],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"compare failed:\n{done.stderr[-2000:]}")
-            print(f"mnist-mlflow compare --no-register over {args.runs} runs on the server "
-                  f"(new process): {time.perf_counter() - began:.1f} s")
-        finally:
-            os.killpg(server.pid, 15)
-            server.wait(timeout=60)
+        for mode, cache_seconds in AUTH_MODES.items():
+            server, uri = start_server(store, Path(tmp), cache_seconds)
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            try:
+                client = MlflowClient()
+                for writers in (int(k) for k in args.writers.split(",")):
+                    experiment_id = client.create_experiment(f"load-{writers}-{cache_seconds}")
+                    r = load(experiment_id, writers, args.seconds)
+                    print(f"{mode:>22} K={writers:>2}: "
+                          f"{r['epochs_per_s']:5.1f} epochs/s {r['metrics_per_s']:5.0f} "
+                          f"metrics/s, latency per epoch p50 {r['p50_ms']:.0f} ms p95 "
+                          f"{r['p95_ms']:.0f} ms, errors {r['errors']}, missing steps "
+                          f"{r['missing_steps']} {r['first_error']}", flush=True)
+                if cache_seconds:
+                    began = time.perf_counter()
+                    fill(store, client.create_experiment(EXPERIMENT), args.runs)
+                    print(f"created {args.runs} runs x 20 epochs in "
+                          f"{time.perf_counter() - began:.0f} s (straight into the database)")
+                    began = time.perf_counter()
+                    done = subprocess.run([sys.executable, "-m", "mnist_mlflow", "compare",
+                                           "--experiment", EXPERIMENT, "--no-register"],
+                                          capture_output=True, text=True)
+                    if done.returncode != 0:
+                        sys.exit(f"compare failed:\n{done.stderr[-2000:]}")
+                    print(f"mnist-mlflow compare --no-register over {args.runs} runs through "
+                          f"the server ({mode}; a new process): "
+                          f"{time.perf_counter() - began:.1f} s", flush=True)
+            finally:
+                stop_server(server)
     return 0
 
 

@@ -27,6 +27,8 @@ from tabulate import tabulate
 from mnist_mlflow.comparison import find_runs, group_runs
 from mnist_mlflow.framing import frame_digit, read_gray, resize_whole_frame, white_on_black
 from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
+from mnist_mlflow.registry import PRODUCTION, logged_model_uri
+from mnist_mlflow.schema import DEFAULT_MODEL_NAME
 from mnist_mlflow.stats import Summary
 
 IMAGES = Path(__file__).resolve().parent.parent / "tests" / "data" / "font_digits"
@@ -41,12 +43,6 @@ def read_set(folder: Path) -> tuple[list[Path], np.ndarray, dict[str, np.ndarray
     batches = {name: np.stack([method(g) for g in grays])[:, np.newaxis].astype(np.float32)
                for name, method in METHODS.items()}
     return paths, labels, batches
-
-
-def model_uri(run_id: str, experiment_id: str) -> str:
-    [model] = mlflow.search_logged_models([experiment_id], f"source_run_id = '{run_id}'",
-                                          output_format="list")
-    return f"models:/{model.model_id}"
 
 
 def kinds(path: Path) -> list[str]:
@@ -67,13 +63,13 @@ def main() -> int:
     runs, _ = find_runs(args.experiment, "")
     experiment_id = mlflow.get_experiment_by_name(args.experiment).experiment_id
     production_run = mlflow.MlflowClient().get_model_version_by_alias(
-        DEFAULT_MODEL_URI.split("/")[1].split("@")[0], "production").run_id
+        DEFAULT_MODEL_NAME, PRODUCTION).run_id
     rows, production_rows = [], None
     for group in group_runs(runs):
         accuracy: dict[str, list[float]] = defaultdict(list)
         correct_by_kind: dict[str, list[np.ndarray]] = defaultdict(list)
         for run in group.runs:
-            model = load_model(model_uri(run.run_id, experiment_id))
+            model = load_model(logged_model_uri(run.run_id, experiment_id))
             for name, batch in batches.items():
                 right = np.asarray(model.predict(batch)).argmax(axis=1) == labels
                 accuracy[name].append(100 * right.mean())

@@ -105,6 +105,17 @@ def _metric(run: Run, metric: str) -> float:
     return run.data.metrics[metric]
 
 
+def logged_model_uri(run_id: str, experiment_id: str | None = None) -> str | None:
+    """`models:/<id>` of the model run `run_id` logged, once complete (READY); None if it has
+    none. A run logs one model, named for its variant (`model` in runs made before)."""
+    if experiment_id is None:
+        experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    logged = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}'")
+    ready = [m for m in logged if m.status == LoggedModelStatus.READY]
+    return f"models:/{ready[0].model_id}" if ready else None
+
+
 def register_run(run_id: str, model_name: str, metric: str, description: str) -> ModelVersion:
     """The run's model as a version of `model_name`; the existing version if already there.
 
@@ -122,15 +133,10 @@ def register_run(run_id: str, model_name: str, metric: str, description: str) ->
         for key, tag in tags.items():
             client.set_model_version_tag(model_name, version.version, key, tag)
     else:
-        # Looked up first so that a run without a model leaves the registry untouched. A run
-        # logs one model, named for its variant (`model` in runs made before).
-        logged = mlflow.search_logged_models(
-            experiment_ids=[run.info.experiment_id], output_format="list",
-            filter_string=f"source_run_id = '{run_id}'")
-        ready = [m for m in logged if m.status == LoggedModelStatus.READY]
-        if not ready:
+        # Looked up first so that a run without a model leaves the registry untouched.
+        uri = logged_model_uri(run_id, run.info.experiment_id)
+        if uri is None:
             raise UserError(f"run {run_name} ({run_id}) has no logged model to register")
-        uri = f"models:/{ready[0].model_id}"
         check_loads(uri)
         version = mlflow.register_model(uri, model_name, tags=tags)
         _describe_model(client, model_name)

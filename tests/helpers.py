@@ -12,6 +12,7 @@ from mlflow.entities import Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.cli import main
+from mnist_mlflow.registry import logged_model_uri
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
@@ -43,10 +44,9 @@ def children_of(experiment: str, parent_id: str) -> list[mlflow.entities.Run]:
 
 def model_uri(run_id: str) -> str:
     """`models:/<id>` of the model `run_id` logged (named for its variant)."""
-    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
-    [model] = mlflow.search_logged_models([experiment_id], f"source_run_id = '{run_id}'",
-                                          output_format="list")
-    return f"models:/{model.model_id}"
+    uri = logged_model_uri(run_id)
+    assert uri is not None, f"run {run_id} logged no model"
+    return uri
 
 
 def craft_run(experiment: str, name: str, val: float | None, test: float | None = None,

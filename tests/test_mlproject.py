@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tests.conftest import REPO
+from tests.conftest import REPO, made_store
 
 TINY = ["-P", "train_limit=256", "-P", "test_limit=128", "-P", "epochs=2"]
 
@@ -96,6 +96,7 @@ def test_ctrl_c_under_mlflow_run_ends_the_run_with_the_resume_command(
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env |= {"MLFLOW_TRACKING_URI": tracking_store, "OMP_NUM_THREADS": "1"}
+    made_store(tracking_store)  # CI saw the runner die racing this test's client
     runner = subprocess.Popen(
         [str(mlflow_cli), "run", str(REPO), "--env-manager", "local", "--experiment-name",
          "projects", "-P", "train_limit=6144", "-P", "test_limit=256", "-P", "epochs=4",
@@ -111,6 +112,9 @@ def test_ctrl_c_under_mlflow_run_ends_the_run_with_the_resume_command(
             if client.get_metric_history(run.info.run_id, "test_acc"):
                 run_id = run.info.run_id
         time.sleep(0.1)
+    if runner.poll() is not None:
+        raise AssertionError(f"mlflow run ended before its first epoch was logged "
+                             f"(exit {runner.returncode}): {runner.communicate()[1][-2000:]}")
     os.killpg(runner.pid, signal.SIGINT)  # as the terminal does
     _, err = runner.communicate(timeout=120)
     assert run_id is not None, err[-2000:]

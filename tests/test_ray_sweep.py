@@ -21,7 +21,7 @@ pytest.importorskip("ray", reason="the ray extra is not installed")
 from mnist_mlflow.ray_executor import RayExecutor  # noqa: E402
 from mnist_mlflow.schema import LEASE_PID_TAG, ROLE_TAG  # noqa: E402
 from mnist_mlflow.sweep import LocalExecutor, run_sweep  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import made_store, tiny_config  # noqa: E402
 from tests.helpers import children_of, run_cli, runs_of  # noqa: E402
 
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
@@ -103,6 +103,7 @@ def test_ctrl_c_on_the_driver_kills_the_tasks_and_resume_finishes_on_ray(
     args = [sys.executable, "-m", "mnist_mlflow", "sweep", *SLOW, "--seeds", "1,2,3",
             "--variant", "opt:0", "--executor", "ray", "--data-dir", str(mnist_root),
             "--experiment", "ctrl-c"]
+    made_store(tracking_store)  # polled below while the driver starts
     driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -44,14 +44,6 @@ def use_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
-def made_store(uri: str) -> None:
-    """Create the SQLite store at `uri` now, before a test starts a subprocess and polls the
-    store while it runs: two processes creating one new store at once race (MLflow's
-    migrations fail with `duplicate column name`), and only mnist-mlflow's own commands take
-    the lock that orders them; the test's client and `mlflow run` do not."""
-    mlflow.MlflowClient(uri).search_experiments(max_results=1)
-
-
 @pytest.fixture
 def tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite tracking store in `tmp_path`, which is also the working directory."""

@@ -16,9 +16,10 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_mlflow.data import build_pipeline, load_mnist
+from mnist_mlflow.mlrun import open_store
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import EpochMetrics, create_state, fit
-from tests.conftest import made_store, tiny_config
+from tests.conftest import tiny_config
 from tests.helpers import run_cli
 
 # Long enough epochs (about 2 s) that a signal sent right after epoch 1 lands in epoch 2.
@@ -33,7 +34,10 @@ COMPARED = ["train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test
 def mnist_mlflow(store: str, *args: str) -> subprocess.Popen[str]:
     """The real command line in a subprocess, reporting to `store`."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
-    made_store(store)  # the test polls it while the subprocess starts
+    # Created now, not by the subprocess while this test's client polls it: two processes
+    # creating one new SQLite store race in MLflow's migrations (`duplicate column name`),
+    # and only mnist-mlflow's commands take the lock that orders them.
+    open_store()
     # Ctrl-C as a user's terminal delivers it: a shell's background job (CI may be one)
     # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "mnist_mlflow", *args], env=env,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from tests.conftest import REPO, made_store
+from mnist_mlflow.mlrun import open_store
+from tests.conftest import REPO
 
 TINY = ["-P", "train_limit=256", "-P", "test_limit=128", "-P", "epochs=2"]
 
@@ -96,7 +97,10 @@ def test_ctrl_c_under_mlflow_run_ends_the_run_with_the_resume_command(
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")}
     env |= {"MLFLOW_TRACKING_URI": tracking_store, "OMP_NUM_THREADS": "1"}
-    made_store(tracking_store)  # CI saw the runner die racing this test's client
+    # Created now, not by the subprocess while this test's client polls it: two processes
+    # creating one new SQLite store race in MLflow's migrations (`duplicate column name`),
+    # and only mnist-mlflow's commands take the lock that orders them.
+    open_store()
     runner = subprocess.Popen(
         [str(mlflow_cli), "run", str(REPO), "--env-manager", "local", "--experiment-name",
          "projects", "-P", "train_limit=6144", "-P", "test_limit=256", "-P", "epochs=4",

@@ -18,10 +18,11 @@ from mlflow.tracking import MlflowClient
 
 pytest.importorskip("ray", reason="the ray extra is not installed")
 
+from mnist_mlflow.mlrun import open_store  # noqa: E402
 from mnist_mlflow.ray_executor import RayExecutor  # noqa: E402
 from mnist_mlflow.schema import LEASE_PID_TAG, ROLE_TAG  # noqa: E402
 from mnist_mlflow.sweep import LocalExecutor, run_sweep  # noqa: E402
-from tests.conftest import made_store, tiny_config  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
 from tests.helpers import children_of, run_cli, runs_of  # noqa: E402
 
 COMPARED = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
@@ -103,7 +104,10 @@ def test_ctrl_c_on_the_driver_kills_the_tasks_and_resume_finishes_on_ray(
     args = [sys.executable, "-m", "mnist_mlflow", "sweep", *SLOW, "--seeds", "1,2,3",
             "--variant", "opt:0", "--executor", "ray", "--data-dir", str(mnist_root),
             "--experiment", "ctrl-c"]
-    made_store(tracking_store)  # polled below while the driver starts
+    # Created now, not by the subprocess while this test's client polls it: two processes
+    # creating one new SQLite store race in MLflow's migrations (`duplicate column name`),
+    # and only mnist-mlflow's commands take the lock that orders them.
+    open_store()
     driver = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -1,8 +1,14 @@
-"""What several benchmarks need: a free port for the servers they start."""
+"""What several benchmarks (and the team-server tests) need: a free port for the servers they
+start, and the README's Team setup auth config."""
 
 from __future__ import annotations
 
+import re
 import socket
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+AUTH_CONFIG_START = "cat > /srv/mlflow/basic_auth.ini <<'EOF'\n"
 
 
 def free_port() -> int:
@@ -10,3 +16,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def team_auth_config(database_uri: str, cache_seconds: int = 60) -> str:
+    """The `basic_auth.ini` of the README's Team setup with its auth database and credential
+    cache replaced: read from the README, so that what the tests and the load benchmark run
+    is what users copy."""
+    text = README.read_text()
+    start = text.index(AUTH_CONFIG_START) + len(AUTH_CONFIG_START)
+    config = text[start:text.index("\nEOF\n", start) + 1]
+    for key, value in (("database_uri", database_uri), ("auth_cache_ttl_seconds", cache_seconds)):
+        config, found = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", config)
+        if found != 1:
+            raise ValueError(f"README's basic_auth.ini has no single {key} line")
+    return config

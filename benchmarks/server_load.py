@@ -37,14 +37,12 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port  # noqa: E402
+from common import free_port, team_auth_config  # noqa: E402
 from compare_runs import EXPERIMENT, create_runs  # noqa: E402
 
-from mnist_mlflow.schema import HEARTBEAT_TAG  # noqa: E402
+from mnist_mlflow.schema import EPOCH_METRICS, HEARTBEAT_TAG  # noqa: E402
 
 ADMIN_PASSWORD = "benchmark-admin-password"
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-                 "lr", "epoch_seconds")
 RUN_CHUNKS = 8  # processes filling the 10,000-run experiment
 
 
@@ -63,15 +61,9 @@ AUTH_MODES = {"basic-auth, cache 60 s": 60, "basic-auth, no cache": 0, "no auth"
 
 
 def auth_config(folder: Path, cache_seconds: int) -> Path:
-    """A basic_auth.ini as the README's Team setup writes it."""
+    """The README's Team setup basic_auth.ini, its users kept beside it in SQLite."""
     path = folder / f"basic_auth_{cache_seconds}.ini"
-    path.write_text(f"""[mlflow]
-default_permission = READ
-database_uri = sqlite:///{folder / 'basic_auth.db'}
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-auth_cache_ttl_seconds = {cache_seconds}
-""")
+    path.write_text(team_auth_config(f"sqlite:///{folder / 'basic_auth.db'}", cache_seconds))
     return path
 
 
@@ -149,7 +141,7 @@ def load(experiment_id: str, writers: int, seconds: float) -> dict[str, float]:
     client = MlflowClient()
     missing = 0
     for run_id, steps, _, _ in outcomes:
-        for name in EPOCH_METRICS[:2]:
+        for name in list(EPOCH_METRICS)[:2]:
             logged = {m.step for m in client.get_metric_history(run_id, name)}
             missing += len(set(range(1, steps + 1)) - logged)
     epochs = sum(o[1] for o in outcomes)

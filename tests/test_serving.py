@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import requests
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from benchmarks.common import free_port
 from mnist_mlflow.data import load_mnist
 from mnist_mlflow.framing import frame_digit, read_gray, resize_whole_frame, white_on_black
 from mnist_mlflow.models import INVALID_PIXELS
@@ -135,12 +135,6 @@ def test_an_unknown_model_is_one_line(store: str, tmp_path: Path,
                             str(tmp_path / "blank.png")], capsys, monkeypatch)
     assert code == 2
     assert err.count("\n") == 1 and "cannot load model 'models:/no-such-model@production'" in err
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mlflow_models_serve_answers_with_ten_scores_per_image(

@@ -22,21 +22,14 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from benchmarks.common import free_port, team_auth_config
 from tests.helpers import run_cli
-from tests.test_serving import free_port
 
 POSTGRES = os.environ.get("MNIST_TEST_POSTGRES_URI", "")
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="MNIST_TEST_POSTGRES_URI is not set")
 ADMIN_PASSWORD = "admin-password-1234"
 READER, READER_PASSWORD = "reader", "reader-password-1234"
 START_LIMIT_S = 120
-AUTH_CONFIG = """[mlflow]
-default_permission = READ
-database_uri = {database}
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-auth_cache_ttl_seconds = 60
-"""
 TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--val-size", "256",
         "--device", "cpu", "--threads", "1"]
 
@@ -96,7 +89,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                "--port", str(port), "--workers", "1"]
     # As the README's Team setup: users and grants in PostgreSQL too, credentials cached.
     config = folder / "basic_auth.ini"
-    config.write_text(AUTH_CONFIG.format(database=fresh_database()))
+    config.write_text(team_auth_config(fresh_database()))
     env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_AUTH_CONFIG_PATH": str(config)}
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

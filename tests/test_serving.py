@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from benchmarks.common import free_port
+from benchmarks.framing_accuracy import IMAGES, read_set
 from mnist_mlflow.data import load_mnist
-from mnist_mlflow.framing import frame_digit, read_gray, resize_whole_frame, white_on_black
 from mnist_mlflow.models import INVALID_PIXELS
 from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
 from mnist_mlflow.registry import promote, register_run
@@ -115,16 +115,13 @@ def test_any_size_dark_on_light_image_reads_like_mnist_and_bad_files_are_named(
 def test_framing_reads_digits_not_cut_like_mnist_better_than_resizing(
         store: str, production: str) -> None:
     """The shipped font digits (`tests/data/make_font_digits.py`) through the same model,
-    resized whole as `predict` used to, and framed as MNIST's digits were made."""
-    paths = sorted((Path(__file__).parent / "data" / "font_digits").iterdir())
-    labels = np.array([int(p.name[0]) for p in paths])
-    grays = [white_on_black(read_gray(p)) for p in paths]
+    resized whole as `predict` used to, and framed as MNIST's digits were made: the
+    framing benchmark's own reading of them."""
+    _, labels, batches = read_set(IMAGES)
     model = load_model(model_uri(production))
-    accuracy = {}
-    for method in (resize_whole_frame, frame_digit):
-        batch = np.stack([method(g) for g in grays])[:, np.newaxis]
-        accuracy[method] = (np.asarray(model.predict(batch)).argmax(axis=1) == labels).mean()
-    assert accuracy[frame_digit] >= accuracy[resize_whole_frame] + FRAMING_GAIN, accuracy
+    accuracy = {name: (np.asarray(model.predict(batch)).argmax(axis=1) == labels).mean()
+                for name, batch in batches.items()}
+    assert accuracy["MNIST framing"] >= accuracy["whole-frame resize"] + FRAMING_GAIN, accuracy
 
 
 def test_an_unknown_model_is_one_line(store: str, tmp_path: Path,

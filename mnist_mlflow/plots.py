@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 
 from mnist_mlflow.schema import EPOCH_METRICS, METRICS  # noqa: E402
 
@@ -106,6 +108,50 @@ def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: s
     # Below the axes: group names are long, and inside they would hide the points.
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path, title: str) -> Path:
+    """Counts of (true digit, answer) over the scored images; the diagonal is right, and
+    every wrong cell is labelled with its count (a log colour scale keeps them visible)."""
+    counts = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(counts, (labels, predicted), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    image = ax.imshow(counts + 1, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1) + 1))
+    for true, answer in zip(*np.nonzero(counts), strict=True):
+        value = counts[true, answer]
+        ax.text(answer, true, str(value), ha="center", va="center", fontsize=7,
+                color="white" if true == answer else ("darkred" if value else "black"))
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("answer")
+    ax.set_ylabel("true digit")
+    wrong = int(counts.sum() - np.trace(counts))
+    ax.set_title(f"{title}\n{wrong} of {counts.sum():,} images wrong", fontsize=9)
+    fig.colorbar(image, ax=ax, label="images (log scale)", shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_gallery(images: np.ndarray, captions: Sequence[str], path: Path, title: str,
+                 columns: int = 8) -> Path:
+    """Digits (uint8, N x 28 x 28) in a grid, each with its caption above it."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, 1.7 * rows + 0.6),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=7)
+    if not len(images):
+        axes[0][0].text(0, 0.5, "none", fontsize=12)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

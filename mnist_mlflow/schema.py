@@ -144,6 +144,19 @@ PLAN_ARTIFACT = "sweep_plan.json"
 REPORT_FILE = "comparison.md"
 REPORT_PLOT = "comparison.png"
 REPORT_PARETO = "comparison_pareto.png"
+# Per-image records of the logged model (records.py), one file per scored set, and the
+# pictures drawn from them.
+PREDICTIONS_DIR = "predictions"
+RECORD_SETS = ("validation", "test")
+CONFUSION_FILE = "confusion_matrix.png"
+MISTAKES_FILE = "confident_mistakes.png"
+REPORT_DISAGREEMENTS = "disagreements.png"
+
+
+def records_artifact(scored: str) -> str:
+    """Where a run keeps its per-image records of `scored` ("validation" or "test")."""
+    return f"{PREDICTIONS_DIR}/{scored}.parquet"
+
 
 # --- params -----------------------------------------------------------------------------------
 NUM_PARAMS = "num_params"

@@ -35,7 +35,8 @@ from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
 from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
-from mnist_mlflow.plots import plot_training_curves
+from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves
+from mnist_mlflow.records import Records
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import (
     BEST_EPOCH,
@@ -47,6 +48,7 @@ from mnist_mlflow.schema import (
     CHECKPOINT_FILE,
     COMPILE_FALLBACK_TAG,
     CONFIG_GROUP_TAG,
+    CONFUSION_FILE,
     CURVES_DIR,
     CURVES_FILE,
     DEFAULT_EXPERIMENT,
@@ -58,10 +60,12 @@ from mnist_mlflow.schema import (
     LAST3_METRIC,
     LAST_EPOCHS,
     MEAN_EPOCH_SECONDS,
+    MISTAKES_FILE,
     MNIST_MD5_TAG_PREFIX,
     MODEL_SUMMARY,
     NUM_PARAMS,
     PLUMBING_SETTINGS,
+    PREDICTIONS_DIR,
     RESUMED_AFTER_TAG,
     RESUMED_ON_TAG,
     RESUMES_RUN_TAG,
@@ -78,7 +82,7 @@ from mnist_mlflow.schema import (
     rounded,
     settings_of,
 )
-from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit
+from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit, predict
 
 log = logging.getLogger("mnist_mlflow")
 
@@ -395,7 +399,7 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
                 summary = summary_metrics(history)
                 run.log_metrics(summary, step=SUMMARY_STEP)
                 handler.flush()
-                _log_artifacts(run, config, state, data, history, Path(tmp))
+                _log_artifacts(run, config, state, data, pipeline, history, Path(tmp))
                 run.describe(describe(config, num_params, (
                     f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
                     f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f}).")))
@@ -462,10 +466,50 @@ def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: Mni
     run.log_inputs(mnist_inputs(data))
 
 
+def image_records(model: torch.nn.Module, pipeline: Pipeline, data: MnistData
+                  ) -> dict[str, Records]:
+    """The model's answer on every scored image: validation (where held out) and test."""
+    records = {}
+    scored = [("test", pipeline.test_batches(), *data.test_tensors())]
+    if pipeline.num_val:
+        scored.insert(0, ("validation", pipeline.val_batches(), *data.val_tensors()))
+    for name, batches, _images, labels in scored:
+        predicted, confidence = predict(model, batches)
+        index = data.val_indices if name == "validation" else torch.arange(len(labels))
+        records[name] = Records(index.numpy().astype(np.int64), labels.numpy().astype(np.int64),
+                                predicted.numpy().astype(np.int64), confidence.numpy())
+    return records
+
+
+# The most confident mistakes shown per run (the gallery's grid is 8 wide).
+GALLERY_SIZE = 24
+
+
+def _log_records(run: MlflowRun, config: TrainConfig, records: dict[str, Records],
+                 data: MnistData, tmp: Path) -> None:
+    """The per-image records, then a confusion matrix and the most confident mistakes of
+    the validation images (the test images for a run without a split)."""
+    for scored, found in records.items():
+        run.log_artifact(found.write(tmp / f"{scored}.parquet"), PREDICTIONS_DIR)
+    scored = "validation" if "validation" in records else "test"
+    shown = records[scored]
+    images = (data.train if scored == "validation" else data.test).data.numpy()
+    title = f"{config.run_name}, {scored} images, last epoch"
+    run.log_artifact(plot_confusion(shown.label, shown.predicted, tmp / CONFUSION_FILE, title),
+                     CURVES_DIR)
+    worst = shown.mistakes(GALLERY_SIZE)
+    captions = [f"#{shown.index[i]}: {shown.label[i]} → {shown.predicted[i]} "
+                f"p {shown.p_predicted[i]:.2f}" for i in worst]
+    run.log_artifact(plot_gallery(images[shown.index[worst]], captions, tmp / MISTAKES_FILE,
+                                  f"{title}: the {len(worst)} most confident mistakes "
+                                  "(image row: true → answer, probability)"), CURVES_DIR)
+
+
 def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData,
-                   history: list[EpochMetrics], tmp: Path) -> None:
+                   pipeline: Pipeline, history: list[EpochMetrics], tmp: Path) -> None:
     plot = plot_training_curves(history, tmp / CURVES_FILE, config.run_name)
     run.log_artifact(plot, CURVES_DIR)
+    _log_records(run, config, image_records(state.model, pipeline, data), data, tmp)
     summary = tmp / MODEL_SUMMARY
     summary.write_text(model_summary(state.model))
     run.log_artifact(summary)

@@ -13,7 +13,6 @@ import shlex
 import signal
 import sys
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import click
 
 from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
-from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, REPORT_PARETO
+from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
 DEFAULTS = TrainConfig()
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
@@ -275,18 +274,23 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
               help="Registered model name.")
 @click.option("--force", is_flag=True,
               help="Move `production` even when the challenger's group does not beat "
-                   "production's beyond seed noise.")
+                   "production's beyond seed and image noise.")
+@click.option("--data-dir", default=lambda: os.environ.get("MNIST_DATA_DIR", "data"),
+              show_default="data/ or $MNIST_DATA_DIR",
+              help="MNIST, to score runs made before per-image records from their logged "
+                   "models, and to draw the images on which two models disagree.")
 @click.pass_context
 def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str,
             goal: str | None, max_params: int, top: int, diffs: tuple[tuple[str, str], ...],
             report_dir: str | None, results_path: str | None, register: bool, model_name: str,
-            force: bool) -> None:
+            force: bool, data_dir: str) -> None:
     """Compare finished runs by group over seeds, pick the production candidate on
     validation, register it, and move `production` only if it is really better."""
-    from mnist_mlflow import comparison
+    from mnist_mlflow import comparison, report
     from mnist_mlflow.mlrun import open_store
     from mnist_mlflow.registry import check_model_name
     from mnist_mlflow.schema import higher_is_better as goal_of
+    from mnist_mlflow.selection import SelectionRule
 
     # Every mistake is found before anything is compared, logged or registered.
     check_experiment(experiment)
@@ -297,42 +301,41 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
         writable_path(Path(results_path), "--results")
     open_store()
     higher_is_better = goal_of(metric) if goal is None else goal == "max"
-    rule = comparison.SelectionRule(metric, max_params, higher_is_better)
+    rule = SelectionRule(metric, max_params, higher_is_better)
     result = comparison.compare(experiment, filter_string, rule, top,
                                 Path(report_dir) if report_dir else None,
-                                runner_run_id=runner_run_id(ctx), diffs=diffs)
-    click.echo(comparison.headline(rule))
+                                runner_run_id=runner_run_id(ctx), diffs=diffs,
+                                data_dir=data_dir, register=register, model_name=model_name,
+                                force=force)
+    for line in result.skipped:  # runs left out, each named with why
+        click.echo(f"Warning: {line}", err=True)
+    click.echo(report.headline(rule))
     click.echo()
-    click.echo(comparison.markdown_table(comparison.summary_table(result)))
+    click.echo(report.markdown_table(report.summary_table(result)))
     click.echo()
-    click.echo(comparison.markdown_table(
-        comparison.side_by_side_table(result.groups[:top], rule)))
+    click.echo(report.markdown_table(report.side_by_side_table(result.groups[:top], rule)))
     click.echo(f"\nRule: {rule.describe()}.")
     click.echo(f"Chosen: {result.chosen_group.label()}: {result.reason}.")
-    click.echo(f"Registered run: {result.chosen.name} ({result.chosen.run_id})")
     for line in result.differences:
         click.echo(f"Difference: {line}")
+    for line in result.notes:
+        click.echo(f"Note: {line}")
+    if result.registered_version:
+        click.echo(f"Registered run: {result.chosen.name} ({result.chosen.run_id}) as "
+                   f"{model_name} version {result.registered_version}")
+    for line in report.verdict_lines(result):
+        click.echo(line)
     click.echo(f"Report logged to comparison run {result.comparison_run_id}"
                + (f" and written to {report_dir}" if report_dir else ""))
     if results_path:
         from mnist_mlflow.results import render_results
 
-        pareto = (Path(os.path.relpath(Path(report_dir) / REPORT_PARETO,
-                                       Path(results_path).resolve().parent))
-                  if report_dir else None)
+        figures = (Path(os.path.relpath(Path(report_dir),
+                                        Path(results_path).resolve().parent))
+                   if report_dir else None)
         Path(results_path).write_text(render_results(result.experiment, invoked_command(),
-                                                     pareto))
+                                                     figures, data_dir, result.files))
         click.echo(f"Results by phase written to {results_path}")
-    if not register:
-        return
-    from mnist_mlflow import registry
-
-    version = registry.register_run(result.chosen.run_id, model_name, metric,
-                                    comparison.version_description(result))
-    click.echo(f"Registered {model_name} version {version.version}")
-    promotion = registry.promote_if(model_name, version.version,
-                                    partial(comparison.promotion_case, result), force)
-    click.echo(promotion.message)
 
 
 @cli.command()
@@ -353,9 +356,9 @@ def promote(version: str, model_name: str) -> None:
               help="End the stale runs KILLED, so that --resume goes on with them.")
 def runs(stale: bool, mark_killed: bool) -> None:
     """List the RUNNING runs of every experiment, with the process that trains each."""
-    from mnist_mlflow.comparison import markdown_table
     from mnist_mlflow.mlrun import mark_killed as end_killed
     from mnist_mlflow.mlrun import open_store, running_runs
+    from mnist_mlflow.report import markdown_table
 
     if mark_killed and not stale:
         raise UserError("--mark-killed needs --stale: only runs whose process is gone are ended")
@@ -385,12 +388,13 @@ def runs(stale: bool, mark_killed: bool) -> None:
 @click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True)
 def models(model_name: str) -> None:
     """List the registered versions: aliases, selection metric, source run."""
-    from mnist_mlflow.comparison import markdown_table
     from mnist_mlflow.registry import list_versions
+    from mnist_mlflow.report import markdown_table
 
-    rows = [["Version", "Aliases", "Metric", "Run name", "Run", "Registered"]]
-    rows += [[v.version, ", ".join(v.aliases), v.metric, v.run_name, v.run_id, v.created]
-             for v in list_versions(model_name)]
+    rows = [["Version", "Aliases", "Run's metric", "Group judged (95% CI); verdict", "Run name",
+             "Run", "Registered"]]
+    rows += [[v.version, ", ".join(v.aliases), v.metric, v.judged, v.run_name, v.run_id,
+              v.created] for v in list_versions(model_name)]
     click.echo(markdown_table(rows))
 
 

@@ -1,214 +1,85 @@
-"""Compare tracked training runs: groups over seeds, the selection rule, whether differences
-are real, and the report run.
+"""`compare`: group the runs, judge the best against production over seeds and images,
+register and promote as the verdict says, and log the whole report as a comparison run.
 
-A group is one configuration over its seeds (`config_group`). Groups are chosen by the mean
-of a validation metric over their seeds; test metrics are reported, never used to choose
-(unless `--metric` names one, and then the report says so first). Differences between groups
-come with Welch's 95% interval: a gain smaller than the spread between seeds is not a gain.
+The jobs live in their own modules: the MLflow queries (queries.py), the selection rule
+(selection.py), the statistics (stats.py), the verdict (promotion.py), the text (report.py),
+the registry's aliases (registry.py). This one runs them in order and records what happened.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
 
-from mlflow.entities import Run, RunStatus, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
+import numpy as np
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from tabulate import tabulate
 
-from mnist_mlflow.config import TrainConfig, UserError, shown_value
-from mnist_mlflow.mlrun import MlflowRun, experiment_id
-from mnist_mlflow.plots import plot_comparison, plot_pareto
+from mnist_mlflow import promotion, queries, registry
+from mnist_mlflow.config import UserError
+from mnist_mlflow.idx import read_images
+from mnist_mlflow.mlrun import MlflowRun, store_error
+from mnist_mlflow.plots import plot_comparison, plot_gallery, plot_pareto
+from mnist_mlflow.report import render_report, verdict_lines, version_description
 from mnist_mlflow.schema import (
-    BEST_TEST_ACC,
+    CHOSEN_CONFUSION,
+    CHOSEN_MISTAKES,
     CHOSEN_RUN_TAG,
     COMPARISON_ROLE,
-    FINAL_GAP,
+    CONFUSION_FILE,
+    CURVES_DIR,
     FINAL_TEST_ACC,
-    FINAL_VAL_ACC,
-    METRICS,
-    NUM_PARAMS,
+    MISTAKES_FILE,
+    RECORDED_METRICS,
+    REPORT_DISAGREEMENTS,
     REPORT_FILE,
     REPORT_PARETO,
     REPORT_PLOT,
     ROLE_TAG,
-    TEST_ACC,
-    TEST_LOSS,
-    TRAIN_ACC,
-    TRAIN_ROLE,
-    VAL_ACC,
-    settings_from_params,
-    settings_of,
 )
-from mnist_mlflow.stats import Difference, Summary, welch
+from mnist_mlflow.selection import (
+    Group,
+    RunSummary,
+    SelectionRule,
+    contrast,
+    find_group,
+    group_runs,
+    on_test_set,
+    rank,
+    ranking_reason,
+    top,
+)
+from mnist_mlflow.stats import Interval, Pooled, interval, mcnemar
+from mnist_mlflow.stats import difference as group_difference
 
-log = logging.getLogger("mnist_mlflow")
-
-DEFAULT_METRIC = FINAL_VAL_ACC
-DEFAULT_MAX_PARAMS = 8000
-# What every report says of runs without a validation split (--val-size 0).
-SEED_PROTOCOL = "selected on test (the seed's protocol)"
-# The side-by-side rows, as the seed's report labelled them; every compared run needs the
-# test and train ones (validation ones where it has a split).
-TABLE_ROWS = {FINAL_VAL_ACC: "Val Acc (final)", FINAL_TEST_ACC: "Test Acc (final)",
-              TRAIN_ACC: "Train Acc (final)", FINAL_GAP: "Gap (train − test)",
-              BEST_TEST_ACC: "Best Test Acc"}
-REQUIRED_METRICS = (TEST_ACC, TRAIN_ACC, FINAL_GAP, BEST_TEST_ACC)
-PLOT_METRICS = (VAL_ACC, TEST_ACC, TEST_LOSS)
-
-
-def metric_text(metric: str, value: float) -> str:
-    """A metric's value to the digits it means (99.36, 0.0213), without its unit."""
-    spec = METRICS.get(metric)
-    return spec.format(value).rstrip("%s") if spec else f"{value:.4g}"
-
-
-def on_test_set(metric: str) -> bool:
-    """Whether choosing on `metric` looks at the test set."""
-    return "test" in metric
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What the comparison needs of one FINISHED training run."""
-
-    run_id: str
-    name: str
-    start_time: int
-    status: str
-    num_params: int
-    params: dict[str, str]
-    metrics: dict[str, float]
-    config: TrainConfig
-
-    @classmethod
-    def from_run(cls, run: Run) -> RunSummary:
-        metrics = dict(run.data.metrics)
-        # Runs before final_test_acc existed: the latest test_acc is the last epoch's.
-        metrics.setdefault(FINAL_TEST_ACC, metrics[TEST_ACC])
-        config = TrainConfig(**settings_from_params(settings_of(run)))
-        return cls(run.info.run_id, run.info.run_name or run.info.run_id[:8],
-                   run.info.start_time, run.info.status, int(run.data.params[NUM_PARAMS]),
-                   dict(run.data.params), metrics, config)
-
-    @property
-    def group(self) -> str:
-        return self.config.config_group
-
-
-@dataclass(frozen=True)
-class Group:
-    """One configuration over its seeds: the latest FINISHED run of each seed."""
-
-    name: str
-    runs: tuple[RunSummary, ...]
-
-    @property
-    def n(self) -> int:
-        return len(self.runs)
-
-    @property
-    def config(self) -> TrainConfig:
-        return self.runs[0].config
-
-    @property
-    def num_params(self) -> int:
-        return self.runs[0].num_params
-
-    @property
-    def validated(self) -> bool:
-        """Whether its runs held out a validation split (else: the seed's protocol)."""
-        return all(r.config.val_size > 0 for r in self.runs)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [r.config.seed for r in self.runs]
-
-    def has(self, metric: str) -> bool:
-        return all(metric in r.metrics for r in self.runs)
-
-    def values(self, metric: str) -> list[float]:
-        return [r.metrics[metric] for r in self.runs]
-
-    def summary(self, metric: str) -> Summary | None:
-        return Summary.of(self.values(metric)) if self.has(metric) else None
-
-    def label(self) -> str:
-        """`name (n = 5)`; a group of one run names its seed (run names may repeat)."""
-        return f"{self.name} (n = {self.n})" if self.n > 1 else f"{self.name}, seed {self.seeds[0]}"
-
-
-def group_runs(runs: Iterable[RunSummary]) -> list[Group]:
-    """Runs grouped by config_group, first-seen order; per seed only the latest run counts
-    (a rerun of a seed is not another seed)."""
-    by_group: dict[str, dict[int, RunSummary]] = {}
-    for run in sorted(runs, key=lambda r: r.start_time):
-        by_group.setdefault(run.group, {})[run.config.seed] = run
-    return [Group(name, tuple(sorted(seeds.values(), key=lambda r: r.config.seed)))
-            for name, seeds in by_group.items()]
-
-
-@dataclass(frozen=True)
-class SelectionRule:
-    """Best mean `metric` over a group's seeds, among groups with at most `max_params`."""
-
-    metric: str = DEFAULT_METRIC
-    max_params: int = DEFAULT_MAX_PARAMS
-    higher_is_better: bool = True
-
-    def describe(self) -> str:
-        best = "highest" if self.higher_is_better else "lowest"
-        return (f"{best} mean `{self.metric}` over a group's seeds (a group: one configuration, "
-                f"`config_group`), among groups with `num_params` ≤ {self.max_params:,}; ties "
-                "go to more seeds, then fewer parameters, then the smaller mean absolute gap "
-                "(train − test accuracy at the last epoch). The registered run is the winning "
-                f"group's run with the {best} `{self.metric}`")
-
-    def eligible(self, group: Group) -> bool:
-        return group.num_params <= self.max_params and group.has(self.metric)
-
-    def why_not(self, group: Group) -> str:
-        if group.num_params > self.max_params:
-            return f"over {self.max_params:,} params"
-        if not group.validated and not on_test_set(self.metric):
-            return f"no {self.metric}: {SEED_PROTOCOL}"
-        return f"no {self.metric}"
-
-    def sort_key(self, group: Group) -> tuple[float, int, int, float]:
-        """Ascending order puts the preferred group first."""
-        value = group.summary(self.metric).mean
-        gap = sum(abs(v) for v in group.values(FINAL_GAP)) / group.n
-        return (-value if self.higher_is_better else value, -group.n, group.num_params, gap)
-
-    def best_run(self, group: Group) -> RunSummary:
-        """The group's run to register: best on the metric, then the earlier run."""
-        sign = -1 if self.higher_is_better else 1
-        return min(group.runs, key=lambda r: (sign * r.metrics[self.metric], r.start_time))
-
-    def difference(self, a: Group, b: Group, metric: str | None = None) -> Difference:
-        return welch(a.values(metric or self.metric), b.values(metric or self.metric))
+# Images shown in the comparison's gallery of disagreements.
+DISAGREEMENTS_SHOWN = 24
 
 
 @dataclass
 class Comparison:
-    """The outcome: groups ranked (eligible first, in rule order), the choice and the report."""
+    """The outcome: groups ranked (eligible first, in rule order), the verdict against
+    production, what the registry did, and the report."""
 
     experiment: str
     rule: SelectionRule
     filter_string: str
     groups: list[Group]
     skipped: list[str]
-    chosen_group: Group
-    chosen: RunSummary
-    reason: str
+    notes: list[str] = field(default_factory=list)
+    pooled: dict[str, Pooled] = field(default_factory=dict)
+    verdict: promotion.Verdict | None = None
+    reason: str = ""
     differences: list[str] = field(default_factory=list)
+    model_name: str = ""
+    registered_version: str = ""
+    promotion: str = ""
+    disagreements: int = 0
+    files: list[str] = field(default_factory=list)  # the report and its figures
     comparison_run_id: str = ""
     report: str = ""
     histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
@@ -222,407 +93,333 @@ class Comparison:
     def eligible(self) -> list[Group]:
         return [g for g in self.groups if self.rule.eligible(g)]
 
+    @property
+    def chosen_group(self) -> Group:
+        return self.verdict.group
 
-def search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
-    """Every active run of the experiment matching `query`, oldest first, page by page."""
-    runs: list[Run] = []
-    page_token = None
-    while True:
-        page = client.search_runs([experiment_id], query, ViewType.ACTIVE_ONLY,
-                                  SEARCH_MAX_RESULTS_THRESHOLD, ["attributes.start_time ASC"],
-                                  page_token)
-        runs += page
-        page_token = page.token
-        if not page_token:
-            return runs
+    @property
+    def chosen(self) -> RunSummary:
+        return self.verdict.run
+
+    def interval(self, group: Group, metric: str) -> Interval | None:
+        """The group's 95% interval of `metric` over seeds and images (None without it)."""
+        sample = group.sample(metric)
+        if sample is None:
+            return None
+        return interval(sample, self.pooled.get(metric) or Pooled.of([sample]))
+
+    def difference_sentence(self, a: Group, b: Group, metric: str) -> str:
+        label = f"{contrast(a.config, b.config)}, {metric}"
+        if not (a.has(metric) and b.has(metric)):
+            missing = a if not a.has(metric) else b
+            return f"{label}: no {metric} on {missing.label()}"
+        found = group_difference(a.sample(metric), b.sample(metric),
+                                 self.pooled.get(metric) or Pooled(), self.rule.better(1, 0))
+        return found.sentence(label)
 
 
-def training_runs(runs: Iterable[Run]) -> tuple[list[RunSummary], list[str]]:
-    """The training runs among `runs` with what a comparison reads, and skip warnings."""
-    summaries, skipped = [], []
+def _reference(runs: Sequence[RunSummary], metric: str, production: RunSummary | None) -> str:
+    """The images the comparison judges `metric` on: production's, else the most runs'."""
+    if production is not None and metric in production.metrics:
+        return production.scored_on(metric)
+    keys = Counter(r.scored_on(metric) for r in runs if metric in r.metrics)
+    return keys.most_common(1)[0][0] if keys else ""
+
+
+def _same_images(runs: list[RunSummary], metric: str, reference: str
+                 ) -> tuple[list[RunSummary], list[str]]:
+    """The runs measured on the reference images; a line for those that were not."""
+    kept, left_out = [], []
     for run in runs:
-        if run.data.tags.get(ROLE_TAG, TRAIN_ROLE) != TRAIN_ROLE:
-            continue  # sweep parents and earlier comparisons are not candidates
-        missing = [m for m in REQUIRED_METRICS if m not in run.data.metrics]
-        missing += [] if run.data.params.get(NUM_PARAMS, "").isdigit() else [NUM_PARAMS]
-        if missing:
-            skipped.append(f"skipping run {run.info.run_name} ({run.info.run_id}): "
-                           f"no {', '.join(missing)}")
-            continue
-        summaries.append(RunSummary.from_run(run))
-    return summaries, skipped
+        if metric in run.metrics and run.scored_on(metric) != reference:
+            left_out.append(f"leaving out run {run.name} ({run.run_id}): its {metric} is "
+                            f"measured on other images ({run.scored_on(metric)}; this "
+                            f"comparison's: {reference})")
+        else:
+            kept.append(run)
+    return kept, left_out
 
 
-def find_runs(experiment: str, filter_string: str) -> tuple[list[RunSummary], list[str]]:
-    """FINISHED training runs of `experiment` matching `filter_string`, and skip warnings."""
-    client = MlflowClient()
-    found_id = experiment_id(experiment, client)
-    query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
-    try:
-        runs = search_all(client, found_id, query)
-    except MlflowException as err:
-        raise UserError(f"invalid --filter {filter_string!r}: "
-                        f"{err.message.splitlines()[0]}") from None
-    return training_runs(runs)
+def _production(model_name: str, rule: SelectionRule) -> tuple[promotion.Production | None,
+                                                             RunSummary | None]:
+    """Production's version, its group (or why it cannot be judged) and its run."""
+    version = registry.production_version(model_name)
+    if version is None:
+        return None, None
+    group, problem = queries.group_of_run(version.run_id, rule.metric)
+    run = next((r for r in group.runs if r.run_id == version.run_id), None) if group else None
+    if group is not None and run is None:  # a rerun of its seed replaced it in the group
+        found, _ = queries.training_runs([MlflowClient().get_run(version.run_id)], rule.metric)
+        run = found[0] if found else None
+    if group is not None and not group.has(rule.metric):
+        problem = (f"its group {group.label()} has no {rule.metric} (made with --val-size 0, "
+                   "or before validation metrics existed)")
+        group = None
+    return promotion.Production(str(version.version), version.run_id,
+                                run.name if run else version.run_id, group, problem,
+                                registry.looks_of(version)), run
 
 
-def rank(groups: Sequence[Group], rule: SelectionRule) -> list[Group]:
-    """Eligible groups in rule order, then the others by parameter count."""
-    eligible = sorted((g for g in groups if rule.eligible(g)), key=rule.sort_key)
-    others = sorted((g for g in groups if not rule.eligible(g)),
-                    key=lambda g: (g.num_params, g.name))
-    return eligible + others
+def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None = None,
+            top_groups: int = 5, report_dir: Path | None = None,
+            runner_run_id: str | None = None, diffs: Sequence[tuple[str, str]] = (),
+            data_dir: Path | str = "data", register: bool = False,
+            model_name: str = "mnist-cnn", force: bool = False) -> Comparison:
+    """Compare the experiment's FINISHED training runs and act on the verdict.
 
-
-def select(groups: Sequence[Group], rule: SelectionRule) -> tuple[Group, str]:
-    """The group the rule picks and a sentence saying why; UserError when none qualifies."""
-    if not groups:
-        raise UserError("no FINISHED runs with training metrics to compare")
-    ranked = rank(groups, rule)
-    chosen = ranked[0]
-    if not rule.eligible(chosen):
-        small = [g for g in groups if g.num_params <= rule.max_params]
-        if not small:
-            smallest = min(g.num_params for g in groups)
-            raise UserError(f"no run has num_params <= {rule.max_params:,} (the smallest of "
-                            f"the {sum(g.n for g in groups)} runs has {smallest:,}); "
-                            "raise --max-params")
-        hint = (f" (runs with --val-size 0 follow the seed's protocol; --metric "
-                f"{FINAL_TEST_ACC} selects on the test set)" if rule.metric == FINAL_VAL_ACC
-                else "; check --metric")
-        raise UserError(f"no run within {rule.max_params:,} parameters has metric "
-                        f"{rule.metric!r}{hint}")
-    return chosen, _reason(chosen, [g for g in ranked if rule.eligible(g)], rule)
-
-
-def _reason(chosen: Group, eligible: list[Group], rule: SelectionRule) -> str:
-    best = "highest" if rule.higher_is_better else "lowest"
-    mean = chosen.summary(rule.metric).mean
-    if len(eligible) == 1:
-        return (f"it is the only eligible group (mean {rule.metric} "
-                f"{metric_text(rule.metric, mean)}, n = {chosen.n})")
-    runner_up = eligible[1]
-    other = runner_up.summary(rule.metric).mean
-    text = (f"it has the {best} mean {rule.metric} ({metric_text(rule.metric, mean)}, "
-            f"n = {chosen.n}) of the {len(eligible)} eligible groups; the runner-up "
-            f"{runner_up.label()} has {metric_text(rule.metric, other)}")
-    if mean == other:
-        text += (f"; tied, it wins on {'more seeds' if chosen.n != runner_up.n else ''}"
-                 f"{'fewer parameters' if chosen.n == runner_up.n else ''}")
-    return text
-
-
-def contrast(a: TrainConfig, b: TrainConfig) -> str:
-    """What sets two configurations apart, like `dropout 0.05 vs 0` or
-    `model gap8k, lr 0.05 vs model opt, lr 0.01`."""
-    a, b = a.what_it_learns(), b.what_it_learns()
-    names = [n for n in TrainConfig.field_names() if n != "seed" and getattr(a, n) != getattr(b, n)]
-    if not names:
-        return f"{a.config_group} vs itself"
-    if len(names) == 1:
-        return f"{names[0]} {shown_value(getattr(a, names[0]))} vs " \
-               f"{shown_value(getattr(b, names[0]))}"
-
-    def values(config: TrainConfig) -> str:
-        return ", ".join(f"{n} {shown_value(getattr(config, n))}" for n in names)
-    return f"{values(a)} vs {values(b)}"
-
-
-def difference_sentences(a: Group, b: Group, rule: SelectionRule) -> list[str]:
-    """A vs B on the selection metric and, reported only, on final test accuracy."""
-    label = contrast(a.config, b.config)
-    lines = [rule.difference(a, b).sentence(f"{label}, {rule.metric}")]
-    if rule.metric != FINAL_TEST_ACC:
-        lines.append(rule.difference(a, b, FINAL_TEST_ACC).sentence(
-            f"{label}, {FINAL_TEST_ACC} (reported, not used to choose)"))
-    return lines
-
-
-def find_group(groups: Sequence[Group], name: str) -> Group:
-    """The group named `name` (or the only one it begins); UserError listing them otherwise."""
-    exact = [g for g in groups if g.name == name]
-    prefixed = [g for g in groups if g.name.startswith(name)]
-    found = exact or prefixed
-    if len(found) != 1:
-        what = "matches several groups" if found else "names no group"
-        raise UserError(f"invalid --diff {name!r}: {what}; groups: "
-                        + "; ".join(g.name for g in groups))
-    return found[0]
-
-
-def _cell(summary: Summary | None, digits: int = 2) -> str:
-    if summary is None:
-        return "—"
-    if summary.n == 1:
-        return f"{summary.mean:.{digits}f}"
-    return f"{summary.mean:.{digits}f} ± {summary.sd:.{digits}f}"
-
-
-def _status(group: Group, comparison: Comparison) -> str:
-    if group is comparison.chosen_group:
-        return "chosen"
-    if not comparison.rule.eligible(group):
-        return comparison.rule.why_not(group)
-    return "" if group.validated or on_test_set(comparison.rule.metric) else SEED_PROTOCOL
-
-
-def summary_table(comparison: Comparison) -> list[list[str]]:
-    """The seed's "Experiment Summary Table", one row per group (n seeds, mean ± sd), header
-    first. A group of one run shows as that run."""
-    rule = comparison.rule
-    rows = [["Experiment", "n", "Architecture", "Parameters", f"{rule.metric} (selection)",
-             "Test Acc (final)", "Test Acc min–max", "Train Acc", "Gap", "Epochs", "LR",
-             "Batch Size", "Dropout", "Status", "Run"]]
-    for group in comparison.groups:
-        config, test = group.config, group.summary(FINAL_TEST_ACC)
-        selection = group.summary(rule.metric)
-        rows.append([group.name if group.n > 1 else group.runs[0].name, str(group.n),
-                     config.model, f"{group.num_params:,}",
-                     _cell(selection) if selection else SEED_PROTOCOL if not group.validated
-                     else "—", _cell(test), f"{test.min:.2f}–{test.max:.2f}",
-                     _cell(group.summary(TRAIN_ACC)), _cell(group.summary(FINAL_GAP)),
-                     str(config.epochs), f"{config.lr:g}", str(config.batch_size),
-                     f"{config.dropout:g}", _status(group, comparison),
-                     group.runs[0].run_id[:8] if group.n == 1 else
-                     f"{comparison.chosen.run_id[:8]} (registered)"
-                     if group is comparison.chosen_group else f"{group.n} runs"])
-    return rows
-
-
-def side_by_side_table(groups: Sequence[Group], rule: SelectionRule) -> list[list[str]]:
-    """Metrics as rows (mean ± sd over seeds), groups as columns (the chosen one first), then
-    each group's mean minus the first's."""
-    # Numbered columns: config_groups can be long, and each Δ column would repeat two of them.
-    names = [f"{index}: {g.label()}" for index, g in enumerate(groups, 1)]
-    metrics = [*TABLE_ROWS, *([rule.metric] if rule.metric not in TABLE_ROWS else [])]
-    rows = [["Metric", *names, *(f"Δ {index} − 1" for index in range(2, len(groups) + 1))]]
-    for key in metrics:
-        summaries = [g.summary(key) for g in groups]
-        if not any(summaries):
-            continue
-        digits = METRICS[key].digits if key in METRICS else 4
-        first = summaries[0]
-        rows.append([TABLE_ROWS.get(key, key), *(_cell(s, digits) for s in summaries),
-                     *("—" if s is None or first is None else f"{s.mean - first.mean:+.{digits}f}"
-                       for s in summaries[1:])])
-    counts = [g.num_params for g in groups]
-    rows.append(["Parameters", *(f"{c:,}" for c in counts),
-                 *(f"{c - counts[0]:+,}" for c in counts[1:])])
-    return rows
-
-
-def markdown_table(rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table padded to align, so it reads the same in a terminal."""
-    return tabulate(rows[1:], headers=rows[0], tablefmt="github", disable_numparse=True)
-
-
-def headline(rule: SelectionRule) -> str:
-    """The report's first line: it says when the choice looked at the test set."""
-    if on_test_set(rule.metric):
-        return (f"Selected on the test set (`{rule.metric}`): the choice looked at the test "
-                "images, so its test accuracy is optimistic.")
-    return (f"Selected on validation (`{rule.metric}`, held-out training images); test "
-            "metrics are reported, never used to choose.")
-
-
-def render_report(comparison: Comparison, shown: Sequence[Group]) -> str:
-    """comparison.md: the headline, what was compared, the rule, the choice and why, whether
-    the differences are real, both tables, the plots."""
-    c = comparison
-    matching = f" matching `{c.filter_string}`" if c.filter_string else ""
-    chosen_test = c.chosen_group.summary(FINAL_TEST_ACC)
-    lines = [headline(c.rule), "", f"# Run comparison: experiment `{c.experiment}`", "",
-             f"{len(c.ranked)} FINISHED training runs{matching} in {len(c.groups)} groups "
-             "(one configuration over its seeds, tag `config_group`), compared by "
-             f"`mnist-mlflow compare` on {datetime.now():%Y-%m-%d %H:%M}.", "",
-             "## Selection rule", "", f"The production candidate is chosen by the "
-             f"{c.rule.describe()}.", "",
-             "## Choice", "",
-             f"**{c.chosen_group.label()}**: {c.reason}.", "",
-             f"Registered run: {c.chosen.name} (`{c.chosen.run_id}`), {c.rule.metric} "
-             f"{metric_text(c.rule.metric, c.chosen.metrics[c.rule.metric])}, "
-             f"{c.chosen.num_params:,} parameters. "
-             f"Test accuracy of the recipe: {chosen_test.format_interval()}; of this run: "
-             f"{c.chosen.metrics[FINAL_TEST_ACC]:.2f}.", ""]
-    if c.differences:
-        lines += ["## Is the difference real?", "",
-                  "Difference of group means with Welch's 95% interval (scipy.stats); "
-                  "\"within seed noise\" when the interval holds zero.", "",
-                  *(f"- {d}" for d in c.differences), ""]
-    if c.skipped:
-        lines += ["Skipped:", "", *(f"- {s}" for s in c.skipped), ""]
-    lines += ["## Experiment Summary Table", "",
-              markdown_table(summary_table(c)), "",
-              "Mean ± sd over a group's seeds (n); Train Acc, Test Acc and Gap are those of "
-              "the last epoch, whose model is logged.", "",
-              f"## Side by side (top {len(shown)} groups)", "",
-              markdown_table(side_by_side_table(shown, c.rule)), "",
-              f"Per epoch, mean over each group's seeds: `{REPORT_PLOT}`. Test accuracy "
-              f"against parameters, group means with 95% intervals: `{REPORT_PARETO}`.", ""]
-    return "\n".join(lines)
-
-
-def mean_histories(groups: Sequence[Group]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """Per group label: metric -> [(epoch, mean over its seeds)] for the plotted metrics."""
-    client = MlflowClient()
-    histories = {}
-    for group in groups:
-        curves: dict[str, list[tuple[int, float]]] = {}
-        for metric in PLOT_METRICS:
-            by_step: dict[int, list[float]] = {}
-            for run in group.runs:
-                for point in client.get_metric_history(run.run_id, metric):
-                    by_step.setdefault(point.step, []).append(point.value)
-            points = [(step, sum(v) / len(v)) for step, v in sorted(by_step.items())
-                      if len(v) == group.n]
-            if points:
-                curves[metric] = points
-        histories[group.label()] = curves
-    return histories
-
-
-def pareto_points(groups: Sequence[Group]) -> list[tuple[str, int, Summary]]:
-    return [(g.label(), g.num_params, g.summary(FINAL_TEST_ACC)) for g in groups]
-
-
-def compare(experiment: str, filter_string: str = "",
-            rule: SelectionRule | None = None, top: int = 5,
-            report_dir: Path | None = None, runner_run_id: str | None = None,
-            diffs: Sequence[tuple[str, str]] = ()) -> Comparison:
-    """Group the runs, pick a group and its best run by `rule`, say whether the top two (and
-    each of `diffs`) really differ, write the report and log it as a run.
-
-    Under `mlflow run` (`runner_run_id`) the experiment is the one the runner put its run in.
+    Groups over seeds, ranked by the rule; each group's intervals and the differences asked
+    for count seeds and images (per-image records, computed from the logged model with the
+    MNIST files in `data_dir` for runs made before them). The verdict against production
+    (promotion.decide) is acted on when `register`: the chosen run is registered, production
+    moves if the verdict (or `force`) says so, and a comparison run records it all. Under
+    `mlflow run` (`runner_run_id`) the experiment is the one the runner put its run in.
     """
     rule = rule or SelectionRule()
-    if top < 1:
-        raise UserError(f"invalid --top: must be >= 1, got {top}")
+    if top_groups < 1:
+        raise UserError(f"invalid --top: must be >= 1, got {top_groups}")
     if rule.max_params < 1:
         raise UserError(f"invalid --max-params: must be >= 1, got {rule.max_params}")
     if runner_run_id:
         client = MlflowClient()
         experiment = client.get_experiment(
             client.get_run(runner_run_id).info.experiment_id).name
-    runs, skipped = find_runs(experiment, filter_string)
-    for warning in skipped:
-        log.warning(warning)
+    runs, skipped = queries.find_runs(experiment, filter_string, rule.metric)
     if skipped and not runs:
         raise UserError(f"none of the {len(skipped)} FINISHED runs has every metric the "
-                        f"comparison needs ({', '.join(REQUIRED_METRICS)}); check --filter")
+                        f"comparison needs ({', '.join(queries.REQUIRED_METRICS)}); "
+                        "check --filter")
+    production, production_run = _production(model_name, rule)
+    runs, left_out = _same_images(runs, rule.metric, _reference(runs, rule.metric,
+                                                                production_run))
     groups = group_runs(runs)
     pairs = [(find_group(groups, a), find_group(groups, b)) for a, b in diffs]
-    chosen_group, reason = select(groups, rule)
+    top(groups, rule)  # one line when nothing qualifies, before anything is read or logged
     ranked = rank(groups, rule)
-    comparison = Comparison(experiment, rule, filter_string, ranked, skipped, chosen_group,
-                            rule.best_run(chosen_group), reason)
+    comparison = Comparison(experiment, rule, filter_string, ranked, skipped + left_out,
+                            model_name=model_name)
     eligible = comparison.eligible
+    if production is not None and production.group is not None and production_run is not None:
+        if production_run.scored_on(rule.metric) != eligible[0].runs[0].scored_on(rule.metric):
+            production = promotion.Production(
+                production.version, production.run_id, production.run_name, None,
+                f"its {rule.metric} is measured on other images "
+                f"({production_run.scored_on(rule.metric)}) than the challengers' "
+                f"({eligible[0].runs[0].scored_on(rule.metric)})", production.looks)
+    shown = ranked[:top_groups]
+    _read_records(comparison, shown, production, production_run, data_dir)
+    base = production.group if production is not None else None
+    comparison.pooled = {rule.metric: promotion.pooled_over([*ranked, base], rule.metric),
+                         FINAL_TEST_ACC: promotion.pooled_over(ranked, FINAL_TEST_ACC)}
+    verdict = promotion.decide(eligible, rule, comparison.pooled[rule.metric], production)
+    verdict = promotion.check_models(verdict, _mcnemar(verdict, production_run))
+    comparison.verdict = promotion.forced(verdict) if force else verdict
+    comparison.reason = _reason(comparison)
     if len(eligible) > 1:
         pairs.insert(0, (eligible[0], eligible[1]))
     for a, b in pairs:
-        if a.has(rule.metric) and b.has(rule.metric):
-            comparison.differences += difference_sentences(a, b, rule)
-        else:
-            comparison.differences.append(
-                f"{contrast(a.config, b.config)}: no {rule.metric} on "
-                f"{a.label() if not a.has(rule.metric) else b.label()} ({SEED_PROTOCOL})")
-    shown = ranked[:top]
-    comparison.histories = mean_histories(shown)
-    comparison.report = render_report(comparison, shown)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / REPORT_FILE).write_text(comparison.report)
-        plot_comparison(comparison.histories, folder / REPORT_PLOT,
-                        f"{experiment}: {len(shown)} of {len(ranked)} groups, mean over seeds")
-        plot_pareto(pareto_points(ranked), folder / REPORT_PARETO,
-                    f"{experiment}: test accuracy against size, one point per group")
-        comparison.comparison_run_id = _log_comparison_run(comparison, folder, runner_run_id)
-        if report_dir is not None:
-            report_dir.mkdir(parents=True, exist_ok=True)
-            for name in (REPORT_FILE, REPORT_PLOT, REPORT_PARETO):
-                (report_dir / name).write_bytes((folder / name).read_bytes())
+        comparison.differences.append(comparison.difference_sentence(a, b, rule.metric))
+        if rule.metric != FINAL_TEST_ACC and a.has(FINAL_TEST_ACC) and b.has(FINAL_TEST_ACC):
+            comparison.differences.append(comparison.difference_sentence(
+                a, b, FINAL_TEST_ACC) + " (reported, not used to choose)")
+    if register:  # a run that cannot be registered is one line, before anything is logged
+        registry.check_registrable(comparison.chosen.run_id, model_name, rule.metric)
+    comparison.histories = queries.mean_histories(shown)
+    _record(comparison, shown, production_run, register, runner_run_id, data_dir, report_dir)
     return comparison
 
 
-def version_description(comparison: Comparison) -> str:
-    """The registered version's description: first sentence short (the registry's version
-    table shows only the start), then the recipe's expected test accuracy and why."""
-    c, metric = comparison, comparison.rule.metric
-    test = c.chosen_group.summary(FINAL_TEST_ACC)
-    return (f"{c.chosen.name}: {metric} {metric_text(metric, c.chosen.metrics[metric])}, "
-            f"{c.chosen.num_params:,} parameters. Test accuracy of its recipe "
-            f"({c.chosen_group.name}): {test.format_interval()}; of this run: "
-            f"{c.chosen.metrics[FINAL_TEST_ACC]:.2f}. {headline(c.rule)} Run {c.chosen.run_id}, "
-            f"chosen by `mnist-mlflow compare` (comparison run {c.comparison_run_id}): "
-            f"{c.reason}. "
-            f"Rule: {c.rule.describe()}.")
+def _read_records(comparison: Comparison, shown: Sequence[Group],
+                  production: promotion.Production | None, production_run: RunSummary | None,
+                  data_dir: Path | str) -> None:
+    """Per-image records for the runs whose intervals are shown or that can win, and
+    production's; runs made before records are scored from their models, or named."""
+    rule = comparison.rule
+    scored = list(dict.fromkeys([*filter(None, [RECORDED_METRICS.get(rule.metric)]), "test"]))
+    base = production.group if production is not None else None
+    # Only groups better than production's mean can beat it; the others need no records.
+    can_win = [g for g in comparison.eligible if base is None
+               or rule.better(g.mean(rule.metric), base.mean(rule.metric))]
+    groups = {id(g): g for g in [*shown, *can_win, *([base] if base else [])]}
+    runs = [r for g in groups.values() for r in g.runs]
+    runs += [production_run] if production_run is not None else []
+    lacking = queries.load_records(runs, scored)
+    if not lacking:
+        return
+    failed = queries.score_runs(lacking, scored, data_dir)
+    scored_now = len(lacking) - len(failed)
+    if scored_now:
+        comparison.notes.append(
+            f"{scored_now} run(s) made before per-image records were scored now from their "
+            f"logged models on the MNIST files in {data_dir} (and the records logged to them)")
+    for line in failed:
+        comparison.notes.append(
+            f"could not score {line}; its group's image term is binomial and unpaired "
+            "(wider: nothing cancels), or it has none where no run of it has records")
 
 
-def _log_comparison_run(comparison: Comparison, folder: Path, runner_run_id: str | None) -> str:
-    """A run tagged as a comparison, named with its time, holding the report as its
-    description and artifacts, so it lives in MLflow too."""
-    run = MlflowRun.create_or_adopt(
-        runner_run_id, comparison.experiment, f"comparison-{datetime.now():%Y-%m-%d-%H%M}",
-        tags={ROLE_TAG: COMPARISON_ROLE, CHOSEN_RUN_TAG: comparison.chosen.run_id,
-              "chosen_run_name": comparison.chosen.name,
-              "chosen_group": comparison.chosen_group.name,
-              "selected_on": "test" if on_test_set(comparison.rule.metric) else "validation"},
-        description=comparison.report)
-    run.log_new_params({"metric": comparison.rule.metric,
-                        "max_params": comparison.rule.max_params,
-                        "higher_is_better": comparison.rule.higher_is_better,
-                        "filter": comparison.filter_string,
-                        "candidates": len(comparison.ranked),
-                        "groups": len(comparison.groups)})
-    for name in (REPORT_FILE, REPORT_PLOT, REPORT_PARETO):
-        run.log_artifact(folder / name)
-    run.end(RunStatus.FINISHED)
-    return run.run_id
-
-
-# --- promotion --------------------------------------------------------------------------------
-
-
-class PromotionCase(NamedTuple):
-    """Whether the challenger's group really beats production's, and why (or why not)."""
-
-    beats: bool
-    why: str
-
-
-def group_of_run(run_id: str) -> Group | None:
-    """The group of `run_id` among the FINISHED training runs of its experiment."""
-    client = MlflowClient()
-    run = client.get_run(run_id)
-    summaries, _ = training_runs([run])
-    if not summaries:
+def _mcnemar(verdict: promotion.Verdict, production_run: RunSummary | None):  # noqa: ANN202
+    """McNemar's test of the registered run's model against production's, image by image
+    on the validation set, from their records (None when either lacks them)."""
+    if verdict.production is None or production_run is None:
         return None
-    name = summaries[0].group
-    peers, _ = training_runs(search_all(client, run.info.experiment_id,
-                                        "attributes.status = 'FINISHED'"))
-    found = [g for g in group_runs(peers) if g.name == name]
-    return found[0] if found else None
+    new, old = verdict.run.records.get("validation"), production_run.records.get("validation")
+    if new is None or old is None or not new.aligned_with(old):
+        return None
+    return mcnemar(new.correct, old.correct)
 
 
-def promotion_case(comparison: Comparison, production_run_id: str) -> PromotionCase:
-    """Production moves only when the challenger's group beats production's group on the
-    selection metric with the 95% interval of the difference on the better side of zero."""
-    rule, challenger = comparison.rule, comparison.chosen_group
-    current = group_of_run(production_run_id)
-    if current is None:
-        return PromotionCase(False, "the production version's run has no training metrics "
-                                    "to compare with")
-    if current.name == challenger.name:
-        return PromotionCase(False, f"the challenger is production's own group "
-                                    f"({challenger.name}): another seed of the same recipe")
-    if not current.has(rule.metric):
-        return PromotionCase(False, f"production's group {current.label()} has no "
-                                    f"{rule.metric}" + ("" if current.validated else
-                                                        f" ({SEED_PROTOCOL})"))
-    difference = rule.difference(challenger, current)
-    sentence = difference.sentence(
-        f"{contrast(challenger.config, current.config)}, {rule.metric}")
-    if not difference.known:
-        return PromotionCase(False, f"too few seeds: {sentence}")
-    if difference.above_zero(rule.higher_is_better):
-        return PromotionCase(True, sentence)
-    return PromotionCase(False, sentence if difference.real else f"within noise: {sentence}")
+def _reason(comparison: Comparison) -> str:
+    verdict, rule = comparison.verdict, comparison.rule
+    text = ranking_reason(verdict.group, comparison.eligible, rule)
+    if verdict.kind == promotion.GAIN and verdict.group is not comparison.eligible[0]:
+        top = comparison.eligible[0]
+        theirs = verdict.judgement.differences.get(top.name)
+        if theirs is not None and top.name in verdict.judgement.beats:
+            why = (f"its gain is less sure (lower 95% bound {theirs.low:+.2f} points, this "
+                   f"group's {verdict.difference.low:+.2f})")
+        else:
+            why = "it does not beat production"
+        text += (f"; of the groups that beat production it is the surest gain: {top.label()} "
+                 f"has the higher mean but {why}")
+    return text
+
+
+def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunSummary | None,
+            register: bool, runner_run_id: str | None, data_dir: Path | str,
+            report_dir: Path | None) -> None:
+    """The comparison run, the registry's changes, and the report that says what they were.
+
+    The run is made first, so that the version's description can name it; it ends FINISHED
+    with the report once the registry is done, or FAILED with the reason if that fails."""
+    c = comparison
+    run = MlflowRun.create_or_adopt(
+        runner_run_id, c.experiment, f"comparison-{datetime.now():%Y-%m-%d-%H%M}",
+        tags={ROLE_TAG: COMPARISON_ROLE, CHOSEN_RUN_TAG: c.chosen.run_id,
+              "chosen_run_name": c.chosen.name, "chosen_group": c.chosen_group.name,
+              "selected_on": "test" if on_test_set(c.rule.metric) else "validation"},
+        description="Comparing; the report follows when it is done.")
+    c.comparison_run_id = run.run_id
+    try:
+        run.log_new_params({"metric": c.rule.metric, "max_params": c.rule.max_params,
+                            "higher_is_better": c.rule.higher_is_better,
+                            "filter": c.filter_string, "candidates": len(c.ranked),
+                            "groups": len(c.groups), "register": register})
+        if register:
+            _act(c)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            files = [REPORT_FILE, REPORT_PLOT, REPORT_PARETO]
+            if _plot_disagreements(c, production_run, data_dir, folder / REPORT_DISAGREEMENTS):
+                files.append(REPORT_DISAGREEMENTS)
+            files += _chosen_pictures(c.chosen.run_id, folder)
+            c.files = files
+            c.report = render_report(c, shown)
+            (folder / REPORT_FILE).write_text(c.report)
+            plot_comparison(c.histories, folder / REPORT_PLOT,
+                            f"{c.experiment}: {len(shown)} of {len(c.groups)} groups, "
+                            "mean over seeds")
+            plot_pareto([(g.label(), g.num_params, c.interval(g, FINAL_TEST_ACC))
+                         for g in c.groups], folder / REPORT_PARETO,
+                        f"{c.experiment}: test accuracy against size, one point per group")
+            for name in files:
+                run.log_artifact(folder / name)
+            if report_dir is not None:
+                report_dir.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    (report_dir / name).write_bytes((folder / name).read_bytes())
+        run.set_tags(_outcome_tags(c))
+        run.describe(c.report)
+    except BaseException as err:
+        run.describe(f"Comparison failed: {store_error(err)}")
+        run.end(RunStatus.FAILED, f"{type(err).__name__}: {store_error(err)}")
+        raise
+    run.end(RunStatus.FINISHED)
+
+
+def _act(comparison: Comparison) -> None:
+    """Register the verdict's run, move production if the verdict says so, and write down
+    the looks and the verdict where the registry's readers see them."""
+    c, verdict, metric = comparison, comparison.verdict, comparison.rule.metric
+    found = c.interval(verdict.group, metric)
+    tags = {registry.GROUP_TAG: verdict.group.name,
+            registry.GROUP_MEAN_TAG: f"{verdict.group.mean(metric):.2f}",
+            registry.GROUP_INTERVAL_TAG: found.format() if found else "",
+            registry.VERDICT_TAG: ("production: " if verdict.moves
+                                   or verdict.kind == promotion.ALREADY else "not production: ")
+            + verdict.kind, "comparison_run": c.comparison_run_id}
+    if verdict.mcnemar is not None:
+        tags |= {"mcnemar_new": str(verdict.mcnemar.new_only),
+                 "mcnemar_production": str(verdict.mcnemar.old_only),
+                 "mcnemar_p": f"{verdict.mcnemar.p:.4g}"}
+    version = registry.register_run(verdict.run.run_id, c.model_name, metric,
+                                    "Registered by `mnist-mlflow compare`; the verdict follows.",
+                                    tags)
+    c.registered_version = str(version.version)
+    if verdict.judgement is not None and verdict.production is not None:
+        registry.record_looks(c.model_name, verdict.production.version, verdict.judgement.looks)
+    if verdict.moves:
+        c.promotion = registry.move_production(c.model_name, c.registered_version,
+                                               verdict.kind).message
+    elif verdict.kind == promotion.ALREADY:
+        c.promotion = f"version {c.registered_version} is already production"
+    elif verdict.production is not None:
+        c.promotion = f"production stays at version {verdict.production.version}"
+    registry.describe_version(c.model_name, c.registered_version, version_description(c))
+
+
+def _chosen_pictures(run_id: str, folder: Path) -> list[str]:
+    """The chosen run's confusion matrix and most confident mistakes, copied into `folder`
+    under the names the report gives them (runs made before them have none)."""
+    client = MlflowClient()
+    present = {a.path for a in client.list_artifacts(run_id, CURVES_DIR)}
+    copied = []
+    for source, name in ((CONFUSION_FILE, CHOSEN_CONFUSION), (MISTAKES_FILE, CHOSEN_MISTAKES)):
+        if f"{CURVES_DIR}/{source}" in present:
+            path = client.download_artifacts(run_id, f"{CURVES_DIR}/{source}",
+                                             str(folder / "chosen"))
+            Path(path).rename(folder / name)
+            copied.append(name)
+    return copied
+
+
+def _outcome_tags(comparison: Comparison) -> dict[str, str]:
+    c = comparison
+    tags = {"verdict": " ".join(verdict_lines(c))}
+    if c.registered_version:
+        tags |= {"registered_model": c.model_name, "registered_version": c.registered_version,
+                 "production_alias": c.promotion}
+    return tags
+
+
+def _plot_disagreements(comparison: Comparison, production_run: RunSummary | None,
+                        data_dir: Path | str, path: Path) -> bool:
+    """The validation images on which the registered run's model and production's answer
+    differently, those only one of them gets right first; False when there is nothing to
+    draw (no production, no records, no MNIST files to show)."""
+    verdict = comparison.verdict
+    if verdict.production is None or production_run is None:
+        return False
+    new, old = verdict.run.records.get("validation"), production_run.records.get("validation")
+    if new is None or old is None or not new.aligned_with(old):
+        return False
+    differ = np.flatnonzero(new.predicted != old.predicted)
+    one_right = new.correct[differ] != old.correct[differ]
+    shown = np.concatenate([differ[one_right], differ[~one_right]])[:DISAGREEMENTS_SHOWN]
+    comparison.disagreements = len(differ)
+    try:
+        images = read_images(Path(data_dir) / "MNIST" / "raw", "train")
+    except (OSError, ValueError) as err:
+        comparison.notes.append(f"no gallery of disagreements: MNIST images not readable in "
+                                f"{data_dir} ({err})")
+        return False
+    captions = [f"#{new.index[i]}, true {new.label[i]}\nnew {new.predicted[i]}"
+                f"{'✓' if new.correct[i] else '✗'}  prod {old.predicted[i]}"
+                f"{'✓' if old.correct[i] else '✗'}" for i in shown]
+    new_name = f"version {comparison.registered_version}" if comparison.registered_version \
+        else "the candidate"
+    plot_gallery(images[new.index[shown]], captions, path,
+                 f"{new_name} ({verdict.run.name}, new) vs version "
+                 f"{verdict.production.version} ({production_run.name}, production): "
+                 f"{len(differ)} validation images answered differently, {len(shown)} shown, "
+                 "those only one gets right first")
+    return True

@@ -16,7 +16,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from mnist_mlflow.schema import EPOCH_METRICS, METRICS  # noqa: E402
 
 if TYPE_CHECKING:  # types only: `compare` plots without importing torch
-    from mnist_mlflow.stats import Summary
+    from mnist_mlflow.stats import Interval
     from mnist_mlflow.training import EpochMetrics
 
 
@@ -81,26 +81,29 @@ def pareto_front(points: Sequence[tuple[int, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_pareto(groups: Sequence[tuple[str, int, Summary]], path: Path, title: str,
+def plot_pareto(groups: Sequence[tuple[str, int, Interval | None]], path: Path, title: str,
                 named: int = 10) -> Path:
-    """Test accuracy (group mean, 95% interval as error bars) against parameters (log scale),
-    one point per group; the non-dominated groups joined by a line. The first `named` groups
-    and the non-dominated ones are in the legend; the others are grey points (a search over
-    hundreds of recipes would otherwise bury the plot under its legend)."""
+    """Test accuracy (group mean, 95% interval over seeds and images as error bars) against
+    parameters (log scale), one point per group; the non-dominated groups joined by a line.
+    The first `named` groups and the non-dominated ones are in the legend; the others are grey
+    points (a search over hundreds of recipes would otherwise bury the plot under its
+    legend). The accuracy axis ends at 100%, where accuracy does."""
+    groups = [g for g in groups if g[2] is not None]
     fig, ax = plt.subplots(figsize=(9, 7))
-    front = pareto_front([(size, summary.mean) for _, size, summary in groups])
-    for index, (label, size, summary) in enumerate(groups):
-        interval = summary.mean_interval()
-        error = None if interval is None else [[summary.mean - interval[0]],
-                                               [interval[1] - summary.mean]]
+    front = pareto_front([(size, found.mean) for _, size, found in groups])
+    for index, (label, size, found) in enumerate(groups):
+        error = None if found.low is None else [[found.mean - found.low],
+                                                [min(found.high, 100.0) - found.mean]]
         if index < named or index in front:
-            ax.errorbar([size], [summary.mean], yerr=error, fmt="o", capsize=4,
-                        label=f"{label}: {summary.mean:.2f}")
+            ax.errorbar([size], [found.mean], yerr=error, fmt="o", capsize=4,
+                        label=f"{label}: {found.mean:.2f}")
         else:
-            ax.errorbar([size], [summary.mean], yerr=error, fmt="o", color="0.7",
+            ax.errorbar([size], [found.mean], yerr=error, fmt="o", color="0.7",
                         markersize=3, elinewidth=0.5)
     ax.plot([groups[i][1] for i in front], [groups[i][2].mean for i in front], "k--",
             linewidth=1, label="non-dominated")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, min(high, 100.0))
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
     ax.set_ylabel("test accuracy, last epoch (%)")

@@ -8,6 +8,7 @@ McNemar's test. Imports neither torch nor MLflow: arrays in, arrays and parquet 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,11 @@ class Records:
         return cls(columns["index"].astype(np.int64), columns["label"].astype(np.int64),
                    columns["predicted"].astype(np.int64),
                    columns["p_predicted"].astype(np.float32))
+
+    def digest(self) -> str:
+        """Names the images scored (their rows and labels): equal digests pair per image."""
+        content = self.index.astype(np.int64).tobytes() + self.label.astype(np.int64).tobytes()
+        return hashlib.sha256(content).hexdigest()[:16]
 
     def aligned_with(self, other: Records) -> bool:
         """Whether both score the same images in the same order (paired per image)."""

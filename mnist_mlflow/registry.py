@@ -6,7 +6,7 @@ FINISHED; the version that loses it gets `previous`, so a rollback is one `promo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from mnist_mlflow.config import UserError
 from mnist_mlflow.mlrun import open_store, store_error
 from mnist_mlflow.schema import DEFAULT_MODEL_NAME
+from mnist_mlflow.stats import Looks
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
@@ -38,9 +39,20 @@ class VersionRow:
     version: str
     aliases: list[str]
     metric: str
+    judged: str  # the group mean and interval promotion judged, and the verdict
     run_name: str
     run_id: str
     created: str
+
+
+# Tags on a version: the group promotion judged, and (on a production version) the looks at
+# challengers so far, which set the level of the next one (stats.Looks).
+GROUP_TAG, GROUP_MEAN_TAG, GROUP_INTERVAL_TAG, VERDICT_TAG = (
+    "group", "group_mean", "group_interval", "verdict")
+LOOKS_TAG, SEEN_TAG = "challenger_looks", "challengers_seen"
+# A version tag holds what the SQL stores allow; past it, older fingerprints are dropped, so
+# that their groups count as new evidence again: stricter, never looser.
+SEEN_LIMIT = 5000
 
 
 def check_model_name(model_name: str) -> str:
@@ -76,7 +88,10 @@ def check_loads(model_uri: str) -> None:
                         "probabilities per image")
 
 
-def _production(client: MlflowClient, model_name: str) -> ModelVersion | None:
+def production_version(model_name: str, client: MlflowClient | None = None
+                       ) -> ModelVersion | None:
+    """The version holding `production`; None when the model or the alias does not exist."""
+    client = client or MlflowClient()
     try:
         return client.get_model_version_by_alias(model_name, PRODUCTION)
     except MlflowException as err:
@@ -116,7 +131,19 @@ def logged_model_uri(run_id: str, experiment_id: str | None = None) -> str | Non
     return f"models:/{ready[0].model_id}" if ready else None
 
 
-def register_run(run_id: str, model_name: str, metric: str, description: str) -> ModelVersion:
+def check_registrable(run_id: str, model_name: str, metric: str) -> None:
+    """UserError unless run `run_id` could be registered: FINISHED, with `metric` and a
+    complete logged model (checked before a comparison records anything)."""
+    check_model_name(model_name)
+    client = MlflowClient()
+    run = _finished_run(client, run_id)
+    _metric(run, metric)
+    if logged_model_uri(run_id, run.info.experiment_id) is None:
+        raise UserError(f"run {run.info.run_name} ({run_id}) has no logged model to register")
+
+
+def register_run(run_id: str, model_name: str, metric: str, description: str,
+                 tags: Mapping[str, str] | None = None) -> ModelVersion:
     """The run's model as a version of `model_name`; the existing version if already there.
 
     The model must load and predict first, so that no version is made of one that cannot.
@@ -126,7 +153,8 @@ def register_run(run_id: str, model_name: str, metric: str, description: str) ->
     client = MlflowClient()
     run = _finished_run(client, run_id)
     value, run_name = _metric(run, metric), run.info.run_name
-    tags = {"selection_metric": metric, metric: f"{value}", "run_name": run_name}
+    tags = {"selection_metric": metric, metric: f"{value}", "run_name": run_name,
+            **(tags or {})}
     existing = [v for v in _versions(client, model_name) if v.run_id == run_id]
     if existing:
         version = existing[0]
@@ -156,30 +184,6 @@ def _describe_model(client: MlflowClient, model_name: str) -> None:
         "description says why it was chosen."))
 
 
-def promote_if(model_name: str, version: str, judge: Callable[[str], tuple[bool, str]],
-               force: bool = False) -> Promotion:
-    """Move `production` to `version` when `judge(production's run id)` says it beats the
-    current one (and why), or with `force`; the first promotion of a name needs no judging."""
-    check_model_name(model_name)
-    client = MlflowClient()
-    current = _production(client, model_name)
-    if current is None:
-        return _move(client, model_name, version, None,
-                     f"the first promotion of {model_name}: no version was {PRODUCTION} yet")
-    if str(current.version) == str(version):
-        return Promotion(version, False, f"version {version} is already {PRODUCTION}")
-    beats, why = judge(current.run_id)
-    if force:
-        return _move(client, model_name, version, current,
-                     "--force" + ("" if beats else f"; without it, it would stay: {why}"))
-    if not beats:
-        return Promotion(current.version, False,
-                         f"{PRODUCTION} stays at version {current.version}: {why}; "
-                         "use --force to move it anyway")
-    return _move(client, model_name, version, current,
-                 f"{why}, over version {current.version}")
-
-
 def promote(model_name: str, version: str) -> Promotion:
     """Point `production` at `version` unconditionally (rollback), if its run FINISHED."""
     check_model_name(model_name)
@@ -191,10 +195,47 @@ def promote(model_name: str, version: str) -> Promotion:
         raise UserError(f"registered model {model_name!r} has no version {version!r}; "
                         "see `mnist-mlflow models`") from None
     _finished_run(client, target.run_id)
-    current = _production(client, model_name)
+    current = production_version(model_name, client)
     if current is not None and str(current.version) == str(target.version):
         return Promotion(target.version, False, f"version {version} is already {PRODUCTION}")
     return _move(client, model_name, target.version, current, "asked for with --version")
+
+
+def move_production(model_name: str, version: str, why: str) -> Promotion:
+    """Point `production` at `version` for the reason `why` (judged by the caller)."""
+    client = MlflowClient()
+    current = production_version(model_name, client)
+    if current is not None and str(current.version) == str(version):
+        return Promotion(version, False, f"version {version} is already {PRODUCTION}")
+    return _move(client, model_name, version, current, why)
+
+
+def describe_version(model_name: str, version: str, text: str,
+                     tags: Mapping[str, str] | None = None) -> None:
+    """Set a version's description (the registry's page shows it) and tags."""
+    client = MlflowClient()
+    client.update_model_version(model_name, version, text)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(model_name, version, key, value)
+
+
+def looks_of(version: ModelVersion) -> Looks:
+    """The looks at challengers recorded on a production version (none yet: Looks())."""
+    count = version.tags.get(LOOKS_TAG, "0")
+    seen = version.tags.get(SEEN_TAG, "")
+    return Looks(int(count) if count.isdigit() else 0,
+                 frozenset(filter(None, seen.split(","))))
+
+
+def record_looks(model_name: str, version: str, looks: Looks) -> None:
+    """Keep on the production version how many looks its challengers have had, and which."""
+    seen = ",".join(sorted(looks.seen))
+    if len(seen) > SEEN_LIMIT:
+        seen = seen[-SEEN_LIMIT:].split(",", 1)[-1]
+    describe_tags = {LOOKS_TAG: str(looks.count), SEEN_TAG: seen}
+    client = MlflowClient()
+    for key, value in describe_tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
 
 
 def _move(client: MlflowClient, model_name: str, version: str, current: ModelVersion | None,
@@ -231,8 +272,12 @@ def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
     rows = []
     for v in versions:
         metric = v.tags.get("selection_metric", "")
+        judged = v.tags.get(GROUP_INTERVAL_TAG) or v.tags.get(GROUP_MEAN_TAG, "")
+        if judged and VERDICT_TAG in v.tags:
+            judged += f"; {v.tags[VERDICT_TAG]}"
         rows.append(VersionRow(str(v.version), sorted(aliases.get(str(v.version), [])),
                                f"{metric} {v.tags.get(metric, '?')}" if metric else "",
+                               judged,
                                v.tags.get("run_name", ""), v.run_id or "",
                                datetime.fromtimestamp(v.creation_timestamp / 1000)
                                .strftime("%Y-%m-%d %H:%M")))

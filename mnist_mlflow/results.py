@@ -1,11 +1,11 @@
 """RESULTS.md: one table per phase, from the tracked runs, with the commands that made them,
-whether the differences within a phase are real, and the targets judged on recipes chosen on
-validation.
+how each recipe was chosen, whether the differences within a phase are real, and the
+targets judged on recipes chosen on validation.
 
 Runs of a phase are grouped by `config_group` (the same settings but for the seed and how they
-ran). Each row gives the group's validation and test accuracy over its seeds, and its
-worst-of-the-last-3-epochs test accuracy, the figure the "≥ 99.4% at each of the last 3
-epochs" target is read from.
+ran). Each row gives the group's validation and test accuracy with 95% intervals over seeds
+and images, and its worst-of-the-last-3-epochs test accuracy, the figure the "≥ 99.4% at each
+of the last 3 epochs" target is read from.
 """
 
 from __future__ import annotations
@@ -19,29 +19,27 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.comparison import (
-    SEED_PROTOCOL,
-    Group,
-    contrast,
-    group_runs,
-    markdown_table,
-    search_all,
-    training_runs,
-)
 from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.mlrun import experiment_id
 from mnist_mlflow.phases import PHASES
+from mnist_mlflow.queries import load_records, score_runs, search_all, training_runs
+from mnist_mlflow.report import interval_cell, markdown_table
 from mnist_mlflow.schema import (
+    CHOSEN_CONFUSION,
+    CHOSEN_MISTAKES,
     COMMAND_TAG,
     FINAL_TEST_ACC,
     FINAL_VAL_ACC,
     LAST3_METRIC,
     MEAN_EPOCH_SECONDS,
     PHASE_TAG,
+    REPORT_DISAGREEMENTS,
+    REPORT_PARETO,
     settings_from_params,
     settings_of,
 )
-from mnist_mlflow.stats import welch
+from mnist_mlflow.selection import SEED_PROTOCOL, Group, contrast, group_runs
+from mnist_mlflow.stats import METHOD, Pooled, difference, interval
 
 # The seed's next target: at least this at each of the last 3 epochs, for every seed.
 TARGET_ACC = 99.40
@@ -66,23 +64,30 @@ def how_run(run: Run) -> str:
     return f"{device}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-HEADER = ["Variant", "Recipe", "Params", "Epochs", "Seeds", "Final val acc", "Final test acc",
-          "Test acc, 95% CI of the mean", "Last-3 min, mean", "Last-3 min, min",
-          "Last-3 min per seed", "s/epoch", "Device",
+# The registered run's pictures, in the order RESULTS.md shows them.
+CAPTIONS = {CHOSEN_CONFUSION: "Confusion matrix of the registered run's validation images",
+            CHOSEN_MISTAKES: "The registered run's most confident mistakes",
+            REPORT_DISAGREEMENTS: "Images the new and the production model answer differently"}
+
+HEADER = ["Variant", "Recipe", "Recipe chosen", "Params", "Epochs", "Seeds",
+          "Final val acc, 95% CI", "Final test acc, 95% CI", "Last-3 min, mean",
+          "Last-3 min, min", "Last-3 min per seed", "s/epoch", "Device",
           f"Target met (< {TARGET_PARAMS:,}, ≤ {TARGET_EPOCHS} ep, ≥ {TARGET_ACC:.2f}%)"]
 
 
-def group_row(group: Group, runs: dict[str, Run]) -> list[str]:
-    val, test = group.summary(FINAL_VAL_ACC), group.summary(FINAL_TEST_ACC)
+def group_interval(group: Group, metric: str, pooled: Pooled) -> str:
+    sample = group.sample(metric)
+    return interval_cell(interval(sample, pooled)) if sample else SEED_PROTOCOL
+
+
+def group_row(group: Group, runs: dict[str, Run], chosen_by: str,
+              pooled: dict[str, Pooled]) -> list[str]:
     last3 = group.values(LAST3_METRIC)
-    interval = test.mean_interval()
     seconds = group.values(MEAN_EPOCH_SECONDS) if group.has(MEAN_EPOCH_SECONDS) else []
-    return [group.config.variant_name, group.config.recipe(), f"{group.num_params:,}",
-            str(group.config.epochs), ",".join(map(str, group.seeds)),
-            f"{val.mean:.2f} ± {val.sd:.2f}" if val and val.n > 1 else
-            f"{val.mean:.2f}" if val else SEED_PROTOCOL,
-            f"{test.mean:.2f} ± {test.sd:.2f}" if test.n > 1 else f"{test.mean:.2f}",
-            f"{interval[0]:.2f}–{interval[1]:.2f}" if interval else "one seed",
+    return [group.config.variant_name, group.config.recipe(), chosen_by,
+            f"{group.num_params:,}", str(group.config.epochs), ",".join(map(str, group.seeds)),
+            group_interval(group, FINAL_VAL_ACC, pooled[FINAL_VAL_ACC]),
+            group_interval(group, FINAL_TEST_ACC, pooled[FINAL_TEST_ACC]),
             f"{sum(last3) / len(last3):.2f}", f"{min(last3):.2f}",
             " / ".join(f"{v:.2f}" for v in last3),
             f"{sum(seconds) / len(seconds):.1f}" if seconds else "?",
@@ -121,20 +126,25 @@ def sweep_commands(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
-def differences(groups: Sequence[Group]) -> list[str]:
+def pooled_over(groups: Sequence[Group]) -> dict[str, Pooled]:
+    """The seed variance pooled over `groups`, per accuracy (what one-seed groups borrow)."""
+    return {metric: Pooled.of([g.sample(metric) for g in groups if g.has(metric)])
+            for metric in (FINAL_VAL_ACC, FINAL_TEST_ACC)}
+
+
+def differences(groups: Sequence[Group], pooled: dict[str, Pooled]) -> list[str]:
     """Each later variant of a phase against each earlier one of the same network (the phase
-    lists its baseline first), on final test accuracy and, where both have it, validation: a
-    gain, and whether seed noise explains it."""
+    lists its baseline first), on validation (what selection reads) and, reported, on test:
+    a gain, and whether seeds and images explain it."""
     lines = []
     for base, change in combinations(groups, 2):
         if base.config.model != change.config.model:
             continue  # different networks: the table and the Pareto view compare those
         label = contrast(change.config, base.config)
-        lines.append(welch(change.values(FINAL_TEST_ACC), base.values(FINAL_TEST_ACC))
-                     .sentence(f"{label}, {FINAL_TEST_ACC}"))
-        if change.has(FINAL_VAL_ACC) and base.has(FINAL_VAL_ACC):
-            lines.append(welch(change.values(FINAL_VAL_ACC), base.values(FINAL_VAL_ACC))
-                         .sentence(f"{label}, {FINAL_VAL_ACC}"))
+        for metric in (FINAL_VAL_ACC, FINAL_TEST_ACC):
+            if change.has(metric) and base.has(metric):
+                lines.append(difference(change.sample(metric), base.sample(metric),
+                                        pooled[metric]).sentence(f"{label}, {metric}"))
     return lines
 
 
@@ -160,48 +170,72 @@ def targets_on_validation(groups: Sequence[Group]) -> list[str]:
     return lines
 
 
-def render_results(experiment: str, command: str, pareto: Path | None = None) -> str:
-    """RESULTS.md for every phase trained in `experiment`."""
+def render_results(experiment: str, command: str, figures: Path | None = None,
+                   data_dir: Path | str = "data", shown: Sequence[str] = ()) -> str:
+    """RESULTS.md for every phase trained in `experiment` (runs made before per-image
+    records are scored from their models on the MNIST files in `data_dir`); `figures` is the
+    folder of the comparison's report, relative to RESULTS.md, holding the files `shown`."""
     lines = ["# Results", "",
              f"Generated by `{command}` on {datetime.now():%Y-%m-%d %H:%M} from the finished "
              f"runs of experiment `{experiment}`; nothing here is typed by hand.", "",
              "Every run holds out the same validation images (`--val-size`, a fixed split "
-             "seed) unless it says \"" + SEED_PROTOCOL + "\". Recipes are chosen on "
-             "validation accuracy alone; test accuracy is reported, never used to choose, and "
-             "any further recipe search is judged on validation alone.", "",
+             "seed) unless it says \"" + SEED_PROTOCOL + "\". Between the recipes of this "
+             "file, choices are made on validation accuracy alone; the column \"Recipe "
+             "chosen\" says where a recipe itself was picked otherwise (once on test).", "",
              "Per group (one configuration over its seeds): final validation and test "
-             "accuracy as mean ± sd over the seeds, the 95% t interval of the test mean, and "
+             "accuracy as the mean over the seeds with its 95% interval [low, high] over seeds "
+             "and images, and "
              f"\"Last-3 min\": `{LAST3_METRIC}`, a run's lowest test accuracy (%, on all "
              "10,000 test images unless the recipe names a slice) over its last 3 epochs. "
              f"\"Target met\": fewer than {TARGET_PARAMS:,} parameters, at most "
              f"{TARGET_EPOCHS} epochs, and last-3 min ≥ {TARGET_ACC:.2f}% for every one of "
              f"at least {TARGET_SEEDS} seeds. s/epoch is training plus evaluation, on the "
-             "device and threads shown. Differences: Welch's 95% interval of the difference "
-             "of means (scipy.stats); \"within seed noise\" when it holds zero.", ""]
+             "device and threads shown. \"Recipe chosen\" says how the recipe was picked, "
+             "and on which images.", "", f"Method: {METHOD}. Differences: the difference "
+             "of group means with that interval, paired per image; \"within noise\" when it "
+             "holds zero.", ""]
     all_groups: list[Group] = []
-    for phase, runs in phase_runs(experiment).items():
-        summaries, _ = training_runs(runs)
-        groups = group_runs(summaries)
+    phases = phase_runs(experiment)
+    summaries = {phase: training_runs(runs)[0] for phase, runs in phases.items()}
+    everything = [s for found in summaries.values() for s in found]
+    unscored = score_runs(load_records(everything, ["validation", "test"]),
+                          ["validation", "test"], data_dir)
+    groups_of = {phase: group_runs(found) for phase, found in summaries.items()}
+    pooled = pooled_over([g for groups in groups_of.values() for g in groups])
+    for phase, runs in phases.items():
+        groups = groups_of[phase]
         all_groups += groups
         by_id = {run.info.run_id: run for run in runs}
         known = PHASES.get(phase)
         lines += [f"## Phase `{phase}`", ""]
         if known:
             lines += [f"{known.description[0].upper()}{known.description[1:]}.", ""]
-        rows = [HEADER, *(group_row(g, by_id) for g in groups)]
+        chosen_by = known.chosen_by if known else "?"
+        rows = [HEADER, *(group_row(g, by_id, chosen_by, pooled) for g in groups)]
         lines += [markdown_table(rows), ""]
-        found = differences(groups)
+        found = differences(groups, pooled)
         if found:
             lines += ["Is the difference real?", "", *(f"- {line}" for line in found), ""]
         lines += ["Commands:", "", "```", *sweep_commands(runs), "```", ""]
+    if unscored:
+        lines += ["Runs without per-image records (their image term is binomial, unpaired):",
+                  "", *(f"- {line}" for line in unscored), ""]
     chosen = targets_on_validation(all_groups)
     if chosen:
         lines += ["## Targets, with each model's recipe chosen on validation", "", *chosen, ""]
-    if pareto is not None:
+    if figures is not None:
         lines += ["## Accuracy against size", "",
-                  f"![Test accuracy against parameters, one point per group]({pareto})", "",
-                  "Group means with their 95% intervals; the dashed line joins the groups no "
-                  "other beats on both size and accuracy.", ""]
+                  f"![Test accuracy against parameters, one point per group]"
+                  f"({figures / REPORT_PARETO})", "",
+                  "Group means with their 95% intervals over seeds and images; the dashed line "
+                  "joins the groups no other beats on both size and accuracy.", "",
+                  "## The registered model's mistakes", "",
+                  "What the run `compare` registered got wrong among the validation images: "
+                  "its confusion matrix and its most confident mistakes (from its per-image "
+                  "records), and, where production was judged against, the images on which "
+                  "the two models answer differently.", "",
+                  *(f"![{CAPTIONS[name]}]({figures / name})\n" for name in CAPTIONS
+                    if name in shown)]
     defaults = TrainConfig()
     lines += [f"Defaults (the seed's recipe): StepLR lr {defaults.lr:g} ×{defaults.gamma:g} every "
               f"{defaults.step_size} epochs, SGD momentum {defaults.momentum:g}, batch "

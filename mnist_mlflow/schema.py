@@ -99,6 +99,9 @@ BEST_TEST_ACC, BEST_EPOCH, FINAL_GAP = "best_test_acc", "best_epoch", "final_gap
 FINAL_TEST_ACC, FINAL_TEST_LOSS = "final_test_acc", "final_test_loss"
 FINAL_VAL_ACC, BEST_VAL_ACC, BEST_VAL_EPOCH = "final_val_acc", "best_val_acc", "best_val_epoch"
 MEAN_EPOCH_SECONDS = "mean_epoch_seconds"
+# The summary metrics that per-image records measure, with the set they score: their
+# intervals count images as well as seeds.
+RECORDED_METRICS = {FINAL_VAL_ACC: "validation", FINAL_TEST_ACC: "test"}
 # One value per run, at step 0 (the UI draws them as bars, one per run), rounded as they read.
 SUMMARY_METRICS: dict[str, MetricSpec] = {
     FINAL_VAL_ACC: MetricSpec("Validation accuracy, last epoch (%)", "accuracy", 2),
@@ -151,6 +154,9 @@ RECORD_SETS = ("validation", "test")
 CONFUSION_FILE = "confusion_matrix.png"
 MISTAKES_FILE = "confident_mistakes.png"
 REPORT_DISAGREEMENTS = "disagreements.png"
+# The chosen run's own pictures, copied beside the comparison's report.
+CHOSEN_CONFUSION = f"chosen_{CONFUSION_FILE}"
+CHOSEN_MISTAKES = f"chosen_{MISTAKES_FILE}"
 
 
 def records_artifact(scored: str) -> str:

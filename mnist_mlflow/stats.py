@@ -1,17 +1,48 @@
-"""Statistics over seeds: a group's summary, the interval of its mean, and whether two groups
-really differ (Welch's t interval). scipy does the arithmetic; this module says what it means.
+"""Statistics of groups of runs: intervals that count seeds and images, whether a challenger
+beats production, McNemar's test of two models, and the error budget of repeated looks.
 
-Imports neither torch nor MLflow: pure numbers in, numbers and sentences out.
+Every run of a comparison is scored on the same images, so its accuracy varies for two
+reasons: the seed (initialization, data order, augmentation, dropout) and which images
+happened to be drawn into the validation or test set. A group is a crossed design, seeds ×
+images, with one 0/1 answer per cell (the per-image records). The variance of a group's mean
+accuracy, M = mean over images i of a_i (a_i: image i's accuracy over the group's seeds), is
+
+    Var(M) = S²/n  +  [var_i(a_i) − R/n]₊ / N
+
+S² is the variance of the seeds' accuracies (it holds the seed effect and the seed × image
+noise), R the seed × image residual mean square of the two-way table, n seeds, N images. The
+second term is the image-sampling part: the spread of per-image accuracy, less the share of
+it that seed noise already explains. A difference of two groups on the same images is paired
+per image, a_i − b_i, so images that both get right or both get wrong cancel. Intervals use
+Student's t with Welch–Satterthwaite degrees of freedom (scipy.stats).
+
+Imports neither torch nor MLflow: numbers and arrays in, numbers and sentences out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 CONFIDENCE = 0.95
+# The probability of a false promotion allowed over every look at one production version;
+# look t spends FAMILY_ALPHA / 2**t, so that all looks together spend at most this.
+FAMILY_ALPHA = 0.05
+METHOD = ("95% intervals count seeds and images: the variance of a group mean over seeds × "
+          "images (the seeds' spread, plus the per-image spread paired across groups, less "
+          "the seed noise it repeats), Student's t with Welch–Satterthwaite df; one-seed "
+          "groups use the seed variance pooled over the groups with two or more")
+
+
+def _t_quantile(df: float) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df))
 
 
 @dataclass(frozen=True)
@@ -31,18 +62,6 @@ class Summary:
         sd = statistics.stdev(values) if len(values) > 1 else math.nan
         return cls(len(values), statistics.fmean(values), sd, min(values), max(values))
 
-    def mean_interval(self) -> tuple[float, float] | None:
-        """The 95% t interval of the mean (what this recipe scores on average); None for n < 2."""
-        if self.n < 2:
-            return None
-        from scipy import stats
-
-        if self.sd == 0:
-            return self.mean, self.mean
-        low, high = stats.t.interval(CONFIDENCE, self.n - 1, loc=self.mean,
-                                     scale=self.sd / math.sqrt(self.n))
-        return float(low), float(high)
-
     def format(self, digits: int = 2) -> str:
         """`99.21 ± 0.05 (n = 5, 99.15-99.27)`, or the one value with `n = 1`."""
         if self.n == 1:
@@ -50,24 +69,174 @@ class Summary:
         return (f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} (n = {self.n}, "
                 f"{self.min:.{digits}f}–{self.max:.{digits}f})")
 
-    def format_interval(self, digits: int = 2) -> str:
-        """`99.21 ± 0.06 (95% CI, n = 5)`: the mean and the half-width of its interval."""
-        interval = self.mean_interval()
-        if interval is None:
-            return f"{self.mean:.{digits}f} (one seed: no interval)"
-        return (f"{self.mean:.{digits}f} ± {(interval[1] - interval[0]) / 2:.{digits}f} "
-                f"(95% CI, n = {self.n})")
+
+class Sample:
+    """One group's accuracies (percent) on one set of images: a value per seed and, where
+    recorded, each seed's right/wrong per image (`correct`: seeds × images, bool).
+
+    With records the seeds' accuracies are computed from them (exact), and `key` names the
+    images they score (records pair only with records of the same images); without, `values`
+    are used and the image term is binomial over `images` images, or absent (`images` 0: a
+    metric that is no accuracy, like a loss)."""
+
+    def __init__(self, values: Sequence[float], correct: np.ndarray | None = None,
+                 images: int = 0, key: str = "") -> None:
+        if correct is not None:
+            correct = np.asarray(correct, dtype=bool)
+            if correct.ndim != 2 or len(correct) != len(values) or correct.shape[1] < 2:
+                raise ValueError(f"records of shape {correct.shape} for {len(values)} seeds")
+            values = (100.0 * correct.mean(axis=1)).tolist()
+            images = correct.shape[1]
+        if not values:
+            raise ValueError("a sample needs at least one value")
+        self.values = tuple(float(v) for v in values)
+        self.n = len(self.values)
+        self.images = images
+        self.key = key if correct is not None else ""
+        self.mean = statistics.fmean(self.values)
+        self.seed_var = statistics.variance(self.values) if self.n > 1 else math.nan
+        self.per_image: np.ndarray | None = None
+        self.residual = math.nan  # seed × image mean square, percent²
+        if correct is not None:
+            cells = 100.0 * correct.astype(np.float64)
+            self.per_image = cells.mean(axis=0)
+            if self.n > 1:
+                residuals = (cells - self.per_image - cells.mean(axis=1, keepdims=True)
+                             + self.mean)
+                self.residual = float((residuals ** 2).sum()
+                                      / ((self.n - 1) * (self.images - 1)))
+
+    @property
+    def recorded(self) -> bool:
+        return self.per_image is not None
+
+    def binomial(self) -> float:
+        """The variance of an accuracy on `images` images drawn at random, percent² (0 when
+        the metric is not an accuracy over images)."""
+        if not self.images:
+            return 0.0
+        p = min(max(self.mean / 100, 0.0), 1.0)
+        return 1e4 * p * (1 - p) / self.images
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """The seed variance and the seed × image residual, pooled over the groups with two or
+    more seeds (each weighted by its degrees of freedom): what a one-seed group borrows."""
+
+    seed_var: float = math.nan
+    seed_df: int = 0
+    residual: float = math.nan
+    residual_df: int = 0
+
+    @classmethod
+    def of(cls, samples: Sequence[Sample]) -> Pooled:
+        seeds = [(s.seed_var, s.n - 1) for s in samples if s.n > 1]
+        residuals = [(s.residual, (s.n - 1) * (s.images - 1)) for s in samples
+                     if s.n > 1 and s.recorded]
+        seed_df = sum(df for _, df in seeds)
+        residual_df = sum(df for _, df in residuals)
+        return cls(sum(v * df for v, df in seeds) / seed_df if seed_df else math.nan, seed_df,
+                   sum(v * df for v, df in residuals) / residual_df if residual_df else math.nan,
+                   residual_df)
+
+
+Term = tuple[float, float]  # (variance, degrees of freedom)
+
+
+def _residual(sample: Sample, pooled: Pooled) -> Term | None:
+    if sample.n > 1 and sample.recorded:
+        return sample.residual, (sample.n - 1) * (sample.images - 1)
+    if pooled.residual_df and sample.recorded:
+        return pooled.residual, pooled.residual_df
+    return None
+
+
+def _seed_term(sample: Sample, pooled: Pooled) -> Term | None:
+    """The seeds' share of the variance of the group mean; None when no group has two seeds.
+
+    The larger of the group's own seed variance and the pooled one (a recipe may spread
+    more than the others, never less than they say), and never less than the seed × image
+    noise alone implies (R/N): two seeds that tie on their totals but disagree on images
+    do not make a zero-width interval."""
+    candidates: list[Term] = []
+    if sample.n > 1:
+        candidates.append((sample.seed_var, sample.n - 1))
+    if pooled.seed_df:
+        candidates.append((pooled.seed_var, pooled.seed_df))
+    if not candidates:
+        return None
+    residual = _residual(sample, pooled)
+    if residual is not None:
+        candidates.append((residual[0] / sample.images, residual[1]))
+    variance, df = max(candidates)
+    return variance / sample.n, df
+
+
+def _image_term(spread: float, samples: Sequence[Sample], pooled: Pooled, images: int) -> Term:
+    """The image-sampling share: per-image spread less the seed noise it repeats."""
+    repeated = 0.0
+    for sample in samples:
+        residual = _residual(sample, pooled)
+        repeated += 0.0 if residual is None else residual[0] / sample.n
+    return max(spread - repeated, 0.0) / images, images - 1
+
+
+def _satterthwaite(terms: Sequence[Term]) -> tuple[float, float]:
+    """(total variance, Welch–Satterthwaite degrees of freedom)."""
+    total = sum(v for v, _ in terms)
+    denominator = sum(v * v / df for v, df in terms if v > 0 and df > 0)
+    return total, (total * total / denominator if denominator else math.inf)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A group's mean with its 95% interval over seeds and images (None: cannot tell)."""
+
+    n: int
+    mean: float
+    low: float | None
+    high: float | None
+
+    def format(self, digits: int = 2) -> str:
+        """`99.21 (95% CI 99.05–99.37, n = 5)`, or the mean and why there is no interval."""
+        if self.low is None:
+            return f"{self.mean:.{digits}f} (one seed, no other group with two: no interval)"
+        return (f"{self.mean:.{digits}f} (95% CI {self.low:.{digits}f}–{self.high:.{digits}f}, "
+                f"n = {self.n})")
+
+
+def interval(sample: Sample, pooled: Pooled) -> Interval:
+    """The 95% interval of a group's mean accuracy: what its recipe scores on new seeds and
+    new images of the same kind."""
+    seeds = _seed_term(sample, pooled)
+    if seeds is None:
+        return Interval(sample.n, sample.mean, None, None)
+    if sample.recorded:
+        images = _image_term(float(np.var(sample.per_image, ddof=1)), [sample], pooled,
+                             sample.images)
+    else:
+        images = (sample.binomial(), math.inf)
+    variance, df = _satterthwaite([seeds, images])
+    half = _t_quantile(df) * math.sqrt(variance)
+    low, high = sample.mean - half, sample.mean + half
+    if sample.images:  # an accuracy: the interval ends where accuracy does
+        low, high = max(low, 0.0), min(high, 100.0)
+    return Interval(sample.n, sample.mean, low, high)
 
 
 @dataclass(frozen=True)
 class Difference:
-    """Mean of A minus mean of B, with Welch's 95% interval when both have 2+ values."""
+    """Mean of A minus mean of B with its 95% interval over seeds and images, and the
+    one-sided p-value that A is better (lower for losses, higher for accuracies)."""
 
     delta: float
     low: float | None
     high: float | None
     n_a: int
     n_b: int
+    p_better: float = math.nan
+    paired: bool = True
 
     @property
     def known(self) -> bool:
@@ -75,7 +244,7 @@ class Difference:
 
     @property
     def real(self) -> bool:
-        """The interval excludes zero: a difference seed noise does not explain, at 95%."""
+        """The interval excludes zero: a difference seeds and images do not explain, at 95%."""
         return self.known and (self.low > 0 or self.high < 0)
 
     def above_zero(self, higher_is_better: bool = True) -> bool:
@@ -84,30 +253,152 @@ class Difference:
             return False
         return self.low > 0 if higher_is_better else self.high < 0
 
+    def surest_gain(self, higher_is_better: bool = True) -> float:
+        """The gain of A over B at the worse end of its interval."""
+        return self.low if higher_is_better else -self.high
+
     def verdict(self) -> str:
         if not self.known:
             return "one seed: cannot tell"
-        return "real at 95%" if self.real else "within seed noise"
+        return "real at 95%" if self.real else "within noise"
 
-    def sentence(self, label: str, unit: str = "points", digits: int = 2) -> str:
-        """`dropout 0.05 vs 0: +0.04 points, 95% CI [-0.09, +0.17], n = 5 vs 5: within seed
-        noise`; without an interval when a side has one run."""
+    def interval_text(self, unit: str = "points", digits: int = 2) -> str:
+        """`+0.04 points, 95% CI [-0.09, +0.17], n = 5 vs 5`."""
         counts = f"n = {self.n_a} vs {self.n_b}"
         if not self.known:
-            return f"{label}: {self.delta:+.{digits}f} {unit}, {counts}: {self.verdict()}"
-        return (f"{label}: {self.delta:+.{digits}f} {unit}, 95% CI [{self.low:+.{digits}f}, "
-                f"{self.high:+.{digits}f}], {counts}: {self.verdict()}")
+            return f"{self.delta:+.{digits}f} {unit}, {counts}"
+        return (f"{self.delta:+.{digits}f} {unit}, 95% CI [{self.low:+.{digits}f}, "
+                f"{self.high:+.{digits}f}], {counts}")
+
+    def sentence(self, label: str, unit: str = "points", digits: int = 2) -> str:
+        """`dropout 0.05 vs 0: +0.04 points, 95% CI [-0.09, +0.17], n = 5 vs 5: within
+        noise`; without an interval when no seed variance is known."""
+        unpaired = "" if self.paired else " (images unpaired: no per-image records)"
+        return f"{label}: {self.interval_text(unit, digits)}: {self.verdict()}{unpaired}"
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> Difference:
-    """mean(a) - mean(b) and its 95% Welch interval (no interval when a side has < 2 values)."""
-    delta = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return Difference(delta, None, None, len(a), len(b))
-    if statistics.variance(a) == 0 and statistics.variance(b) == 0:
-        # No spread on either side (scipy answers nan): the difference is exactly this.
-        return Difference(delta, delta, delta, len(a), len(b))
+def difference(a: Sample, b: Sample, pooled: Pooled,
+               higher_is_better: bool = True) -> Difference:
+    """mean(A) − mean(B) with its 95% interval; paired per image where both have aligned
+    records, else with binomial image terms for each side (wider: nothing cancels)."""
+    delta = a.mean - b.mean
+    seeds_a, seeds_b = _seed_term(a, pooled), _seed_term(b, pooled)
+    if seeds_a is None or seeds_b is None:
+        return Difference(delta, None, None, a.n, b.n)
+    paired = a.recorded and b.recorded and a.key == b.key
+    if paired:
+        spread = float(np.var(a.per_image - b.per_image, ddof=1))
+        images = [_image_term(spread, [a, b], pooled, a.images)]
+    else:
+        images = [(a.binomial(), math.inf), (b.binomial(), math.inf)]
+    variance, df = _satterthwaite([seeds_a, seeds_b, *images])
+    if variance == 0:  # every seed of both answered every image alike
+        return Difference(delta, delta, delta, a.n, b.n, 1.0 if delta == 0 else 0.0, paired)
     from scipy import stats
 
-    interval = stats.ttest_ind(a, b, equal_var=False).confidence_interval(CONFIDENCE)
-    return Difference(delta, float(interval.low), float(interval.high), len(a), len(b))
+    se = math.sqrt(variance)
+    half = _t_quantile(df) * se
+    toward = delta if higher_is_better else -delta
+    p_better = float(stats.t.sf(toward / se, df))
+    return Difference(delta, delta - half, delta + half, a.n, b.n, p_better, paired)
+
+
+def holm(p_values: Sequence[float], alpha: float, family: int | None = None) -> list[bool]:
+    """Holm's step-down test: which hypotheses are rejected at family-wise level `alpha`.
+
+    `family` counts hypotheses not passed here too (all the groups this production version
+    has been judged against); they can only make the test stricter."""
+    size = max(family or 0, len(p_values))
+    rejected = [False] * len(p_values)
+    order = sorted(range(len(p_values)), key=lambda i: (not p_values[i] <= 1, p_values[i]))
+    for rank, index in enumerate(order):  # smallest first; a NaN (no test) last
+        if not p_values[index] <= alpha / (size - rank):
+            break
+        rejected[index] = True
+    return rejected
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Two models on the same images: how many only the new one gets right, how many only
+    the old one, and the exact two-sided p-value that they are equally good."""
+
+    new_only: int
+    old_only: int
+    p: float
+
+    @property
+    def new_is_worse(self) -> bool:
+        return self.old_only > self.new_only and self.p < 1 - CONFIDENCE
+
+    def sentence(self) -> str:
+        return (f"McNemar: {self.new_only} images only the new model gets right, "
+                f"{self.old_only} only production's, exact p = {self.p:.3g}")
+
+
+def mcnemar(new_correct: np.ndarray, old_correct: np.ndarray) -> McNemar:
+    """Exact McNemar test: a binomial test on the images where exactly one model is right."""
+    from scipy import stats
+
+    new_only = int(np.sum(new_correct & ~old_correct))
+    old_only = int(np.sum(old_correct & ~new_correct))
+    discordant = new_only + old_only
+    p = float(stats.binomtest(new_only, discordant, 0.5).pvalue) if discordant else 1.0
+    return McNemar(new_only, old_only, p)
+
+
+def fingerprint(*parts: object) -> str:
+    """8 hex digits naming one piece of evidence (a group, its seeds, what it was judged
+    against): equal evidence, equal fingerprint."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Looks:
+    """Every judgement of challengers against one production version spends part of
+    FAMILY_ALPHA: `count` looks so far, over the groups in `seen` (fingerprints).
+
+    A look that brings evidence not seen before is a new look, at level FAMILY_ALPHA/2**t
+    over every group seen so far (Holm); the same evidence again is judged as before.
+    So a false promotion happens with probability at most FAMILY_ALPHA, however many
+    groups arrive and however often `compare` runs."""
+
+    count: int = 0
+    seen: frozenset[str] = frozenset()
+
+    def after(self, evidence: Sequence[str]) -> Looks:
+        """The looks once `evidence` (fingerprints of the groups judged now) is judged."""
+        if self.count and set(evidence) <= self.seen:
+            return self
+        return Looks(self.count + 1, self.seen | set(evidence))
+
+    @property
+    def alpha(self) -> float:
+        """What this look may spend: FAMILY_ALPHA / 2**count."""
+        return FAMILY_ALPHA * 0.5 ** max(self.count, 1)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """Challengers against production: each one's difference, and those that beat it with
+    the family-wise error of this look controlled (Holm)."""
+
+    differences: Mapping[str, Difference]
+    beats: tuple[str, ...]
+    looks: Looks
+
+    def needed(self, rank: int = 0) -> float:
+        """The one-sided p-value the best challenger needed at this look."""
+        return self.looks.alpha / (max(len(self.looks.seen), 1) - rank)
+
+
+def judge(production: Sample, challengers: Mapping[str, Sample], pooled: Pooled,
+          looks: Looks, higher_is_better: bool = True) -> Judgement:
+    """Which challengers beat production at this look; `looks` is after this look."""
+    differences = {name: difference(sample, production, pooled, higher_is_better)
+                   for name, sample in challengers.items()}
+    names = [name for name, d in differences.items() if d.known]
+    rejected = holm([differences[name].p_better for name in names], looks.alpha,
+                    len(looks.seen))
+    return Judgement(differences, tuple(n for n, r in zip(names, rejected, strict=True) if r),
+                     looks)

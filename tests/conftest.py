@@ -70,3 +70,23 @@ def tiny_config(**overrides: object) -> TrainConfig:
     settings = {"train_limit": 512, "test_limit": 256, "val_size": 256, "epochs": 2,
                 "device": "cpu"}
     return TrainConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real MLflow model (an untrained `opt` net, as training logs it) saved once, which
+    crafted runs attach as their logged model: registering and loading it is real."""
+    import numpy as np
+    import torch
+
+    from mnist_mlflow.models import InferenceModel, build_model
+    from mnist_mlflow.tracking import SIGNATURE, pip_requirements
+
+    folder = tmp_path_factory.mktemp("model") / "saved"
+    torch.manual_seed(0)
+    mlflow.pytorch.save_model(InferenceModel(build_model("opt", 0.0)).eval(), str(folder),
+                              signature=SIGNATURE, pip_requirements=pip_requirements(),
+                              # Four images, as training logs: an example of one would
+                              # specialize the exported program to batches of one.
+                              input_example=np.zeros((4, 1, 28, 28), np.float32))
+    return folder

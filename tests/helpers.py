@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import LoggedModelStatus, Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.cli import main
+from mnist_mlflow.records import Records
 from mnist_mlflow.registry import logged_model_uri
+from mnist_mlflow.schema import PREDICTIONS_DIR
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],
@@ -49,20 +54,53 @@ def model_uri(run_id: str) -> str:
     return uri
 
 
+# Crafted per-image records: images of the validation set (as --val-size's default) and the
+# test set, labelled 0-9 in turn; a run answers every image right but those it is told to miss.
+CRAFTED_IMAGES = {"validation": 5000, "test": 10_000}
+
+
+def crafted_records(scored: str, wrong: np.ndarray) -> Records:
+    """Records of `CRAFTED_IMAGES[scored]` images, wrong exactly on the positions `wrong`."""
+    count = CRAFTED_IMAGES[scored]
+    label = np.arange(count, dtype=np.int64) % 10
+    predicted = label.copy()
+    predicted[wrong] = (label[wrong] + 1) % 10
+    return Records(np.arange(count, dtype=np.int64), label, predicted,
+                   np.full(count, 0.9, dtype=np.float32))
+
+
+def misses(accuracy: float, scored: str, pool: np.ndarray, rng: np.random.Generator
+           ) -> np.ndarray:
+    """Positions a run must miss to score `accuracy` (%) on `scored`, drawn from `pool`."""
+    count = round((100 - accuracy) / 100 * CRAFTED_IMAGES[scored])
+    return rng.choice(pool, size=count, replace=False)
+
+
 def craft_run(experiment: str, name: str, val: float | None, test: float | None = None,
               seed: int = 1, gap: float = 1.0, num_params: int = 6132, start: int = 0,
-              status: str = "FINISHED", **settings: object) -> str:
-    """A FINISHED-looking training run with chosen metric values and no model: what the
-    comparison reads, without training. `val` None is a run made with --val-size 0."""
+              status: str = "FINISHED", wrong: dict[str, np.ndarray] | None = None,
+              model: Path | None = None, **settings: object) -> str:
+    """A FINISHED-looking training run with chosen metric values: what the comparison reads,
+    without training. `val` None is a run made with --val-size 0.
+
+    With `wrong` (scored set -> positions missed) it logs per-image records and its
+    accuracies are theirs; with `model` (a saved MLflow model folder) it logs that model as
+    its own, READY, so that it can be registered, loaded and served."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, start_time=start or int(time.time() * 1000),
                             run_name=name)
     run_id = run.info.run_id
+    records = {scored: crafted_records(scored, positions)
+               for scored, positions in (wrong or {}).items()}
+    if "validation" in records:
+        val = records["validation"].accuracy
+    if "test" in records:
+        test = records["test"].accuracy
     params = {"model": "opt", "epochs": 20, "lr": 0.01, "batch_size": 64, "dropout": 0.0,
               "seed": seed, "val_size": 0 if val is None else 5000, "num_params": num_params,
-              **settings}
+              **({} if val is None else {"val_split_digest": "crafted"}), **settings}
     test = val if test is None else test
     metrics = {"train_acc": test + gap, "test_acc": test, "final_test_acc": test,
                "final_gap": gap, "best_test_acc": test, "test_loss": 0.02}
@@ -71,5 +109,14 @@ def craft_run(experiment: str, name: str, val: float | None, test: float | None 
     client.log_batch(run_id, [Metric(k, v, int(time.time() * 1000), 20)
                               for k, v in metrics.items()],
                      [Param(k, str(v)) for k, v in params.items()], [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for scored, found_records in records.items():
+            client.log_artifact(run_id, str(found_records.write(Path(tmp) / f"{scored}.parquet")),
+                                PREDICTIONS_DIR)
+    if model is not None:
+        logged = client.create_logged_model(experiment_id, name="opt-dropout0",
+                                            source_run_id=run_id)
+        client.log_model_artifacts(logged.model_id, str(model))
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     client.set_terminated(run_id, status)
     return run_id

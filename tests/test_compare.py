@@ -10,19 +10,13 @@ import pytest
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.comparison import (
-    SelectionRule,
-    compare,
-    find_runs,
-    group_runs,
-    markdown_table,
-    select,
-    side_by_side_table,
-    summary_table,
-)
+from mnist_mlflow.comparison import compare
 from mnist_mlflow.config import UserError
 from mnist_mlflow.mlrun import CUT_NOTE, TAG_LIMIT
+from mnist_mlflow.queries import find_runs
+from mnist_mlflow.report import markdown_table, side_by_side_table, summary_table
 from mnist_mlflow.schema import COMPARISON_ROLE, DESCRIPTION_TAG, ROLE_TAG
+from mnist_mlflow.selection import SelectionRule, group_runs, rank, ranking_reason, top
 from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
 from tests.helpers import craft_run, run_cli
@@ -39,8 +33,11 @@ def real_runs(store_dir: Path, mnist_root: Path) -> list[str]:
 
 def choose(experiment: str, rule: SelectionRule | None = None) -> tuple[str, str]:
     runs, _ = find_runs(experiment, "")
-    chosen, reason = select(group_runs(runs), rule or SelectionRule())
-    return chosen.name, reason
+    rule = rule or SelectionRule()
+    groups = group_runs(runs)
+    chosen = top(groups, rule)
+    return chosen.name, ranking_reason(chosen, [g for g in rank(groups, rule)
+                                                if rule.eligible(g)], rule)
 
 
 def test_tables_show_the_logged_values_of_real_runs(store: str, real_runs: list[str],
@@ -54,17 +51,19 @@ def test_tables_show_the_logged_values_of_real_runs(store: str, real_runs: list[
     assert [g.n for g in result.groups] == [1, 1]
     table = summary_table(result)
     assert table[0] == ["Experiment", "n", "Architecture", "Parameters",
-                        "final_val_acc (selection)", "Test Acc (final)", "Test Acc min–max",
-                        "Train Acc", "Gap", "Epochs", "LR", "Batch Size", "Dropout", "Status",
-                        "Run"]
+                        "final_val_acc (selection), 95% CI", "Test Acc (final), 95% CI",
+                        "Test Acc min–max", "Train Acc ± sd", "Gap ± sd", "Epochs", "LR",
+                        "Batch Size", "Dropout", "Status", "Run"]
     for row, group in zip(table[1:], result.groups, strict=True):
         run = logged[group.runs[0].run_id]
         m, p = run.data.metrics, run.data.params
         history = client.get_metric_history(run.info.run_id, "test_acc")
         assert m["final_test_acc"] == round(max(history, key=lambda x: x.step).value, 2)
         assert row[0] == run.info.run_name and row[1] == "1"
+        # One seed each and no other group with two: no seed variance, so no interval.
         assert row[2:14] == [p["model"], f"{int(p['num_params']):,}",
-                             f"{m['final_val_acc']:.2f}", f"{m['final_test_acc']:.2f}",
+                             f"{m['final_val_acc']:.2f} (no CI)",
+                             f"{m['final_test_acc']:.2f} (no CI)",
                              f"{m['final_test_acc']:.2f}–{m['final_test_acc']:.2f}",
                              f"{m['train_acc']:.2f}", f"{m['final_gap']:.2f}", p["epochs"],
                              f"{float(p['lr']):g}", p["batch_size"], f"{float(p['dropout']):g}",
@@ -100,8 +99,10 @@ def test_the_report_lives_in_a_comparison_run(store: str, real_runs: list[str],
     assert run.data.tags["chosen_run_id"] == result.chosen.run_id
     assert run.info.status == "FINISHED"
     assert run.data.tags["selected_on"] == "validation"
+    # The report, its figures, and the chosen run's own pictures beside them.
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "comparison.md", "comparison.png", "comparison_pareto.png"}
+        "comparison.md", "comparison.png", "comparison_pareto.png",
+        "chosen_confusion_matrix.png", "chosen_confident_mistakes.png"}
     downloaded = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="comparison.md", dst_path=str(tmp_path))
     assert Path(downloaded).read_text() == result.report

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.comparison import Group, RunSummary
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.phases import PHASES, phase_configs
 from mnist_mlflow.results import meets_target
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import ROLE_TAG
+from mnist_mlflow.selection import Group, RunSummary
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
 from tests.helpers import children_of, run_cli, runs_of
@@ -71,12 +71,16 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
         runs = [c for c in children if c.info.run_name.startswith(name)]
         values = [r.data.metrics["min_test_acc_last3"] for r in runs]
         row = rows[name]
-        assert row[2] == f"{int(runs[0].data.params['num_params']):,}"
-        assert row[4] == "1,2"
+        assert row[2] == PHASES["gap"].chosen_by  # how the recipe was picked, truthfully
+        assert row[3] == f"{int(runs[0].data.params['num_params']):,}"
+        assert row[5] == "1,2"
         assert row[9] == f"{min(values):.2f}"
         assert row[10] == " / ".join(f"{v:.2f}" for v in values)
         val = [r.data.metrics["final_val_acc"] for r in runs]
-        assert row[5] == f"{sum(val) / 2:.2f} ± {statistics.stdev(val):.2f}"
+        low, high = (float(x) for x in row[6].split("[")[1].rstrip("]").split(", "))
+        # The mean of the seeds (from their per-image records), inside its interval.
+        assert row[6].startswith(f"{statistics.fmean(val):.2f} [")
+        assert low < statistics.fmean(val) < high
         assert row[-1] == "no"  # two seeds: the target asks for three (checked below)
     assert "## Targets, with each model's recipe chosen on validation" in text
     assert "- **gap8k** (7,580 parameters): chosen on validation from 1 recipe(s)" in text

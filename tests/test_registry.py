@@ -83,18 +83,22 @@ def test_compare_registers_the_choice_and_production_predicts_real_images(
     version = client.get_model_version("mnist-cnn", "1")
     assert version.run_id == chosen_id
     assert aliases("mnist-cnn") == {PRODUCTION: "1"}
-    assert version.tags == {"selection_metric": "final_val_acc",
-                            "final_val_acc": str(chosen.data.metrics["final_val_acc"]),
-                            "run_name": chosen.info.run_name}
+    assert version.tags | {"selection_metric": "final_val_acc",
+                           "final_val_acc": str(chosen.data.metrics["final_val_acc"]),
+                           "run_name": chosen.info.run_name,
+                           "verdict": "production: first promotion"} == version.tags
+    assert version.description.startswith(
+        f"mnist-cnn version 1, {chosen.info.run_name} (final_val_acc "
+        f"{chosen.data.metrics['final_val_acc']:.2f}), is production: the first promotion")
     assert "Test accuracy of its recipe" in version.description
-    assert "(95% CI, n = 3)" in version.description
-    assert chosen_id in version.description and "highest mean `final_val_acc`" in (
-        version.description)
-    assert "production -> version 1 (the first promotion of mnist-cnn" in out
+    assert "95% CI" in version.description and "n = 3)" in version.description
+    assert version.tags["comparison_run"] in version.description
+    assert "highest mean `final_val_acc`" in version.description
+    assert "Production -> version 1 (first promotion)." in out
 
     # The same choice again: no second version, the alias stays.
     out = compare_group("strong", "mnist-cnn", capsys, monkeypatch)
-    assert "version 1 is already production" in out
+    assert "is production already" in out and "Version 1 is already production." in out
     assert len(client.search_model_versions("name = 'mnist-cnn'")) == 1
 
     model = load_model("models:/mnist-cnn@production")
@@ -112,27 +116,31 @@ def test_production_moves_on_a_real_gain_only_or_when_forced(
         monkeypatch: pytest.MonkeyPatch) -> None:
     model = "honest"
     out = compare_group("weak", model, capsys, monkeypatch)
-    assert f"production -> version 1 (the first promotion of {model}" in out
+    assert "Production -> version 1 (first promotion)." in out
 
     out = compare_group("strong", model, capsys, monkeypatch)
     assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}
-    assert "production -> version 2 (lr 0.05 vs 1e-05, final_val_acc: +" in out
-    assert "n = 3 vs 2: real at 95%, over version 1)" in out
+    assert "replaces version 1 (opt-dropout0 epochs=2 lr=1e-05" in out
+    assert "n = 3 vs 2; image by image on the validation set" in out
+    assert "moved on a real gain." in out
+    assert "Production -> version 2 (a real gain); version 1 is now previous." in out
 
     out = compare_group("twin", model, capsys, monkeypatch)
     assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}  # registered, not promoted
     assert version_of(model, out.split("Registered run: ")[1].split("(")[1].split(")")[0]) == "3"
-    assert "production stays at version 2: within noise: weight_decay 1e-07 vs 0" in out
-    assert "use --force to move it anyway" in out
+    assert "is registered but not production: version 2 (" in out
+    assert "Why: weight_decay 1e-07 vs 0, final_val_acc: " in out and "within noise." in out
+    assert "--force would move it anyway." in out
+    assert "Production stays at version 2." in out
 
+    # One seed: judged with the seed variance pooled over the other groups (here production's).
     out = compare_group("single", model, capsys, monkeypatch)
     assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}
-    assert "production stays at version 2: too few seeds: " in out
-    assert "n = 1 vs 3: one seed: cannot tell" in out
+    assert "momentum 0.8 vs 0.9, final_val_acc: " in out and "n = 1 vs 3" in out
 
     out = compare_group("twin", model, capsys, monkeypatch, "--force")
     assert aliases(model) == {PRODUCTION: "3", PREVIOUS: "2"}
-    assert "production -> version 3 (--force; without it, it would stay: within noise" in out
+    assert "Production -> version 3 (--force); version 2 is now previous." in out
 
 
 def test_promote_rolls_back_and_models_lists_the_versions(
@@ -162,6 +170,7 @@ def test_promote_rolls_back_and_models_lists_the_versions(
         run_id = next(r for r in run_ids if r in row)
         value = client.get_run(run_id).data.metrics["final_val_acc"]
         assert alias in row and f"final_val_acc {value}" in row
+        assert "95% CI" in row  # the group promotion judged, not only the best seed
 
     code, _, err = run_cli(["models", "--model-name", "nothing"], capsys, monkeypatch)
     assert code == 2 and "no registered model 'nothing'" in err
@@ -203,5 +212,9 @@ def test_a_run_without_a_model_leaves_the_registry_untouched(
                             "--filter", f"attributes.run_id = '{run.info.run_id}'"],
                            capsys, monkeypatch)
 
-    assert code == 2 and "has no logged model to register" in err
+    assert code == 2 and err.count("\n") == 1 and "has no logged model to register" in err
     assert client.search_registered_models("name = 'no-model'") == []
+    # Refused before anything was recorded: no comparison run, and no word of registering.
+    assert not [r for r in client.search_runs([run.info.experiment_id])
+                if r.data.tags.get("mnist_mlflow.role") == "comparison"
+                and r.info.start_time > run.info.start_time]

@@ -1,0 +1,199 @@
+"""What a comparison says: its tables, the report (comparison.md), the verdict as the
+registry's version page opens with it. Text only; comparison.py decides what goes in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from tabulate import tabulate
+
+from mnist_mlflow.promotion import sentence
+from mnist_mlflow.schema import (
+    BEST_TEST_ACC,
+    FINAL_GAP,
+    FINAL_TEST_ACC,
+    FINAL_VAL_ACC,
+    METRICS,
+    REPORT_DISAGREEMENTS,
+    REPORT_PARETO,
+    REPORT_PLOT,
+    TRAIN_ACC,
+)
+from mnist_mlflow.selection import SEED_PROTOCOL, Group, SelectionRule, on_test_set
+from mnist_mlflow.stats import METHOD, Interval, Summary
+
+if TYPE_CHECKING:
+    from mnist_mlflow.comparison import Comparison
+
+# The side-by-side rows, as the seed's report labelled them.
+TABLE_ROWS = {FINAL_VAL_ACC: "Val Acc (final)", FINAL_TEST_ACC: "Test Acc (final)",
+              TRAIN_ACC: "Train Acc (final)", FINAL_GAP: "Gap (train − test)",
+              BEST_TEST_ACC: "Best Test Acc"}
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table padded to align, so it reads the same in a terminal."""
+    return tabulate(rows[1:], headers=rows[0], tablefmt="github", disable_numparse=True)
+
+
+def headline(rule: SelectionRule) -> str:
+    """The report's first line: it says when the choice looked at the test set."""
+    if on_test_set(rule.metric):
+        return (f"Selected on the test set (`{rule.metric}`): the choice looked at the test "
+                "images, so its test accuracy is optimistic.")
+    return (f"Selected on validation (`{rule.metric}`, held-out training images); test "
+            "metrics are reported, never used to choose.")
+
+
+def _sd_cell(summary: Summary | None, digits: int = 2) -> str:
+    if summary is None:
+        return "—"
+    if summary.n == 1:
+        return f"{summary.mean:.{digits}f}"
+    return f"{summary.mean:.{digits}f} ± {summary.sd:.{digits}f}"
+
+
+def interval_cell(found: Interval | None) -> str:
+    """`99.36 [99.20, 99.52]`: a group mean with its 95% interval (seeds and images)."""
+    if found is None:
+        return "—"
+    if found.low is None:
+        return f"{found.mean:.2f} (no CI)"
+    return f"{found.mean:.2f} [{found.low:.2f}, {found.high:.2f}]"
+
+
+def _status(group: Group, comparison: Comparison) -> str:
+    rule = comparison.rule
+    if comparison.verdict is not None and group is comparison.verdict.group:
+        return "chosen"
+    if not rule.eligible(group):
+        return rule.why_not(group)
+    return "" if group.validated or on_test_set(rule.metric) else SEED_PROTOCOL
+
+
+def summary_table(comparison: Comparison) -> list[list[str]]:
+    """The seed's "Experiment Summary Table", one row per group: the selection metric and
+    final test accuracy with 95% intervals over seeds and images, the rest mean ± sd over
+    seeds; header first. A group of one run shows as that run."""
+    rule = comparison.rule
+    rows = [["Experiment", "n", "Architecture", "Parameters",
+             f"{rule.metric} (selection), 95% CI", "Test Acc (final), 95% CI",
+             "Test Acc min–max", "Train Acc ± sd", "Gap ± sd", "Epochs", "LR", "Batch Size",
+             "Dropout", "Status", "Run"]]
+    chosen = comparison.verdict.run if comparison.verdict else None
+    for group in comparison.groups:
+        config, test = group.config, group.summary(FINAL_TEST_ACC)
+        selection = comparison.interval(group, rule.metric)
+        rows.append([group.name if group.n > 1 else group.runs[0].name, str(group.n),
+                     config.model, f"{group.num_params:,}",
+                     interval_cell(selection) if selection else SEED_PROTOCOL
+                     if not group.validated else "—",
+                     interval_cell(comparison.interval(group, FINAL_TEST_ACC)),
+                     f"{test.min:.2f}–{test.max:.2f}",
+                     _sd_cell(group.summary(TRAIN_ACC)), _sd_cell(group.summary(FINAL_GAP)),
+                     str(config.epochs), f"{config.lr:g}", str(config.batch_size),
+                     f"{config.dropout:g}", _status(group, comparison),
+                     group.runs[0].run_id[:8] if group.n == 1 else
+                     f"{chosen.run_id[:8]} (registered)"
+                     if chosen is not None and chosen in group.runs else f"{group.n} runs"])
+    return rows
+
+
+def side_by_side_table(groups: Sequence[Group], rule: SelectionRule) -> list[list[str]]:
+    """Metrics as rows (mean ± sd over seeds), groups as columns (the chosen one first), then
+    each group's mean minus the first's."""
+    # Numbered columns: config_groups can be long, and each Δ column would repeat two of them.
+    names = [f"{index}: {g.label()}" for index, g in enumerate(groups, 1)]
+    metrics = [*TABLE_ROWS, *([rule.metric] if rule.metric not in TABLE_ROWS else [])]
+    rows = [["Metric (mean ± sd over seeds)", *names,
+             *(f"Δ {index} − 1" for index in range(2, len(groups) + 1))]]
+    for key in metrics:
+        summaries = [g.summary(key) for g in groups]
+        if not any(summaries):
+            continue
+        digits = METRICS[key].digits if key in METRICS else 4
+        first = summaries[0]
+        rows.append([TABLE_ROWS.get(key, key), *(_sd_cell(s, digits) for s in summaries),
+                     *("—" if s is None or first is None else f"{s.mean - first.mean:+.{digits}f}"
+                       for s in summaries[1:])])
+    counts = [g.num_params for g in groups]
+    rows.append(["Parameters", *(f"{c:,}" for c in counts),
+                 *(f"{c - counts[0]:+,}" for c in counts[1:])])
+    return rows
+
+
+def verdict_lines(comparison: Comparison) -> list[str]:
+    """The verdict and what was done about it, as the report and the terminal say it."""
+    c = comparison
+    if c.verdict is None:
+        return []
+    if not c.registered_version:
+        would = ("production would move to it" if c.verdict.moves
+                 else f"production would stay: {c.verdict.why}")
+        return [f"Not registered (--no-register): {c.verdict.run.name} would be; {would}."]
+    lines = [sentence(c.verdict, c.rule.metric, c.model_name, c.registered_version)]
+    if c.promotion:
+        lines.append(f"{c.promotion[0].upper()}{c.promotion[1:]}.")
+    return lines
+
+
+def render_report(comparison: Comparison, shown: Sequence[Group]) -> str:
+    """comparison.md: the headline, the verdict, what was compared, the rule, the choice and
+    why, whether the differences are real, both tables, the figures."""
+    c = comparison
+    matching = f" matching `{c.filter_string}`" if c.filter_string else ""
+    verdict = c.verdict
+    lines = [headline(c.rule), "", f"# Run comparison: experiment `{c.experiment}`", "",
+             f"{len(c.ranked)} FINISHED training runs{matching} in {len(c.groups)} groups "
+             "(one configuration over its seeds, tag `config_group`), compared by "
+             f"`mnist-mlflow compare` on {datetime.now():%Y-%m-%d %H:%M}.", "",
+             f"Method: {METHOD}.", ""]
+    if verdict is not None:
+        lines += ["## Verdict", "", *verdict_lines(c), ""]
+        if c.disagreements:
+            lines += [f"Images on which the new and the production model disagree: "
+                      f"`{REPORT_DISAGREEMENTS}`.", ""]
+    lines += ["## Selection rule", "", f"The production candidate is chosen by the "
+              f"{c.rule.describe()}.", ""]
+    if verdict is not None:
+        test = c.interval(verdict.group, FINAL_TEST_ACC)
+        lines += ["## Choice", "", f"**{verdict.group.label()}**: {c.reason}.", "",
+                  f"Registered run: {verdict.run.name} (`{verdict.run.run_id}`), "
+                  f"{c.rule.metric} {verdict.run.metrics[c.rule.metric]:.2f}, "
+                  f"{verdict.run.num_params:,} parameters. Test accuracy of the recipe: "
+                  f"{test.format() if test else '—'}; of this run: "
+                  f"{verdict.run.metrics[FINAL_TEST_ACC]:.2f}.", ""]
+    if c.differences:
+        lines += ["## Is the difference real?", "",
+                  "Difference of group means with its 95% interval over seeds and images; "
+                  "\"within noise\" when it holds zero.", "",
+                  *(f"- {d}" for d in c.differences), ""]
+    if c.skipped or c.notes:
+        lines += ["Left out, and how runs were scored:", "",
+                  *(f"- {s}" for s in [*c.skipped, *c.notes]), ""]
+    lines += ["## Experiment Summary Table", "",
+              markdown_table(summary_table(c)), "",
+              "The selection metric and the final test accuracy: group mean with its 95% "
+              "interval over seeds and images; Train Acc and Gap: mean ± sd over a group's "
+              "seeds (n), of the last epoch, whose model is logged.", "",
+              f"## Side by side (top {len(shown)} groups)", "",
+              markdown_table(side_by_side_table(shown, c.rule)), "",
+              f"Per epoch, mean over each group's seeds: `{REPORT_PLOT}`. Test accuracy "
+              f"against parameters, group means with 95% intervals: `{REPORT_PARETO}`.", ""]
+    return "\n".join(lines)
+
+
+def version_description(comparison: Comparison) -> str:
+    """The registered version's description: the verdict in one sentence first (the
+    registry's version table shows only the start), then the recipe's expected test accuracy,
+    the comparison run and the rule."""
+    c, verdict = comparison, comparison.verdict
+    test = c.interval(verdict.group, FINAL_TEST_ACC)
+    return (f"{' '.join(verdict_lines(c))} Test accuracy of its recipe "
+            f"({verdict.group.name}): {test.format() if test else '—'} (seeds and images); "
+            f"of this run: {verdict.run.metrics[FINAL_TEST_ACC]:.2f}. {headline(c.rule)} "
+            f"Chosen by `mnist-mlflow compare`, comparison run {c.comparison_run_id}: "
+            f"{c.reason}. Rule: {c.rule.describe()}.")

@@ -24,11 +24,12 @@ import mlflow
 import numpy as np
 from tabulate import tabulate
 
-from mnist_mlflow.comparison import find_runs, group_runs
 from mnist_mlflow.framing import frame_digit, read_gray, resize_whole_frame, white_on_black
 from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
+from mnist_mlflow.queries import find_runs
 from mnist_mlflow.registry import PRODUCTION, logged_model_uri
 from mnist_mlflow.schema import DEFAULT_MODEL_NAME
+from mnist_mlflow.selection import group_runs
 from mnist_mlflow.stats import Summary
 
 IMAGES = Path(__file__).resolve().parent.parent / "tests" / "data" / "font_digits"

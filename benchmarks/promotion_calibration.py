@@ -1,0 +1,229 @@
+"""How often `compare` promotes by mistake, and how often it finds a real gain: the project's
+own decision code (promotion.decide, with per-image records and the looks of one production
+version) on simulated groups whose truth is known.
+
+The simulated world: a population of digits, each with a hardness; a recipe (group) errs on
+an image with a probability set by the hardness plus a recipe-specific twist (recipes fail on
+different images), and each seed of the recipe errs on it independently with that
+probability. Every replicate draws fresh validation images from the population, so image
+sampling varies as well as seeds; accuracies are whole images out of N. The model's three
+numbers are fitted to real full-MNIST runs (--fit-store), or given; see README, Verdicts.
+
+Under "no true difference" every group has the same recipe quality, so any promotion is
+false. Power: one challenger is truly better by +0.20 or +0.30 points on the population.
+
+    python benchmarks/promotion_calibration.py --replicates 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import brentq
+from scipy.special import expit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mnist_mlflow.config import TrainConfig  # noqa: E402
+from mnist_mlflow.promotion import Production, decide, pooled_over  # noqa: E402
+from mnist_mlflow.records import Records  # noqa: E402
+from mnist_mlflow.schema import FINAL_GAP, FINAL_VAL_ACC  # noqa: E402
+from mnist_mlflow.selection import Group, RunSummary, SelectionRule, rank  # noqa: E402
+from mnist_mlflow.stats import Looks  # noqa: E402
+
+KS = (1, 2, 5, 10)
+NS = (1, 2, 3, 5)
+GAINS = (0.20, 0.30)
+CALLS = 5  # successive `compare` calls, k new groups each
+TARGET_FALSE = 5.0
+TARGET_POWER = 80.0
+
+
+@dataclass(frozen=True)
+class World:
+    """Image hardness ~ N(mean, sd) on the logit scale of the error; a recipe's twist per
+    image ~ N(0, twist); N validation images per replicate."""
+
+    mean: float
+    sd: float
+    twist: float
+    images: int = 5000
+
+    def recipe_errors(self, hardness: np.ndarray, shift: float,
+                      rng: np.random.Generator) -> np.ndarray:
+        """One recipe's error probability per image (a shift < 0 is a better recipe)."""
+        return expit(hardness + shift + self.twist * rng.normal(size=hardness.shape))
+
+    def describe(self, rng: np.random.Generator) -> dict[str, float]:
+        """What a recipe scores in this world (on a large draw of images): mean accuracy,
+        the seeds' sd, and on how many of N images two seeds, or two recipes, disagree."""
+        hardness = rng.normal(self.mean, self.sd, 400_000)
+        q, q2 = self.recipe_errors(hardness, 0, rng), self.recipe_errors(hardness, 0, rng)
+        return {"accuracy": 100 * (1 - q.mean()),
+                "seed_sd": 100 * float(np.sqrt((q * (1 - q)).mean() / self.images)),
+                "disagree_seeds": self.images * float((2 * q * (1 - q)).mean()),
+                "disagree_recipes": self.images * float((q * (1 - q2) + q2 * (1 - q)).mean())}
+
+    def shift_for(self, gain: float, rng: np.random.Generator) -> float:
+        """The recipe shift whose population accuracy is `gain` points higher."""
+        hardness = rng.normal(self.mean, self.sd, 400_000)
+        twist = self.twist * rng.normal(size=hardness.size)
+        base = expit(hardness + twist).mean()
+        return brentq(lambda s: 100 * (base - expit(hardness + twist + s).mean()) - gain,
+                      -5, 0)
+
+
+def make_group(name: str, lr: float, errors: np.ndarray, seeds: int,
+               rng: np.random.Generator) -> Group:
+    """A group of `seeds` runs of one recipe, with per-image records of the validation set."""
+    index = np.arange(len(errors), dtype=np.int64)
+    label = np.zeros(len(errors), dtype=np.int64)
+    confidence = np.full(len(errors), 0.9, dtype=np.float32)
+    runs = []
+    for seed in range(1, seeds + 1):
+        wrong = rng.random(len(errors)) < errors
+        records = Records(index, label, wrong.astype(np.int64), confidence)
+        config = TrainConfig(lr=lr, seed=seed)
+        runs.append(RunSummary(f"{name}-{seed}", f"{name}-{seed}", seed, "FINISHED", 6132, {},
+                               {FINAL_VAL_ACC: records.accuracy, FINAL_GAP: 0.0}, config,
+                               "sim", {"validation": records}))
+    return Group(TrainConfig(lr=lr).config_group, tuple(runs))
+
+
+def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift: float = 0.0,
+             calls: int = 1) -> bool:
+    """Whether any of `calls` successive compares promotes one of k new challengers per call
+    over a production group of n seeds (the first challenger better by `gain_shift`)."""
+    rule = SelectionRule()
+    hardness = rng.normal(world.mean, world.sd, world.images)
+    base = make_group("production", 1.0, world.recipe_errors(hardness, 0, rng), n, rng)
+    looks, challengers = Looks(), []
+    for call in range(calls):
+        for j in range(k):
+            shift = gain_shift if call == 0 and j == 0 else 0.0
+            lr = round(2 + call * k + j, 3)  # one recipe per group
+            challengers.append(make_group(f"g{lr}", lr, world.recipe_errors(hardness, shift, rng),
+                                          n, rng))
+        production = Production("1", "production-1", "production-1", base, "", looks)
+        eligible = [g for g in rank([*challengers, base], rule) if rule.eligible(g)]
+        verdict = decide(eligible, rule, pooled_over([*eligible, base], rule.metric),
+                         production)
+        if verdict.moves:
+            return True
+        looks = verdict.judgement.looks if verdict.judgement else looks
+    return False
+
+
+def rate(world: World, replicates: int, seed: int, **kwargs: object) -> float:
+    rng = np.random.default_rng(seed)
+    return 100.0 * sum(promotes(world, rng=rng, **kwargs) for _ in range(replicates)) / replicates
+
+
+def fit_world(store: str, experiment: str) -> World:
+    """The world whose recipes look like the runs of `experiment` in `store`: accuracy,
+    seed sd and disagreements between seeds and between recipes, from per-image records."""
+    import mlflow
+
+    from mnist_mlflow.queries import find_runs, load_records
+    from mnist_mlflow.selection import group_runs
+
+    mlflow.set_tracking_uri(store)
+    runs, _ = find_runs(experiment, "")
+    load_records(runs, ["validation"])
+    groups = [g for g in group_runs(runs) if g.n >= 2 and g.recorded(FINAL_VAL_ACC)]
+    wrong = {g.name: np.stack([~r.records["validation"].correct for r in g.runs])
+             for g in groups}
+    accuracy = np.mean([100 * (1 - w.mean()) for w in wrong.values()])
+    seed_sd = np.sqrt(np.mean([np.var(100 * (1 - w.mean(1)), ddof=1) for w in wrong.values()]))
+    same = np.mean([np.sum(w[0] != w[1]) for w in wrong.values()])
+    pairs = [(a, b) for i, a in enumerate(wrong.values()) for b in list(wrong.values())[i + 1:]]
+    across = np.mean([np.sum(a[0] != b[0]) for a, b in pairs]) if pairs else same
+    images = next(iter(wrong.values())).shape[1]
+    print(f"real runs ({experiment}, {len(groups)} groups of 2+ seeds, {images} validation "
+          f"images): accuracy {accuracy:.2f}%, seed sd {seed_sd:.3f} points, two seeds of a "
+          f"recipe disagree on {same:.1f} images, two recipes on {across:.1f}")
+    rng = np.random.default_rng(0)
+    best, best_loss = None, np.inf
+    for mean in np.arange(-14, -7.9, 0.5):
+        for sd in np.arange(2.0, 5.1, 0.25):
+            for twist in np.arange(0.0, 3.1, 0.25):
+                found = World(mean, sd, twist, images).describe(rng)
+                loss = (((found["accuracy"] - accuracy) / 0.05) ** 2
+                        + ((found["seed_sd"] - seed_sd) / 0.01) ** 2
+                        + ((found["disagree_seeds"] - same) / 3) ** 2
+                        + ((found["disagree_recipes"] - across) / 3) ** 2)
+                if loss < best_loss:
+                    best, best_loss = World(mean, sd, twist, images), loss
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--replicates", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", type=float, nargs=3, metavar=("MEAN", "SD", "TWIST"),
+                        default=None, help="the simulated world (default: fitted, or the "
+                                           "README's)")
+    parser.add_argument("--fit-store", default="", help="fit the world to the runs of this "
+                                                        "tracking store")
+    parser.add_argument("--fit-experiment", default="validated")
+    parser.add_argument("--quick", action="store_true", help="k = 1 and 5 only")
+    args = parser.parse_args()
+    if args.fit_store:
+        world = fit_world(args.fit_store, args.fit_experiment)
+    else:
+        world = World(*(args.world or DEFAULT_WORLD))
+    shown = world.describe(np.random.default_rng(1))
+    print(f"simulated world: hardness N({world.mean:g}, {world.sd:g}), recipe twist "
+          f"{world.twist:g}, {world.images} images: accuracy {shown['accuracy']:.2f}%, seed sd "
+          f"{shown['seed_sd']:.3f} points, seeds disagree on {shown['disagree_seeds']:.1f} "
+          f"images, recipes on {shown['disagree_recipes']:.1f}")
+    ks = (1, 5) if args.quick else KS
+    began = time.perf_counter()
+    print(f"\nFalse promotions (%) under no true difference, {args.replicates} replicates each"
+          f" (one compare | {CALLS} successive compares, k new groups each):")
+    print("| k \\ n | " + " | ".join(f"n = {n}" for n in NS) + " |")
+    print("|---|" + "---|" * len(NS))
+    worst = 0.0
+    for k in ks:
+        cells = []
+        for n in NS:
+            once = rate(world, args.replicates, args.seed + 10 * k + n, k=k, n=n)
+            many = rate(world, args.replicates, args.seed + 1000 + 10 * k + n, k=k, n=n,
+                        calls=CALLS)
+            worst = max(worst, once, many)
+            cells.append(f"{once:.1f} \\| {many:.1f}")
+        print(f"| k = {k} | " + " | ".join(cells) + " |")
+    print("\nPower (%): one challenger truly better, k = 1 and k = 5 (the others no better):")
+    print("| gain | k | " + " | ".join(f"n = {n}" for n in NS) + " |")
+    print("|---|---|" + "---|" * len(NS))
+    power_at_target = 0.0
+    for gain in GAINS:
+        shift = world.shift_for(gain, np.random.default_rng(2))
+        for k in (1, 5):
+            cells = []
+            for n in NS:
+                found = rate(world, args.replicates, args.seed + 5000 + int(gain * 100) + n,
+                             k=k, n=n, gain_shift=shift)
+                if gain == 0.30 and n == 5 and k == 1:
+                    power_at_target = found
+                cells.append(f"{found:.1f}")
+            print(f"| +{gain:.2f} | {k} | " + " | ".join(cells) + " |")
+    print(f"\nworst false-promotion rate {worst:.1f}% (target <= {TARGET_FALSE:.0f}%): "
+          f"{'met' if worst <= TARGET_FALSE else 'NOT met'}; power at +0.30, n = 5, k = 1: "
+          f"{power_at_target:.1f}% (target >= {TARGET_POWER:.0f}%): "
+          f"{'met' if power_at_target >= TARGET_POWER else 'NOT met'}; "
+          f"{time.perf_counter() - began:.0f} s")
+
+
+# Fitted to the validated experiment's full-MNIST runs (README, Verdicts): see --fit-store.
+DEFAULT_WORLD = (-12.0, 4.0, 2.0)
+
+if __name__ == "__main__":
+    main()

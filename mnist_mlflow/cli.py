@@ -339,6 +339,48 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
 
 
 @cli.command()
+@click.argument("target", metavar="TARGET")
+@click.option("--epochs", type=int, default=0,
+              help="Reproduce only the first K epochs (a cheap audit) [default: all].")
+@click.option("--experiment", default="",
+              help="Experiment of the new run [default: the original's].")
+@click.option("--at-commit", is_flag=True,
+              help="Train the recorded code (its commit, plus its uncommitted patch) in a "
+                   "temporary git worktree, with this Python; it trains every epoch.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Run on this device instead of the recorded one (expect other numbers).")
+@click.option("--threads", type=int, default=None,
+              help="torch threads instead of the recorded count (expect other numbers).")
+@click.option("--data-dir", default=lambda: os.environ.get("MNIST_DATA_DIR", "data"),
+              show_default="data/ or $MNIST_DATA_DIR", help="Folder holding MNIST/raw.")
+def reproduce(target: str, epochs: int, experiment: str, at_commit: bool, device: str | None,
+              threads: int | None, data_dir: str) -> None:
+    """Retrain TARGET (a run id, models:/NAME@ALIAS or models:/NAME/VERSION) from its
+    record into a new run and say whether it is the same: identical, within seed noise, or
+    differs (exit 1)."""
+    from mnist_mlflow.reproduce import DIFFERS
+    from mnist_mlflow.reproduce import reproduce as rerun
+
+    if epochs < 0:
+        raise UserError(f"invalid --epochs: must be >= 1, got {epochs}")
+    if at_commit and epochs:
+        raise UserError("--epochs does not apply with --at-commit: the recorded code trains "
+                        "every epoch")
+    overrides = {name: value for name, value in (("device", device), ("threads", threads))
+                 if value is not None}
+    outcome = rerun(target, data_dir, epochs, experiment, at_commit, overrides,
+                    say=click.echo)
+    for line in outcome.verdict.lines():
+        click.echo(line)
+    click.echo(f"New run {outcome.run_id} (tag mnist_mlflow.reproduces="
+               f"{outcome.target.run.info.run_id})"
+               + (f"; {outcome.target.model_name} version {outcome.target.version} tagged "
+                  f"reproduced={outcome.verdict.kind}" if outcome.target.version else ""))
+    if outcome.verdict.kind == DIFFERS:
+        sys.exit(1)
+
+
+@cli.command()
 @click.option("--version", required=True, help="Version to make `production` (rollback).")
 @click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True)
 def promote(version: str, model_name: str) -> None:
@@ -391,10 +433,10 @@ def models(model_name: str) -> None:
     from mnist_mlflow.registry import list_versions
     from mnist_mlflow.report import markdown_table
 
-    rows = [["Version", "Aliases", "Run's metric", "Group judged (95% CI); verdict", "Run name",
-             "Run", "Registered"]]
-    rows += [[v.version, ", ".join(v.aliases), v.metric, v.judged, v.run_name, v.run_id,
-              v.created] for v in list_versions(model_name)]
+    rows = [["Version", "Aliases", "Run's metric", "Group judged (95% CI); verdict",
+             "Reproduced", "Run name", "Run", "Registered"]]
+    rows += [[v.version, ", ".join(v.aliases), v.metric, v.judged, v.reproduced, v.run_name,
+              v.run_id, v.created] for v in list_versions(model_name)]
     click.echo(markdown_table(rows))
 
 

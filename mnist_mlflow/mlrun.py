@@ -91,6 +91,14 @@ def _lost_insert_race(err: MlflowException) -> bool:
 _READY_STORES: set[str] = set()
 
 
+def absolute_uri(uri: str) -> str:
+    """`uri` with a relative SQLite path made absolute, for a process started in another
+    folder (a Ray worker, the recorded code's worktree)."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def open_store() -> str:
     """Make the tracking store ready before anything is loaded or created; its URI.
 

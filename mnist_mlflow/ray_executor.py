@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
+from mnist_mlflow.mlrun import absolute_uri
 from mnist_mlflow.sweep import TERMINAL, ChildJob, ChildOutcome, end_unless_ended, train_child
 
 log = logging.getLogger("mnist_mlflow")
@@ -48,9 +49,7 @@ def worker_env(tracking_uri: str) -> dict[str, str]:
     """The environment a task needs: the driver's tracking URI (a relative SQLite path made
     absolute: a worker starts in another folder) and its credentials."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
-    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
-        tracking_uri = f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).resolve()}"
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
+    env["MLFLOW_TRACKING_URI"] = absolute_uri(tracking_uri)
     # Each task logs its own epochs; Ray's log prefix says which worker.
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserError
 from mnist_mlflow.mlrun import open_store, store_error
-from mnist_mlflow.schema import DEFAULT_MODEL_NAME
+from mnist_mlflow.schema import DEFAULT_MODEL_NAME, REPRODUCED_AT_TAG, REPRODUCED_TAG
 from mnist_mlflow.stats import Looks
 
 PRODUCTION = "production"
@@ -40,6 +40,7 @@ class VersionRow:
     aliases: list[str]
     metric: str
     judged: str  # the group mean and interval promotion judged, and the verdict
+    reproduced: str  # what `reproduce` found, and when
     run_name: str
     run_id: str
     created: str
@@ -277,7 +278,10 @@ def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
             judged += f"; {v.tags[VERDICT_TAG]}"
         rows.append(VersionRow(str(v.version), sorted(aliases.get(str(v.version), [])),
                                f"{metric} {v.tags.get(metric, '?')}" if metric else "",
-                               judged,
+                               judged, " ".join(filter(None, [
+                                   v.tags.get(REPRODUCED_TAG, ""),
+                                   f"({v.tags[REPRODUCED_AT_TAG]})"
+                                   if REPRODUCED_AT_TAG in v.tags else ""])),
                                v.tags.get("run_name", ""), v.run_id or "",
                                datetime.fromtimestamp(v.creation_timestamp / 1000)
                                .strftime("%Y-%m-%d %H:%M")))

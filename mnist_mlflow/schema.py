@@ -27,6 +27,8 @@ ROLE_TAG = "mnist_mlflow.role"
 TRAIN_ROLE = "train"
 SWEEP_ROLE = "sweep"
 COMPARISON_ROLE = "comparison"
+# A rerun made by `reproduce`: a check of another run, never a candidate.
+REPRODUCTION_ROLE = "reproduction"
 # On a sweep's parent and every child: the phase the sweep trained (empty for --variant sweeps).
 PHASE_TAG = "mnist_mlflow.phase"
 # On a sweep's parent: the command that started it, quoted in RESULTS.md.
@@ -38,6 +40,18 @@ RESUMED_ON_TAG = "resumed_on"
 # On the run `mlflow run -e main -P resume=ID` creates: the run it resumed.
 RESUMES_RUN_TAG = "resumes_run_id"
 COMPILE_FALLBACK_TAG = "compile_fallback"
+# Which code a training process ran (codestate.py): "git" or "package", whether tracked
+# files had uncommitted changes (their patch is the artifact PATCH_ARTIFACT), the package's
+# version. The commit is MLflow's own tag, mlflow.source.git.commit.
+CODE_SOURCE_TAG = "mnist_mlflow.code.source"
+CODE_DIRTY_TAG = "mnist_mlflow.code.dirty"
+CODE_VERSION_TAG = "mnist_mlflow.code.version"
+# Where it ran, beside the torch versions and the resolved_* tags: what reproduce compares.
+MLFLOW_VERSION_TAG, CPU_TAG, TORCH_THREADS_TAG = "mlflow_version", "cpu_model", "torch_threads"
+# On a run `reproduce` made: the run it reproduces, the epochs compared, and the verdict.
+REPRODUCES_TAG = "mnist_mlflow.reproduces"
+# On the rerun and on a registered version reproduced: the verdict, and when (with the run).
+REPRODUCED_TAG, REPRODUCED_AT_TAG = "reproduced", "reproduced_at"
 VARIANT_TAG = "variant"
 # The run's configuration without its seed, readable (`opt-dropout0.05`, or
 # `gap8k-dropout0 lr=0.05 scheduler=onecycle`): the UI's "Group by" puts its seeds together,
@@ -142,6 +156,7 @@ TRAINING_LOG = "training.log"
 CURVES_DIR = "plots"
 CURVES_FILE = "training_curves.png"
 MODEL_SUMMARY = "model_summary.txt"
+PATCH_ARTIFACT = "code/uncommitted.patch"
 # A sweep parent's list of every child's whole configuration, read by --resume.
 PLAN_ARTIFACT = "sweep_plan.json"
 REPORT_FILE = "comparison.md"

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import platform
 import signal
 import tempfile
 import threading
@@ -30,14 +31,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
+from mnist_mlflow import codestate
+from mnist_mlflow.codestate import CodeState
 from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
 from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves
 from mnist_mlflow.records import Records
-from mnist_mlflow.runtime import resolve
+from mnist_mlflow.runtime import resolve, torch_threads
 from mnist_mlflow.schema import (
     BEST_EPOCH,
     BEST_TEST_ACC,
@@ -46,9 +50,13 @@ from mnist_mlflow.schema import (
     CHECKPOINT_ARTIFACT,
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
+    CODE_DIRTY_TAG,
+    CODE_SOURCE_TAG,
+    CODE_VERSION_TAG,
     COMPILE_FALLBACK_TAG,
     CONFIG_GROUP_TAG,
     CONFUSION_FILE,
+    CPU_TAG,
     CURVES_DIR,
     CURVES_FILE,
     DEFAULT_EXPERIMENT,
@@ -61,9 +69,11 @@ from mnist_mlflow.schema import (
     LAST_EPOCHS,
     MEAN_EPOCH_SECONDS,
     MISTAKES_FILE,
+    MLFLOW_VERSION_TAG,
     MNIST_MD5_TAG_PREFIX,
     MODEL_SUMMARY,
     NUM_PARAMS,
+    PATCH_ARTIFACT,
     PLUMBING_SETTINGS,
     PREDICTIONS_DIR,
     RESUMED_AFTER_TAG,
@@ -72,6 +82,7 @@ from mnist_mlflow.schema import (
     ROLE_TAG,
     SUMMARY_STEP,
     TEST_ACC,
+    TORCH_THREADS_TAG,
     TRAIN_ROLE,
     TRAINING_LOG,
     VAL_ACC,
@@ -230,11 +241,14 @@ def resume_command(run_id: str, under_mlflow_run: bool) -> str:
 def train_tracked(config: TrainConfig, data_dir: Path | str,
                   experiment: str = DEFAULT_EXPERIMENT, progress: bool = True,
                   run: MlflowRun | None = None, runner_run_id: str | None = None,
-                  tags: Mapping[str, str] | None = None) -> RunResult:
+                  tags: Mapping[str, str] | None = None, until: int = 0) -> RunResult:
     """Validate, load data, then train `config` as one MLflow run and log everything.
 
-    The run is `run` when given (a sweep creates its children first), else the run `mlflow
+    The one entry for what to train (`config`) and where to record it: the run `run` when
+    given (a sweep creates its children first, `reproduce` its new run), else the run `mlflow
     run` made (`runner_run_id`), else a new one in `experiment`; `tags` are added to it.
+    `until` stops after that epoch (the first epochs of the whole recipe: `reproduce
+    --epochs`).
     """
     config.validate()
     runtime = resolve(config)
@@ -253,7 +267,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     # At once: a run killed from here on can be resumed (or started over) from its params.
     run.log_new_params(run_params(config, state, data))
     return _train_in_run(run, config, data, pipeline, state, [], progress,
-                         resume_command(run.run_id, runner_run_id is not None))
+                         resume_command(run.run_id, runner_run_id is not None), until)
 
 
 def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object] | None = None,
@@ -301,7 +315,7 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
     resumed_at = found.data.tags.get(RESUMED_AFTER_TAG, "")
     # The resolved_* tags now say how it goes on; resumed_on keeps where each resumption ran.
     resumed_on = found.data.tags.get(RESUMED_ON_TAG, "")
-    here = f"after epoch {state.epoch}: {runtime.describe()}"
+    here = f"after epoch {state.epoch}: {runtime.describe()}, {codestate.current().describe()}"
     run.set_tags({**runtime.tags(),
                   **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS},
                   RESUMED_AFTER_TAG: ",".join(filter(None, [resumed_at, str(state.epoch)])),
@@ -362,7 +376,7 @@ def _log_missing_epochs(run: MlflowRun, history: list[EpochMetrics]) -> None:
 
 def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline: Pipeline,
                   state: TrainState, history: list[EpochMetrics], progress: bool,
-                  command: str) -> RunResult:
+                  command: str, until: int = 0) -> RunResult:
     """Train into `run` from `state` to the end, checkpointing every epoch; end the run."""
     num_params = count_parameters(state.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -386,12 +400,12 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
         try:
             run.hold_lease()
             if not history:
-                _log_start(run, config, state, data)
+                _log_start(run, config, state, data, Path(tmp))
                 log.info("run %s: training %s on %s (%d parameters)", run.run_id,
                          config.run_name, state.runtime.describe(), num_params)
             run.describe(describe(config, num_params, "Training."))
             fit(config, state, pipeline, on_epoch=on_epoch, progress=progress,
-                on_compile_fallback=on_compile_fallback)
+                on_compile_fallback=on_compile_fallback, until=until)
             # Training is done: finish with signals held, so that the run ends FINISHED with
             # its model, never half-logged or RUNNING; a signal meanwhile is reported after.
             with signals_deferred(deliver=False) as caught:
@@ -460,9 +474,43 @@ def log_checkpoint(run: MlflowRun, state: TrainState, history: list[EpochMetrics
     run.log_artifact(path, CHECKPOINT_DIR)
 
 
-def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData) -> None:
+def code_tags(code: CodeState) -> dict[str, str]:
+    """What the run records of the code that trains it (the patch goes as an artifact)."""
+    tags = {CODE_SOURCE_TAG: code.source, CODE_VERSION_TAG: code.version}
+    if code.source == "git":
+        tags |= {MLFLOW_GIT_COMMIT: code.commit, CODE_DIRTY_TAG: str(code.dirty).lower()}
+    return tags
+
+
+def environment_tags(threads: int) -> dict[str, str]:
+    """Where it runs, beyond device and precision: what `reproduce` compares."""
+    with torch_threads(threads):
+        count = torch.get_num_threads()
+    return {MLFLOW_VERSION_TAG: _release("mlflow"), CPU_TAG: cpu_model(),
+            TORCH_THREADS_TAG: str(count)}
+
+
+def cpu_model() -> str:
+    """The processor's model name, as /proc/cpuinfo says it (else the platform's word)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData,
+               tmp: Path) -> None:
     run.log_new_params(run_params(config, state, data))
-    run.set_tags({**run_tags(config, data), **state.runtime.tags()})
+    code = codestate.current()
+    run.set_tags({**run_tags(config, data), **state.runtime.tags(), **code_tags(code),
+                  **environment_tags(config.threads)})
+    if code.dirty:
+        patch = tmp / Path(PATCH_ARTIFACT).name
+        patch.write_text(code.patch)
+        run.log_artifact(patch, str(Path(PATCH_ARTIFACT).parent))
     run.log_inputs(mnist_inputs(data))
 
 

@@ -330,8 +330,11 @@ def predict(model: nn.Module, batches: Iterable[Batch]) -> tuple[torch.Tensor, t
 def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
         on_epoch: Callable[[EpochMetrics, TrainState], None] | None = None,
         progress: bool = True,
-        on_compile_fallback: Callable[[str], None] | None = None) -> list[EpochMetrics]:
-    """Train from `state.epoch + 1` to `config.epochs`, calling `on_epoch` after each epoch.
+        on_compile_fallback: Callable[[str], None] | None = None,
+        until: int = 0) -> list[EpochMetrics]:
+    """Train from `state.epoch + 1` to `config.epochs` (or to epoch `until`, when given: the
+    schedule still spans all epochs, so these epochs are those of the whole run), calling
+    `on_epoch` after each epoch.
 
     `on_compile_fallback(reason)` is called if a compiled model had to turn eager. torch's
     thread count and deterministic mode are set for the training only.
@@ -347,7 +350,7 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
                        if runtime.compile else contextlib.nullcontext())
     with torch_threads(config.threads), deterministic_algorithms(runtime.deterministic), \
             no_silent_eager:
-        for epoch in range(state.epoch + 1, config.epochs + 1):
+        for epoch in range(state.epoch + 1, min(until or config.epochs, config.epochs) + 1):
             seed = epoch_seed(config.seed, epoch)
             torch.manual_seed(seed)  # dropout masks of this epoch
             lr = state.optimizer.param_groups[0]["lr"]

@@ -156,9 +156,11 @@ def _seed_term(sample: Sample, pooled: Pooled) -> Term | None:
     """The seeds' share of the variance of the group mean; None when no group has two seeds.
 
     The larger of the group's own seed variance and the pooled one (a recipe may spread
-    more than the others, never less than they say), and never less than the seed × image
-    noise alone implies (R/N): two seeds that tie on their totals but disagree on images
-    do not make a zero-width interval."""
+    more than the others, never less than they say). Where no seed spread shows at all
+    (seeds that tie on their totals), what the seed × image noise implies (R/N) stands in:
+    seeds that disagree on images do not make a zero-width interval. Only then: real seeds
+    spread less than independent per-image noise would (a model's error count is steadier
+    than its choice of errors), so R/N overstates their variance."""
     candidates: list[Term] = []
     if sample.n > 1:
         candidates.append((sample.seed_var, sample.n - 1))
@@ -166,10 +168,10 @@ def _seed_term(sample: Sample, pooled: Pooled) -> Term | None:
         candidates.append((pooled.seed_var, pooled.seed_df))
     if not candidates:
         return None
-    residual = _residual(sample, pooled)
-    if residual is not None:
-        candidates.append((residual[0] / sample.images, residual[1]))
     variance, df = max(candidates)
+    residual = _residual(sample, pooled)
+    if variance == 0 and residual is not None:
+        variance, df = residual[0] / sample.images, residual[1]
     return variance / sample.n, df
 
 

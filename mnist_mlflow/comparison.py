@@ -119,11 +119,17 @@ class Comparison:
 
 
 def _reference(runs: Sequence[RunSummary], metric: str, production: RunSummary | None) -> str:
-    """The images the comparison judges `metric` on: production's, else the most runs'."""
-    if production is not None and metric in production.metrics:
-        return production.scored_on(metric)
+    """The images the comparison judges `metric` on: those most runs were measured on
+    (production's, of those that tie). A production measured elsewhere cannot be judged."""
     keys = Counter(r.scored_on(metric) for r in runs if metric in r.metrics)
-    return keys.most_common(1)[0][0] if keys else ""
+    if not keys:
+        return ""
+    most = max(keys.values())
+    tied = [key for key, count in keys.items() if count == most]
+    if production is not None and metric in production.metrics:
+        if production.scored_on(metric) in tied:
+            return production.scored_on(metric)
+    return tied[0]
 
 
 def _same_images(runs: list[RunSummary], metric: str, reference: str
@@ -236,9 +242,10 @@ def _read_records(comparison: Comparison, shown: Sequence[Group],
     rule = comparison.rule
     scored = list(dict.fromkeys([*filter(None, [RECORDED_METRICS.get(rule.metric)]), "test"]))
     base = production.group if production is not None else None
-    # Only groups better than production's mean can beat it; the others need no records.
-    can_win = [g for g in comparison.eligible if base is None
-               or rule.better(g.mean(rule.metric), base.mean(rule.metric))]
+    # Only groups better than production's mean can beat it; the others need no records
+    # (nor do any but the shown ones when there is no production to beat).
+    can_win = [g for g in comparison.eligible if base is not None
+               and rule.better(g.mean(rule.metric), base.mean(rule.metric))]
     groups = {id(g): g for g in [*shown, *can_win, *([base] if base else [])]}
     runs = [r for g in groups.values() for r in g.runs]
     runs += [production_run] if production_run is not None else []

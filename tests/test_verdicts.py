@@ -237,7 +237,7 @@ def test_a_one_seed_production_is_replaced_by_a_real_winner(
     assert aliases("one-seed-production") == {PRODUCTION: "2", PREVIOUS: "1"}
 
 
-@pytest.mark.parametrize("fault", ["deleted", "no-validation"])
+@pytest.mark.parametrize("fault", ["deleted", "no-validation", "other-images"])
 def test_a_production_that_cannot_be_judged_says_why_and_what_to_do(
         store: str, saved_model: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
@@ -249,6 +249,10 @@ def test_a_production_that_cannot_be_judged_says_why_and_what_to_do(
         client.delete_run(production_run)
         expected = (f"was deleted; restore it with `mlflow runs restore --run-id "
                     f"{production_run}`")
+    elif fault == "other-images":  # validated on another split than the new runs
+        with_production(experiment, [99.10, 99.14], saved_model, capsys, monkeypatch,
+                        val_split_digest="old-split")
+        expected = "its final_val_acc is measured on other images (validation split old-split)"
     else:
         for seed in (1, 2):  # made with --val-size 0: chosen on test the first time
             craft_run(experiment, f"old-seed{seed}", None, 99.0, seed=seed, model=saved_model,
@@ -256,7 +260,7 @@ def test_a_production_that_cannot_be_judged_says_why_and_what_to_do(
         code, _, err = compare(experiment, capsys, monkeypatch, "--metric", "final_test_acc")
         assert code == 0, err
         expected = "has no final_val_acc (made with --val-size 0"
-    craft_group(experiment, "challenger", [99.36, 99.40], saved_model, lr=0.03)
+    craft_group(experiment, "challenger", [99.36, 99.40, 99.38], saved_model, lr=0.03)
 
     code, out, err = compare(experiment, capsys, monkeypatch)
 

@@ -212,7 +212,8 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
                 f"({production_run.scored_on(rule.metric)}) than the challengers' "
                 f"({eligible[0].runs[0].scored_on(rule.metric)})", production.looks)
     shown = ranked[:top_groups]
-    _read_records(comparison, shown, production, production_run, data_dir)
+    named = [g for pair in pairs for g in pair]
+    _read_records(comparison, [*shown, *named], production, production_run, data_dir)
     base = production.group if production is not None else None
     comparison.pooled = {rule.metric: promotion.pooled_over([*ranked, base], rule.metric),
                          FINAL_TEST_ACC: promotion.pooled_over(ranked, FINAL_TEST_ACC)}
@@ -237,8 +238,9 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
 def _read_records(comparison: Comparison, shown: Sequence[Group],
                   production: promotion.Production | None, production_run: RunSummary | None,
                   data_dir: Path | str) -> None:
-    """Per-image records for the runs whose intervals are shown or that can win, and
-    production's; runs made before records are scored from their models, or named."""
+    """Per-image records for the runs whose intervals are shown (in the tables or in a
+    --diff) or that can win, and production's; runs made before records are scored from
+    their models, or named."""
     rule = comparison.rule
     scored = list(dict.fromkeys([*filter(None, [RECORDED_METRICS.get(rule.metric)]), "test"]))
     base = production.group if production is not None else None

@@ -45,6 +45,7 @@ def test_mlflow_run_trains_and_logs_into_the_run_it_created(
     assert run.data.params["dropout"] == "0.05" and run.data.params["num_params"] == "6132"
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
     assert run.info.run_name == "opt-dropout0.05-seed1"
+    assert run.data.tags["mnist_mlflow.code.source"] in ("git", "package")  # its code
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_acc"))
     assert steps == [1, 2]
     assert {"training.log", "model_summary.txt"} <= {

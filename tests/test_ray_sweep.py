@@ -58,6 +58,9 @@ def test_ray_children_match_a_local_sweep_and_a_failing_one_fails_alone(
         run = MlflowClient().get_run(child.run_id)
         assert run.data.tags["threads"] == "1"
         assert run.data.tags["mlflow.parentRunId"] == spread.parent_run_id
+        # The worker records the code it ran, as any training process does.
+        assert run.data.tags["mnist_mlflow.code.source"] in ("git", "package")
+        assert run.data.tags["mnist_mlflow.code.version"]
     parent = MlflowClient().get_run(spread.parent_run_id)
     assert parent.info.status == "FAILED" and parent.data.tags["children_failed"] == "1"
 

@@ -161,6 +161,12 @@ def test_plumbing_is_tags_and_settings_are_params(store: str,
         "num_params", "val_split_digest"}
     assert tags["threads"] == "1" and tags["resolved_device"] == "cpu"
     assert tags[ROLE_TAG] == TRAIN_ROLE
+    # What reproduce compares: where it ran and which code (a sweep's child records its own).
+    assert tags["torch_threads"] == "1" and tags["cpu_model"] and tags["mlflow_version"]
+    assert tags["mnist_mlflow.code.source"] in ("git", "package")
+    if tags["mnist_mlflow.code.source"] == "git":
+        assert tags["mnist_mlflow.code.dirty"] in ("true", "false")
+        assert len(tags["mlflow.source.git.commit"]) == 40
 
 
 def test_the_run_describes_itself_and_names_its_dataset_and_model(

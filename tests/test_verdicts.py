@@ -382,6 +382,15 @@ def test_a_sweep_and_two_compares_leave_records_tags_verdicts_and_pictures(
     assert "disagreements.png" in {a.path for a in client.list_artifacts(comparison.info.run_id)}
     assert (tmp_path / "report" / "disagreements.png").read_bytes()[:4] == b"\x89PNG"
 
+    # A --diff pair outside the shown groups is judged on its records too (paired).
+    code, out, err = run_cli(["compare", "--experiment", "tiny-verdicts", "--no-register",
+                              "--top", "1", "--diff", "opt-dropout0 epochs=2 lr=0.02",
+                              "opt-dropout0 epochs=3 lr=0.05"], capsys, monkeypatch)
+    assert code == 0, err
+    label = "epochs 2, lr 0.02 vs epochs 3, lr 0.05, final_val_acc"
+    [diff] = [line for line in out.splitlines() if label in line]
+    assert "unpaired" not in diff
+
     code, out, err = run_cli(["models", "--model-name", "tiny-verdicts"], capsys, monkeypatch)
     assert code == 0, err
     row = next(line for line in out.splitlines() if line.startswith("| 2 "))

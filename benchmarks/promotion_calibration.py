@@ -18,6 +18,7 @@ false. Power: one challenger is truly better by +0.20 or +0.30 points on the pop
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -149,6 +150,8 @@ def fit_world(store: str, experiment: str) -> World:
     import mlflow
 
     from mnist_mlflow.queries import find_runs, load_records
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mnist_mlflow.selection import group_runs
 
     mlflow.set_tracking_uri(store)

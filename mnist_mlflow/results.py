@@ -166,8 +166,19 @@ def targets_on_validation(groups: Sequence[Group]) -> list[str]:
             f"{chosen.config.recipe()} (mean final_val_acc "
             f"{chosen.summary(FINAL_VAL_ACC).mean:.2f}, n = {chosen.n}; others: {others}). "
             f"Test, worst of the last 3 epochs per seed: {' / '.join(f'{v:.2f}' for v in last3)}"
-            f": target {'met' if meets_target(chosen) else 'NOT met'}.")
+            f": target {'met' if meets_target(chosen) else 'NOT met'} ({margin(chosen)}).")
     return lines
+
+
+def margin(group: Group) -> str:
+    """How far the group's worst last-3 accuracy is from the target, in test images: a
+    target met by one image is met by chance as easily as by the recipe."""
+    images = group.runs[0].images("test")
+    worst = min(group.values(LAST3_METRIC))
+    count = round((worst - TARGET_ACC) / 100 * images)
+    side = "above" if count >= 0 else "below"
+    return (f"its lowest, {worst:.2f}, is {abs(count)} test image"
+            f"{'' if abs(count) == 1 else 's'} (of {images:,}) {side} {TARGET_ACC:.2f}%")
 
 
 def render_results(experiment: str, command: str, figures: Path | None = None,

@@ -220,6 +220,11 @@ def config_from_params(run_id: str, params: Mapping[str, str],
                        given: Mapping[str, object]) -> TrainConfig:
     """Run `run_id`'s TrainConfig from its params; UserError when `given` contradicts one."""
     settings = settings_from_params(params)
+    # How it ran is no part of what it learns: a run killed between logging its params and
+    # its tags (threads is one) resumes with the default, or what the user gives.
+    defaults = TrainConfig()
+    settings |= {name: getattr(defaults, name) for name in PLUMBING_SETTINGS
+                 if name not in settings}
     missing = [name for name in TrainConfig.field_names() if name not in settings]
     if missing:
         raise UserError(f"run {run_id} has no param {missing[0]!r}: it is not a training run")

@@ -504,9 +504,9 @@ def cpu_model() -> str:
 def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData,
                tmp: Path) -> None:
     run.log_new_params(run_params(config, state, data))
-    code = codestate.current()
-    run.set_tags({**run_tags(config, data), **state.runtime.tags(), **code_tags(code),
-                  **environment_tags(config.threads)})
+    run.set_tags({**run_tags(config, data), **state.runtime.tags()})
+    code = codestate.current()  # git's answer takes a moment: the settings are in first
+    run.set_tags({**code_tags(code), **environment_tags(config.threads)})
     if code.dirty:
         patch = tmp / Path(PATCH_ARTIFACT).name
         patch.write_text(code.patch)

@@ -59,7 +59,9 @@ def training_options(command: Callable[..., Any]) -> Callable[..., Any]:
     data and the runs go."""
     options = [setting_option(f) for f in dataclasses.fields(TrainConfig)]
     options += [
-        click.option("--data-dir", default=lambda: os.environ.get("MNIST_DATA_DIR", "data"),
+        # --data_dir too: `mlflow run -P data_dir=...` passes an undeclared parameter so.
+        click.option("--data-dir", "--data_dir", "data_dir",
+                     default=lambda: os.environ.get("MNIST_DATA_DIR", "data"),
                      show_default="data/ or $MNIST_DATA_DIR",
                      help="Folder holding MNIST/raw (downloaded there when missing)."),
         click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,

@@ -24,7 +24,12 @@ from mnist_mlflow.config import UserError
 from mnist_mlflow.idx import read_images
 from mnist_mlflow.mlrun import MlflowRun, store_error
 from mnist_mlflow.plots import plot_comparison, plot_gallery, plot_pareto
-from mnist_mlflow.report import render_report, verdict_lines, version_description
+from mnist_mlflow.report import (
+    artifact_link,
+    render_report,
+    verdict_lines,
+    version_description,
+)
 from mnist_mlflow.schema import (
     CHOSEN_CONFUSION,
     CHOSEN_MISTAKES,
@@ -337,7 +342,8 @@ def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunS
                 for name in files:
                     (report_dir / name).write_bytes((folder / name).read_bytes())
         run.set_tags(_outcome_tags(c))
-        run.describe(c.report)
+        # The description shows the figures where they are: among the run's artifacts.
+        run.describe(render_report(c, shown, artifact_link(run.run_id)))
     except BaseException as err:
         run.describe(f"Comparison failed: {store_error(err)}")
         run.end(RunStatus.FAILED, f"{type(err).__name__}: {store_error(err)}")

@@ -39,6 +39,14 @@ MNIST_TRAIN_IMAGES = 60_000
 MAX_SEED = (2**64 - 1) // 1_000_003 - 1_000
 
 
+# How a setting that differs from its default reads in names (`e15` for 15 epochs); the
+# scheduler and the pipeline read as their value alone (`onecycle`).
+SHORT_NAMES = {"epochs": "e", "lr": "lr", "batch_size": "b", "momentum": "m", "step_size": "step",
+               "gamma": "g", "weight_decay": "wd", "scheduler": "", "label_smoothing": "ls",
+               "rotation": "rot", "translate": "shift", "scale": "zoom", "pipeline": "",
+               "val_size": "val", "train_limit": "n", "test_limit": "t"}
+
+
 class UserError(Exception):
     """A mistake the user can fix (bad option, missing data); shown as one line, no traceback."""
 
@@ -164,14 +172,16 @@ class TrainConfig:
 
     @property
     def config_group(self) -> str:
-        """What the run learns, without its seed: the variant, then each setting that differs
-        from the defaults (`gap8k-dropout0 epochs=15 lr=0.05 scheduler=onecycle`). Runs that
+        """What the run learns, without its seed, short enough to read where the UI cuts it:
+        the model, its dropout when it has one, then each setting that differs from the
+        defaults in a few letters (`gap8k e15 lr0.05 onecycle`, `opt d0.05`). Runs that
         differ only in seed, or in how they ran (RUNTIME_SETTINGS), share it."""
         learns, defaults = self.what_it_learns(), TrainConfig()
-        differ = [f"{name}={shown_value(getattr(learns, name))}" for name in self.field_names()
-                  if name not in ("model", "dropout", "seed")
+        differ = [f"{SHORT_NAMES.get(name, name)}{shown_value(getattr(learns, name))}"
+                  for name in self.field_names() if name not in ("model", "dropout", "seed")
                   and getattr(learns, name) != getattr(defaults, name)]
-        return " ".join([self.variant_name, *differ])
+        dropout = [f"d{self.dropout:g}"] if self.dropout else []
+        return " ".join([self.model, *dropout, *differ])
 
     @property
     def variant_name(self) -> str:
@@ -179,14 +189,10 @@ class TrainConfig:
         return f"{self.model}-dropout{self.dropout:g}"
 
     @property
-    def model_name(self) -> str:
-        """The logged model's name: the variant's, as MLflow allows (no '.')."""
-        return self.variant_name.replace(".", "_")
-
-    @property
     def run_name(self) -> str:
-        """The variant name and its seed, like `opt-dropout0.05-seed1`."""
-        return f"{self.variant_name}-seed{self.seed}"
+        """The seed first, where the UI's cut spares it, then the configuration:
+        `s1 gap8k e15 lr0.05 onecycle`."""
+        return f"s{self.seed} {self.config_group}"
 
     def recipe(self) -> str:
         """The training recipe in a few words: schedule, batch, smoothing, augmentation."""

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 from filelock import FileLock, Timeout
-from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag, ViewType
 from mlflow.entities.dataset_input import DatasetInput
 from mlflow.entities.input_tag import InputTag
 from mlflow.exceptions import MlflowException
@@ -45,6 +45,7 @@ from mnist_mlflow.schema import (
     HEARTBEAT_TAG,
     LEASE_HOST_TAG,
     LEASE_PID_TAG,
+    param_text,
 )
 
 log = logging.getLogger("mnist_mlflow")
@@ -193,15 +194,17 @@ def store_error(err: BaseException) -> str:
 
 def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,
                   description: str = "") -> str:
-    """The id of experiment `name`: created (with `description`) when `create`, else
-    UserError when the store has none."""
+    """The id of experiment `name`: created (with `description`, where `{experiment_id}`
+    stands for its id) when `create`, else UserError when the store has none."""
     client = client or MlflowClient()
     if not name.strip():
         raise UserError("invalid --experiment: the name is empty")
     found = client.get_experiment_by_name(name)
     if found is not None:
         if description and DESCRIPTION_TAG not in found.tags:
-            client.set_experiment_tag(found.experiment_id, DESCRIPTION_TAG, description)
+            client.set_experiment_tag(found.experiment_id, DESCRIPTION_TAG,
+                                      description.replace("{experiment_id}",
+                                                          found.experiment_id))
         return found.experiment_id
     if not create:
         raise UserError(f"no experiment named {name!r} in {mlflow.get_tracking_uri()}")
@@ -210,7 +213,8 @@ def experiment_id(name: str, client: MlflowClient | None = None, create: bool = 
     except MlflowException:  # created meanwhile by another process
         new_id = client.get_experiment_by_name(name).experiment_id
     if description:
-        client.set_experiment_tag(new_id, DESCRIPTION_TAG, description)
+        client.set_experiment_tag(new_id, DESCRIPTION_TAG,
+                                  description.replace("{experiment_id}", new_id))
     return new_id
 
 
@@ -233,6 +237,17 @@ def context_tags() -> dict[str, str]:
         if commit:
             tags[MLFLOW_GIT_COMMIT] = commit
     return tags
+
+
+def unique_name(client: MlflowClient, experiment_id: str, name: str, own_id: str = "") -> str:
+    """`name`, or `name #2`, `#3`...: the first no other run of the experiment has, so that
+    two runs of one configuration and seed (a rerun, a 2-epoch check) are told apart."""
+    taken = {run.info.run_name for run in client.search_runs(
+        [experiment_id], f"attributes.run_name LIKE '{name.replace(chr(39), '_')}%'",
+        ViewType.ALL, SEARCH_MAX_RESULTS_THRESHOLD) if run.info.run_id != own_id}
+    if name not in taken:
+        return name
+    return next(f"{name} #{k}" for k in range(2, len(taken) + 3) if f"{name} #{k}" not in taken)
 
 
 class MlflowRun:
@@ -258,7 +273,7 @@ class MlflowRun:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         if description:
             run_tags[DESCRIPTION_TAG] = description
-        run = client.create_run(exp_id, run_name=run_name,
+        run = client.create_run(exp_id, run_name=unique_name(client, exp_id, run_name),
                                 tags={k: fit_tag(str(v), k) for k, v in run_tags.items()})
         return cls(run.info.run_id, client)
 
@@ -266,7 +281,8 @@ class MlflowRun:
     def adopt(cls, run_id: str, run_name: str, tags: Mapping[str, str] | None = None) -> MlflowRun:
         """The run `mlflow run` created for this process, renamed and tagged as ours."""
         run = cls(run_id)
-        run.set_tags({MLFLOW_RUN_NAME: run_name, **lease_tags(), **(tags or {})})
+        name = unique_name(run.client, run.experiment_id, run_name, run_id)
+        run.set_tags({MLFLOW_RUN_NAME: name, **lease_tags(), **(tags or {})})
         return run
 
     @classmethod
@@ -302,15 +318,22 @@ class MlflowRun:
         changing a param, so only the ones it did not log are added.
         """
         existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        new = [Param(k, param_text(v)) for k, v in params.items() if k not in existing]
         for start in range(0, len(new), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=new[start:start + PARAMS_PER_BATCH])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int,
-                    synchronous: bool = True) -> None:
-        """All of `metrics` at `step` as one batch; asynchronous ones are awaited by flush."""
+    def log_metrics(self, metrics: Mapping[str, float], step: int, synchronous: bool = True,
+                    model_id: str | None = None,
+                    datasets: Mapping[str, tuple[str, str]] | None = None) -> None:
+        """All of `metrics` at `step` as one batch; asynchronous ones are awaited by flush.
+        With `model_id` they are the logged model's metrics too, and `datasets` says what
+        each was measured on (metric -> dataset name, digest): the model's page lists those
+        as its "Datasets used"."""
         now = get_current_time_millis()
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        on = datasets or {}
+        batch = [Metric(k, float(v), now, step, model_id=model_id,
+                        dataset_name=on.get(k, (None, None))[0],
+                        dataset_digest=on.get(k, (None, None))[1]) for k, v in metrics.items()]
         operation = self.client.log_batch(self.run_id, metrics=batch, synchronous=synchronous)
         if not synchronous and operation is not None:
             self._pending.append(operation)
@@ -355,20 +378,25 @@ class MlflowRun:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
-    def log_pytorch_model(self, model: Any, name: str, **kwargs: Any) -> None:
-        """`mlflow.pytorch.log_model` into this run; the run's params and its step-0 metrics
-        go with it.
+    def log_pytorch_model(self, model: Any, name: str, step: int, description: str = "",
+                          **kwargs: Any) -> str:
+        """`mlflow.pytorch.log_model` into this run, as made at `step`; its id. The run's
+        params and its metrics at `step` go with it (MLflow copies them), and `description` is
+        what its page in the UI says.
 
         The logged model is created here, in the run's experiment: left to itself, MLflow
         would put it in the process's current experiment, which without a fluent run is
         `Default`.
         """
         run = self.client.get_run(self.run_id)
+        tags = {**context_tags(), **({DESCRIPTION_TAG: fit_tag(description, DESCRIPTION_TAG)}
+                                     if description else {})}
         logged = self.client.create_logged_model(
             run.info.experiment_id, name=name, source_run_id=self.run_id,
-            params=dict(run.data.params), tags=context_tags())
+            params=dict(run.data.params), tags=tags)
         mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
-                                 step=0, **kwargs)
+                                 step=step, **kwargs)
+        return logged.model_id
 
     def end(self, status: int, reason: str = "") -> None:
         """End the run with `status`, recording why it did not finish; metrics stay."""

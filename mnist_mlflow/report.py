@@ -4,9 +4,10 @@ registry's version page opens with it. Text only; comparison.py decides what goe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from tabulate import tabulate
 
@@ -140,9 +141,22 @@ def verdict_lines(comparison: Comparison) -> list[str]:
     return lines
 
 
-def render_report(comparison: Comparison, shown: Sequence[Group]) -> str:
+def file_link(name: str) -> str:
+    """A figure beside comparison.md (the --report folder, docs/)."""
+    return name
+
+
+def artifact_link(run_id: str) -> Callable[[str], str]:
+    """A figure among run `run_id`'s artifacts, as the tracking server serves it: the link
+    the run's description needs for MLflow's UI to show it inline."""
+    return lambda name: f"get-artifact?path={quote(name)}&run_uuid={run_id}"
+
+
+def render_report(comparison: Comparison, shown: Sequence[Group],
+                  link: Callable[[str], str] = file_link) -> str:
     """comparison.md: the headline, the verdict, what was compared, the rule, the choice and
-    why, whether the differences are real, both tables, the figures."""
+    why, whether the differences are real, both tables, the figures (shown where `link`
+    says they are)."""
     c = comparison
     matching = f" matching `{c.filter_string}`" if c.filter_string else ""
     verdict = c.verdict
@@ -153,9 +167,9 @@ def render_report(comparison: Comparison, shown: Sequence[Group]) -> str:
              f"Method: {METHOD}.", ""]
     if verdict is not None:
         lines += ["## Verdict", "", *verdict_lines(c), ""]
-        if c.disagreements:
-            lines += [f"Images on which the new and the production model disagree: "
-                      f"`{REPORT_DISAGREEMENTS}`.", ""]
+        if REPORT_DISAGREEMENTS in c.files:
+            lines += [f"![The validation images on which the new and the production model "
+                      f"answer differently]({link(REPORT_DISAGREEMENTS)})", ""]
     lines += ["## Selection rule", "", f"The production candidate is chosen by the "
               f"{c.rule.describe()}.", ""]
     if verdict is not None:
@@ -181,8 +195,12 @@ def render_report(comparison: Comparison, shown: Sequence[Group]) -> str:
               "seeds (n), of the last epoch, whose model is logged.", "",
               f"## Side by side (top {len(shown)} groups)", "",
               markdown_table(side_by_side_table(shown, c.rule)), "",
-              f"Per epoch, mean over each group's seeds: `{REPORT_PLOT}`. Test accuracy "
-              f"against parameters, group means with 95% intervals: `{REPORT_PARETO}`.", ""]
+              "## Figures", "",
+              f"Per epoch, mean over each group's seeds ({REPORT_PLOT}):", "",
+              f"![Per-epoch curves, mean over each group's seeds]({link(REPORT_PLOT)})", "",
+              f"Test accuracy against parameters, group means with 95% intervals over seeds "
+              f"and images ({REPORT_PARETO}):", "",
+              f"![Test accuracy against parameters]({link(REPORT_PARETO)})", ""]
     return "\n".join(lines)
 
 

@@ -214,7 +214,17 @@ def compare_histories(original: Mapping[str, Mapping[int, float]],
 
 
 def history(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
-    return {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
+    """metric -> epoch -> value: unrounded, from the run's checkpoint (logged metrics are
+    rounded to the digits they mean, which would hide small differences); the logged
+    metrics for a run without one."""
+    from mnist_mlflow.tracking import load_checkpoint
+
+    try:
+        records = load_checkpoint(client, run_id)["history"]
+    except (UserError, MlflowException, OSError, KeyError):
+        return {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
+                for name in COMPARED}
+    return {name: {int(r["epoch"]): float(r[name]) for r in records if name in r}
             for name in COMPARED}
 
 
@@ -308,7 +318,7 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
     say(f"Reproducing {target.describe()}: {epochs} of {recorded_epochs} epochs, "
         f"{config.device}, {config.threads or 'default'} thread(s); {code_note}")
     experiment = experiment or client.get_experiment(original.info.experiment_id).name
-    run = MlflowRun.create(experiment, f"{original.info.run_name}-reproduced",
+    run = MlflowRun.create(experiment, f"{original.info.run_name} reproduced",
                            tags={REPRODUCES_TAG: original.info.run_id,
                                  "reproduced_epochs": str(epochs),
                                  "reproduced_code": code_note},

@@ -188,9 +188,21 @@ VAL_SPLIT_DIGEST = "val_split_digest"
 PLUMBING_SETTINGS = ("threads",)
 
 
+def logged_model_name(run_name: str) -> str:
+    """A run's logged model is named for the run, as MLflow allows (no '.', spaces, '#')."""
+    return "".join(c if c.isalnum() or c in "-_" else {".": "_"}.get(c, "-")
+                   for c in run_name.replace(" #", "-")).strip("-")
+
+
+def param_text(value: object) -> str:
+    """A setting as a param: booleans as `mlflow run` writes them (`false`), so a setting
+    reads the same whichever command started the run."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def params_from_config(config: TrainConfig) -> dict[str, str]:
     """Every setting as an MLflow param (strings, as MLflow stores them)."""
-    return {name: str(value) for name, value in config.as_params().items()}
+    return {name: param_text(value) for name, value in config.as_params().items()}
 
 
 def settings_of(run: Run) -> dict[str, str]:

@@ -28,11 +28,15 @@ from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
 from mnist_mlflow.schema import (
     COMMAND_TAG,
+    CONFIG_GROUP_TAG,
     DEFAULT_EXPERIMENT,
+    DESCRIPTION_TAG,
+    FINAL_VAL_ACC,
     PHASE_TAG,
     PLAN_ARTIFACT,
     PLUMBING_SETTINGS,
     ROLE_TAG,
+    SUMMARY_STEP,
     SWEEP_ROLE,
     TRAIN_ROLE,
     config_from_params,
@@ -166,15 +170,18 @@ def sweep_configs(base: TrainConfig, variants: Sequence[tuple[str, float]]) -> l
 
 
 def sweep_name(phase: str, configs: Sequence[TrainConfig]) -> str:
-    """The parent's name, for what it trains: `sweep-gap-seeds1-3`, `sweep-variants-seed1`."""
+    """The parent's name, for what it trains: `sweep gap: gap8k, gap5k s1-3`,
+    `sweep opt, opt d0.05 s1`."""
     seeds = sorted(dict.fromkeys(c.seed for c in configs))
     if len(seeds) == 1:
-        seed_part = f"seed{seeds[0]}"
+        seed_part = f"s{seeds[0]}"
     elif seeds == list(range(seeds[0], seeds[-1] + 1)):
-        seed_part = f"seeds{seeds[0]}-{seeds[-1]}"
+        seed_part = f"s{seeds[0]}-{seeds[-1]}"
     else:
-        seed_part = "seeds" + ",".join(map(str, seeds))
-    return f"sweep-{phase or 'variants'}-{seed_part}"
+        seed_part = "s" + ",".join(map(str, seeds))
+    variants = dict.fromkeys(c.model + (f" d{c.dropout:g}" if c.dropout else "")
+                             for c in configs)
+    return f"sweep {phase + ': ' if phase else ''}{', '.join(variants)} {seed_part}"
 
 
 def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "",
@@ -345,7 +352,39 @@ def _status(parent: MlflowRun, run_id: str) -> str:
 
 
 def _end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
-    """Record how many children finished, failed, were killed or never began; end the parent."""
-    parent.set_tags({f"children_{name.lower()}": str(result.count(name))
-                     for name in (*TERMINAL, SCHEDULED)})
+    """Record how many children finished, failed, were killed or never began, and the best
+    group of the finished ones (the parent's description says it, its metrics count it);
+    end the parent."""
+    counts = {name: result.count(name) for name in (*TERMINAL, SCHEDULED)}
+    parent.set_tags({f"children_{name.lower()}": str(count) for name, count in counts.items()})
+    outcome = (f"{counts['FINISHED']} of {len(result.children)} children finished"
+               + "".join(f", {count} {name}" for name, count in counts.items()
+                         if count and name != "FINISHED") + ".")
+    best = _best_group(parent.client, [c.run_id for c in result.children
+                                       if c.status == "FINISHED"])
+    metrics = {"children_finished": counts["FINISHED"],
+               "children_not_finished": len(result.children) - counts["FINISHED"]}
+    if best is not None:
+        name, mean, seeds = best
+        outcome += (f" Best group by mean {FINAL_VAL_ACC}: {name}, {mean:.2f} over {seeds} "
+                    f"seed{'s' if seeds > 1 else ''} (`mnist-mlflow compare` says whether it "
+                    "beats the others).")
+        metrics[f"best_group_{FINAL_VAL_ACC}"] = round(mean, 2)
+    description = parent.client.get_run(parent.run_id).data.tags.get(DESCRIPTION_TAG, "")
+    parent.describe(f"{description.split(' Outcome: ')[0]} Outcome: {outcome}")
+    parent.log_metrics(metrics, step=SUMMARY_STEP)
     parent.end(status)
+
+
+def _best_group(client: MlflowClient, run_ids: Sequence[str]) -> tuple[str, float, int] | None:
+    """(config_group, mean final_val_acc, seeds) of the best group among these runs."""
+    groups: dict[str, list[float]] = {}
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        if FINAL_VAL_ACC in run.data.metrics:
+            groups.setdefault(run.data.tags.get(CONFIG_GROUP_TAG, "?"), []).append(
+                run.data.metrics[FINAL_VAL_ACC])
+    if not groups:
+        return None
+    name, values = max(groups.items(), key=lambda item: sum(item[1]) / len(item[1]))
+    return name, sum(values) / len(values), len(values)

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import numpy as np
@@ -89,6 +90,7 @@ from mnist_mlflow.schema import (
     VAL_SPLIT_DIGEST,
     VARIANT_TAG,
     config_from_params,
+    logged_model_name,
     params_from_config,
     rounded,
     settings_of,
@@ -97,11 +99,20 @@ from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit, p
 
 log = logging.getLogger("mnist_mlflow")
 
+# Its first line is what the experiment's page shows uncut: how to see the training runs.
+# Filtered and sorted by a metric, MLflow's UI lists them flat; sorted by time (its default)
+# it nests a sweep's children under their parent, which the filter does not match.
+TRAINING_RUNS_VIEW = ("#/experiments/{experiment_id}/runs?searchFilter="
+                      + quote(f"tags.{ROLE_TAG} = '{TRAIN_ROLE}'")
+                      + "&orderByKey=" + quote(f"metrics.`{FINAL_VAL_ACC}`") + "&orderByAsc=false")
 EXPERIMENT_DESCRIPTION = (
+    f"**Training runs only, flat, best first: [open this view]({TRAINING_RUNS_VIEW})**, "
+    f"or filter `tags.{ROLE_TAG} = '{TRAIN_ROLE}'` and sort by a metric (sorted by Created, "
+    "a sweep's children fold under their parent).\n\n"
     "Compact MNIST CNNs (the seed's 6,132-parameter net and its GAP successors under 8k and "
     "5k parameters), one training run per variant and seed. Sweep parents and comparison "
-    "runs hold no training metrics: filter with `tags.mnist_mlflow.role = 'train'` to chart "
-    "the training runs only.")
+    "runs hold no training metrics; Group by `config_group` puts a configuration's seeds "
+    "together.")
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
@@ -411,12 +422,16 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
             with signals_deferred(deliver=False) as caught:
                 run.flush()
                 summary = summary_metrics(history)
-                run.log_metrics(summary, step=SUMMARY_STEP)
                 handler.flush()
-                _log_artifacts(run, config, state, data, pipeline, history, Path(tmp))
-                run.describe(describe(config, num_params, (
+                finished = describe(config, num_params, (
                     f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
-                    f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f}).")))
+                    f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f})."))
+                model_id = _log_artifacts(run, config, state, data, pipeline, history,
+                                          Path(tmp), finished)
+                # Once, after the model: they are its metrics too, with their datasets.
+                run.log_metrics(summary, step=SUMMARY_STEP, model_id=model_id,
+                                datasets=measured_on(data))
+                run.describe(finished)
                 run.end(RunStatus.FINISHED)
         except KeyboardInterrupt as err:
             name = str(err) or "SIGINT"
@@ -553,8 +568,22 @@ def _log_records(run: MlflowRun, config: TrainConfig, records: dict[str, Records
                                   "(image row: true → answer, probability)"), CURVES_DIR)
 
 
+def measured_on(data: MnistData) -> dict[str, tuple[str, str]]:
+    """Summary metric -> (dataset name, digest) of the MNIST slice it was measured on."""
+    inputs = mnist_inputs(data)
+    on = {context: (dataset.name, dataset.digest) for context, dataset in inputs.items()}
+    found = {name: on["test"] for name in (FINAL_TEST_ACC, FINAL_TEST_LOSS, BEST_TEST_ACC,
+                                            LAST3_METRIC)}
+    if "validation" in on:
+        found |= {FINAL_VAL_ACC: on["validation"], BEST_VAL_ACC: on["validation"]}
+    return found
+
+
 def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData,
-                   pipeline: Pipeline, history: list[EpochMetrics], tmp: Path) -> None:
+                   pipeline: Pipeline, history: list[EpochMetrics], tmp: Path,
+                   description: str) -> str:
+    """Curves, records and their pictures, summary, log; then the model (its id), logged as
+    made at the last epoch."""
     plot = plot_training_curves(history, tmp / CURVES_FILE, config.run_name)
     run.log_artifact(plot, CURVES_DIR)
     _log_records(run, config, image_records(state.model, pipeline, data), data, tmp)
@@ -565,10 +594,12 @@ def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data:
     # Served as plain NCHW: channels_last is a training-speed setting (and torch.export's
     # packaging warns about NHWC weights).
     net = copy.deepcopy(state.model).cpu().to(memory_format=torch.contiguous_format).eval()
-    # Named for the variant; it carries the run's step-0 (final) metrics.
-    run.log_pytorch_model(InferenceModel(net).eval(), name=config.model_name,
-                          signature=SIGNATURE, input_example=input_example(data),
-                          pip_requirements=pip_requirements())
+    # Named for the variant, made at the last epoch (whose metrics MLflow copies onto it).
+    name = logged_model_name(run.client.get_run(run.run_id).info.run_name)
+    return run.log_pytorch_model(InferenceModel(net).eval(), name=name,
+                                 step=history[-1].epoch, description=description,
+                                 signature=SIGNATURE, input_example=input_example(data),
+                                 pip_requirements=pip_requirements())
 
 
 def _end(run: MlflowRun, status: int, reason: str, description: str) -> None:

@@ -132,20 +132,20 @@ def test_the_rule_picks_the_best_group_mean_within_the_parameter_budget(store: s
         craft_run("budget", "small-best", best, num_params=7900, seed=seed, lr=0.03)
         craft_run("budget", "big-better", big, num_params=9000, seed=seed, lr=0.04)
     name, reason = choose("budget")
-    assert name == "opt-dropout0 lr=0.03"
+    assert name == "opt lr0.03"
     assert "highest mean final_val_acc (99.40, n = 2) of the 2 eligible groups" in reason
-    assert choose("budget", SelectionRule(max_params=10_000))[0] == "opt-dropout0 lr=0.04"
+    assert choose("budget", SelectionRule(max_params=10_000))[0] == "opt lr0.04"
 
 
 def test_ties_go_to_more_seeds_then_fewer_parameters(store: str) -> None:
     craft_run("tie", "one-seed", 99.40, lr=0.02)
     for seed in (1, 2):
         craft_run("tie", "two-seeds", 99.40, seed=seed, lr=0.03)
-    assert choose("tie")[0] == "opt-dropout0 lr=0.03"
+    assert choose("tie")[0] == "opt lr0.03"
     craft_run("tie-params", "bigger", 99.40, num_params=7000, lr=0.02)
     craft_run("tie-params", "smaller", 99.40, num_params=5000, lr=0.03)
     name, reason = choose("tie-params")
-    assert name == "opt-dropout0 lr=0.03" and "fewer parameters" in reason
+    assert name == "opt lr0.03" and "fewer parameters" in reason
 
 
 def test_the_registered_run_is_the_groups_best_and_reruns_of_a_seed_count_once(
@@ -168,8 +168,8 @@ def test_another_metric_can_be_minimized(store: str) -> None:
         loss = 0.05 if run.info.run_name == "high-acc-high-loss" else 0.02
         client.log_metric(run.info.run_id, "test_loss", loss, step=21)
     assert choose("loss", SelectionRule("test_loss", higher_is_better=False))[0] == (
-        "opt-dropout0 lr=0.03")
-    assert choose("loss")[0] == "opt-dropout0 lr=0.02"
+        "opt lr0.03")
+    assert choose("loss")[0] == "opt lr0.02"
 
 
 def test_unfinished_and_metricless_runs_are_left_out_with_a_warning(store: str) -> None:
@@ -237,7 +237,7 @@ def test_cli_prints_both_tables_and_the_choice(store: str, capsys: pytest.Captur
     assert code == 0, err
     assert out.startswith("Selected on validation")
     assert "| Experiment " in out and "| Metric " in out
-    assert "Chosen: opt-dropout0.05, seed 1" in out
+    assert "Chosen: opt d0.05, seed 1" in out
     best_row = next(line for line in out.splitlines() if line.startswith("| Val Acc"))
     assert [cell.strip() for cell in best_row.split("|")[1:-1]] == [
         "Val Acc (final)", "99.33", "99.27", "-0.06"]

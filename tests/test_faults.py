@@ -119,15 +119,16 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     finally:
         process.kill()
     assert process.returncode == 1, err[-2000:]
-    assert "1 of 2 sweep children failed (opt-dropout0.05-seed1)" in err.strip().splitlines()[-1]
+    assert "1 of 2 sweep children failed (s1 opt d0.05 e2 n6144 t256)" in (
+        err.strip().splitlines()[-1])
     [parent] = [r for r in runs_of("faulty-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
     parent_id = parent.info.run_id
     assert parent.info.status == "FAILED"
     assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
         "1", "1", "0"]
     first, failed = children_of("faulty-sweep", parent_id)
-    assert (first.info.run_name, first.info.status) == ("opt-dropout0-seed1", "FINISHED")
-    assert (failed.info.run_name, failed.info.status) == ("opt-dropout0.05-seed1", "FAILED")
+    assert (first.info.run_name, first.info.status) == ("s1 opt e2 n6144 t256", "FINISHED")
+    assert (failed.info.run_name, failed.info.status) == ("s1 opt d0.05 e2 n6144 t256", "FAILED")
     assert str(victim) in failed.data.tags["failure_reason"]
 
     victim.write_bytes(original)  # the file is fetched again
@@ -164,7 +165,9 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     assert client.get_run(first.info.run_id).info == first.info  # never trained again
     assert client.get_run(failed.info.run_id).info.status == "FAILED"  # its record stays
     retrained = client.get_run(retrained_id)
-    assert (retrained.info.run_name, retrained.info.status) == ("opt-dropout0.05-seed1", "FINISHED")
+    # The same configuration and seed again: told apart from the failed run by its name.
+    assert (retrained.info.run_name, retrained.info.status) == ("s1 opt d0.05 e2 n6144 t256 #2",
+                                                                "FINISHED")
     assert retrained.data.params["dropout"] == failed.data.params["dropout"] == "0.05"
     assert retrained.data.tags["resumed_after_epochs"] == "1"
     assert [m.step for m in client.get_metric_history(retrained_id, "test_acc")] == [1, 2]

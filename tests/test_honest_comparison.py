@@ -71,8 +71,7 @@ def test_every_seed_and_variant_validates_on_the_same_images_each_epoch(
         assert child.data.metrics["best_val_acc"] == round(max(m.value for m in history), 2)
     # The UI's "Group by config_group" puts a variant's seeds together.
     groups = {c.data.tags[CONFIG_GROUP_TAG] for c in children}
-    assert groups == {"opt-dropout0 epochs=2 val_size=300 train_limit=512 test_limit=256",
-                      "opt-dropout0.05 epochs=2 val_size=300 train_limit=512 test_limit=256"}
+    assert groups == {"opt e2 val300 n512 t256", "opt d0.05 e2 val300 n512 t256"}
     runs, _ = find_runs("split", "")
     assert sorted(g.n for g in group_runs(runs)) == [2, 2]
 
@@ -116,7 +115,7 @@ def test_without_per_image_records_images_count_as_a_binomial_draw(store: str) -
 
     result = compare("binomial")
 
-    assert result.chosen_group.name == "opt-dropout0.1"
+    assert result.chosen_group.name == "opt d0.1"
     assert result.chosen.name == "real-seed5"  # the group's best run is registered
     found = result.differences[0]
     a, b = statistics.fmean(REAL), statistics.fmean(BASE)

@@ -44,7 +44,7 @@ def test_mlflow_run_trains_and_logs_into_the_run_it_created(
     assert run.info.status == "FINISHED"
     assert run.data.params["dropout"] == "0.05" and run.data.params["num_params"] == "6132"
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
-    assert run.info.run_name == "opt-dropout0.05-seed1"
+    assert run.info.run_name.startswith("s1 opt d0.05 ")
     assert run.data.tags["mnist_mlflow.code.source"] in ("git", "package")  # its code
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "test_acc"))
     assert steps == [1, 2]
@@ -76,8 +76,9 @@ def test_mlflow_run_sweep_entry_point_trains_a_phase(tracking_store: str,
     (parent,) = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "sweep"]
     assert parent.info.status == "FINISHED" and parent.data.tags["mnist_mlflow.phase"] == "gap"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name for r in children) == [
-        "gap5k-dropout0-seed2", "gap8k-dropout0-seed2"]
+    # Named seed first, then what sets the configuration apart.
+    assert sorted(r.info.run_name.split()[:2] for r in children) == [
+        ["s2", "gap5k"], ["s2", "gap8k"]]
     for child in children:
         # The phase's recipe; the -P values that differ from the defaults on top of it.
         assert child.data.params["scheduler"] == "onecycle"

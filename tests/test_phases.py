@@ -43,9 +43,9 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
     children = children_of("phases", parent.info.run_id)
     # Every child carries its seed, and the parent says what it trains.
     assert [c.info.run_name for c in children] == [
-        "gap8k-dropout0-seed1", "gap5k-dropout0-seed1", "gap8k-dropout0-seed2",
-        "gap5k-dropout0-seed2"]
-    assert parent.info.run_name == "sweep-gap-seeds1-2"
+        "s1 gap8k e3 lr0.05 onecycle n512 t256", "s1 gap5k e3 lr0.05 onecycle n512 t256",
+        "s2 gap8k e3 lr0.05 onecycle n512 t256", "s2 gap5k e3 lr0.05 onecycle n512 t256"]
+    assert parent.info.run_name == "sweep gap: gap8k, gap5k s1-2"
     for child in children:
         params = child.data.params
         assert child.info.status == "FINISHED"
@@ -68,7 +68,7 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in text.splitlines() if line.startswith("| gap")}
     for name in ("gap8k-dropout0", "gap5k-dropout0"):
-        runs = [c for c in children if c.info.run_name.startswith(name)]
+        runs = [c for c in children if c.data.params["model"] == name.split("-")[0]]
         values = [r.data.metrics["min_test_acc_last3"] for r in runs]
         row = rows[name]
         assert row[2] == PHASES["gap"].chosen_by  # how the recipe was picked, truthfully

@@ -76,9 +76,9 @@ def test_a_worker_that_dies_leaves_its_child_failed_and_the_others_finish(
         while time.monotonic() < deadline:
             for run in runs_of("dying"):
                 pid = run.data.tags.get(LEASE_PID_TAG)
-                if (run.data.tags.get(ROLE_TAG) == "train" and pid and run.info.run_name
-                        .endswith("seed1") and client.get_metric_history(run.info.run_id,
-                                                                         "test_acc")):
+                if (run.data.tags.get(ROLE_TAG) == "train" and pid
+                        and run.data.params.get("seed") == "1"
+                        and client.get_metric_history(run.info.run_id, "test_acc")):
                     os.kill(int(pid), signal.SIGKILL)
                     return
             time.sleep(0.1)
@@ -93,10 +93,10 @@ def test_a_worker_that_dies_leaves_its_child_failed_and_the_others_finish(
     killer.join()
     assert code == 1
     assert "1 of 2 sweep children failed" in err.strip().splitlines()[-1]
-    children = {c.info.run_name: c for c in runs_of("dying")
+    children = {c.data.params["seed"]: c for c in runs_of("dying")
                 if c.data.tags.get(ROLE_TAG) == "train"}
-    assert children["opt-dropout0-seed2"].info.status == "FINISHED"
-    dead = children["opt-dropout0-seed1"]
+    assert children["2"].info.status == "FINISHED"
+    dead = children["1"]
     assert dead.info.status == "FAILED"
     assert "died" in dead.data.tags["failure_reason"].lower()
 

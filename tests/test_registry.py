@@ -120,7 +120,7 @@ def test_production_moves_on_a_real_gain_only_or_when_forced(
 
     out = compare_group("strong", model, capsys, monkeypatch)
     assert aliases(model) == {PRODUCTION: "2", PREVIOUS: "1"}
-    assert "replaces version 1 (opt-dropout0 epochs=2 lr=1e-05" in out
+    assert "replaces version 1 (opt e2 lr1e-05" in out
     assert "n = 3 vs 2; image by image on the validation set" in out
     assert "moved on a real gain." in out
     assert "Production -> version 2 (a real gain); version 1 is now previous." in out

@@ -59,8 +59,8 @@ def test_a_finished_run_reproduces_identically_into_a_new_run(
     code, out, err = reproduce([original], mnist_root, capsys, monkeypatch)
 
     assert code == 0, err
-    assert out.startswith(f"Reproducing run opt-dropout0-seed1 ({original}): 3 of 3 epochs, "
-                          "cpu, 1 thread(s); today's code is the recorded code")
+    assert out.startswith(f"Reproducing run s1 opt e3 val256 n512 t256 ({original}): 3 of 3 "
+                          "epochs, cpu, 1 thread(s); today's code is the recorded code")
     assert "Verdict: identical (every value of the 3 epoch(s) is equal)" in out
     assert "environment: the same in every recorded respect" in out
     client = MlflowClient()
@@ -84,7 +84,7 @@ def test_the_production_model_reproduces_and_its_version_says_so(
                                monkeypatch)
 
     assert code == 0, err
-    assert out.startswith(f"Reproducing reproduced-cnn version 1, run opt-dropout0-seed1 "
+    assert out.startswith(f"Reproducing reproduced-cnn version 1, run s1 opt e3 val256 n512 t256 "
                           f"({original})")
     assert "Verdict: identical" in out
     version = MlflowClient().get_model_version("reproduced-cnn", "1")

@@ -28,7 +28,8 @@ def test_default_sweep_trains_the_seeds_two_variants_as_children(
     assert parent.data.params["variants"] == "opt:0,opt:0.05"
     assert parent.data.params["epochs"] == "1"
     children = children_of("default-sweep", parent.info.run_id)
-    assert [c.info.run_name for c in children] == ["opt-dropout0-seed1", "opt-dropout0.05-seed1"]
+    assert [c.info.run_name for c in children] == ["s1 opt e1 n512 t256",
+                                                   "s1 opt d0.05 e1 n512 t256"]
     assert [c.data.params["dropout"] for c in children] == ["0.0", "0.05"]
     for child in children:
         assert child.info.status == "FINISHED"
@@ -52,7 +53,8 @@ def test_failing_children_are_recorded_and_the_others_still_run(
     assert parent.info.status == "FAILED"
     assert parent.data.tags["children_failed"] == "2"
     children = children_of("diverging-sweep", parent.info.run_id)
-    assert [c.info.run_name for c in children] == ["opt-dropout0-seed1", "opt-dropout0.1-seed1"]
+    assert [c.info.run_name for c in children] == ["s1 opt e1 lr1e+06 n512 t256",
+                                                   "s1 opt d0.1 e1 lr1e+06 n512 t256"]
     for child in children:
         assert child.info.status == "FAILED"
         assert "TrainingDiverged" in child.data.tags["failure_reason"]
@@ -102,7 +104,7 @@ def test_a_child_failing_before_its_run_began_still_leaves_a_failed_run(
 
     assert [c.status for c in result.children] == ["FAILED", "FAILED"]
     children = children_of("bad-data-sweep", result.parent_run_id)
-    assert [c.info.run_name for c in children] == ["opt-dropout0-seed1", "opt-dropout0.05-seed1"]
+    assert [c.info.run_name for c in children] == [c.run_name for c in configs]
     for child, outcome in zip(children, result.children, strict=True):
         assert child.info.run_id == outcome.run_id
         assert child.info.status == "FAILED"

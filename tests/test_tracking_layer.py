@@ -47,9 +47,10 @@ def mlproject() -> dict:
 
 
 @pytest.mark.parametrize(("entry", "beside", "left_out"), [
-    ("main", {"data_dir", "resume"}, set()),
-    ("sweep", {"data_dir", "phase", "variants", "seeds", "executor", "ray_address",
-               "cpus_per_run", "gpus_per_run"}, {"model", "dropout"}),
+    # Not threads: how a run runs is a tag, and MLflow logs every declared parameter.
+    ("main", set(), {"threads"}),
+    ("sweep", {"phase", "variants", "seeds", "executor", "ray_address",
+               "cpus_per_run", "gpus_per_run"}, {"model", "dropout", "threads"}),
 ])
 def test_mlproject_entry_points_expose_exactly_the_settings_with_their_defaults(
         entry: str, beside: set[str], left_out: set[str]) -> None:
@@ -174,7 +175,7 @@ def test_the_run_describes_itself_and_names_its_dataset_and_model(
     description = tracked.data.tags[DESCRIPTION_TAG]
     assert description.startswith("opt-dropout0.05, seed 1: 6,132 parameters, 2 epochs of")
     assert f"Finished: test accuracy {tracked.data.metrics['final_test_acc']:.2f}%" in description
-    assert tracked.info.run_name == "opt-dropout0.05-seed1"
+    assert tracked.info.run_name == "s1 opt d0.05 e2 val256 n512 t256"
     inputs = {d.tags[0].value: d.dataset for d in tracked.inputs.dataset_inputs}
     assert inputs["train"].name == "mnist-train-val256[:512]"
     assert inputs["validation"].name == "mnist-validation[256]"
@@ -184,7 +185,7 @@ def test_the_run_describes_itself_and_names_its_dataset_and_model(
     [model] = mlflow.search_logged_models([tracked.info.experiment_id],
                                           f"source_run_id = '{tracked.info.run_id}'",
                                           output_format="list")
-    assert model.name == "opt-dropout0_05"
+    assert model.name == "s1-opt-d0_05-e2-val256-n512-t256"
     carried = {m.key: m.value for m in model.metrics}
     assert carried["final_test_acc"] == tracked.data.metrics["final_test_acc"]
 
@@ -194,13 +195,13 @@ def test_the_experiment_says_what_it_holds(store: str, tracked: mlflow.entities.
     assert "tags.mnist_mlflow.role = 'train'" in experiment.tags[DESCRIPTION_TAG]
 
 
-@pytest.mark.parametrize(("seeds", "name"), [([1, 2, 3], "sweep-gap-seeds1-3"),
-                                             ([1], "sweep-gap-seed1"),
-                                             ([1, 5], "sweep-gap-seeds1,5")])
+@pytest.mark.parametrize(("seeds", "name"), [([1, 2, 3], "sweep gap: opt s1-3"),
+                                             ([1], "sweep gap: opt s1"),
+                                             ([1, 5], "sweep gap: opt s1,5")])
 def test_sweep_parents_are_named_for_what_they_train(seeds: list[int], name: str) -> None:
     configs = [TrainConfig(seed=seed) for seed in seeds]
     assert sweep_name("gap", configs) == name
-    assert sweep_name("", configs[:1]) == "sweep-variants-seed1"
+    assert sweep_name("", configs[:1]) == "sweep opt s1"
 
 
 # --- the executor seam ------------------------------------------------------------------------

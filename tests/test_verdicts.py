@@ -215,7 +215,7 @@ def test_a_lucky_one_seed_group_does_not_block_a_real_winner_with_more_seeds(
     code, out, err = compare("lucky", capsys, monkeypatch)
 
     assert code == 0, err
-    assert "opt-dropout0 lr=0.04, seed 1 has the highest, 99.42" in out
+    assert "opt lr0.04, seed 1 has the highest, 99.42" in out
     assert "of the groups that beat production it is the surest gain" in out
     registered = out.split("Registered run: ")[1].split("(")[1].split(")")[0]
     assert registered in five
@@ -384,8 +384,8 @@ def test_a_sweep_and_two_compares_leave_records_tags_verdicts_and_pictures(
 
     # A --diff pair outside the shown groups is judged on its records too (paired).
     code, out, err = run_cli(["compare", "--experiment", "tiny-verdicts", "--no-register",
-                              "--top", "1", "--diff", "opt-dropout0 epochs=2 lr=0.02",
-                              "opt-dropout0 epochs=3 lr=0.05"], capsys, monkeypatch)
+                              "--top", "1", "--diff", "opt e2 lr0.02",
+                              "opt e3 lr0.05"], capsys, monkeypatch)
     assert code == 0, err
     label = "epochs 2, lr 0.02 vs epochs 3, lr 0.05, final_val_acc"
     [diff] = [line for line in out.splitlines() if label in line]

@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, team_auth_config  # noqa: E402
 from compare_runs import EXPERIMENT, create_runs  # noqa: E402
 
-from mnist_mlflow.schema import EPOCH_METRICS, HEARTBEAT_TAG  # noqa: E402
+from mnist_mlflow.mlrun import lease_tags  # noqa: E402
+from mnist_mlflow.schema import EPOCH_METRICS, LEASE_TAG  # noqa: E402
 
 ADMIN_PASSWORD = "benchmark-admin-password"
 RUN_CHUNKS = 8  # processes filling the 10,000-run experiment
@@ -118,7 +119,7 @@ def writer(experiment_id: str, seconds: float, start_at: float,
         try:
             client.log_batch(run_id, metrics=[Metric(k, step * 0.01, now, step)
                                               for k in EPOCH_METRICS])
-            client.log_batch(run_id, tags=[RunTag(HEARTBEAT_TAG, str(now // 1000))])
+            client.log_batch(run_id, tags=[RunTag(LEASE_TAG, lease_tags()[LEASE_TAG])])
         except Exception as err:  # noqa: BLE001 - counted and reported, not raised
             errors.append(f"{type(err).__name__}: {str(err)[:200]}")
             step -= 1

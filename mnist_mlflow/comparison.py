@@ -22,10 +22,9 @@ from mlflow.tracking import MlflowClient
 from mnist_mlflow import promotion, queries, registry
 from mnist_mlflow.config import UserError
 from mnist_mlflow.idx import read_images
-from mnist_mlflow.mlrun import MlflowRun, store_error
-from mnist_mlflow.plots import plot_comparison, plot_gallery, plot_pareto
+from mnist_mlflow.mlrun import MlflowRun, inline_figure, store_error
+from mnist_mlflow.plots import plot_comparison, plot_gallery, plot_pareto, thumbnail
 from mnist_mlflow.report import (
-    artifact_link,
     render_report,
     verdict_lines,
     version_description,
@@ -45,6 +44,7 @@ from mnist_mlflow.schema import (
     REPORT_PARETO,
     REPORT_PLOT,
     ROLE_TAG,
+    THUMBS_DIR,
 )
 from mnist_mlflow.selection import (
     Group,
@@ -337,13 +337,15 @@ def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunS
                         f"{c.experiment}: test accuracy against size, one point per group")
             for name in files:
                 run.log_artifact(folder / name)
+                if name in (REPORT_PLOT, REPORT_PARETO, REPORT_DISAGREEMENTS):  # shown inline
+                    run.log_artifact(thumbnail(folder / name), THUMBS_DIR)
             if report_dir is not None:
                 report_dir.mkdir(parents=True, exist_ok=True)
                 for name in files:
                     (report_dir / name).write_bytes((folder / name).read_bytes())
         run.set_tags(_outcome_tags(c))
         # The description shows the figures where they are: among the run's artifacts.
-        run.describe(render_report(c, shown, artifact_link(run.run_id)))
+        run.describe(render_report(c, shown, inline_figure(run.run_id)))
     except BaseException as err:
         run.describe(f"Comparison failed: {store_error(err)}")
         run.end(RunStatus.FAILED, f"{type(err).__name__}: {store_error(err)}")

@@ -8,17 +8,20 @@ fluent `mlflow.start_run` would set (source, git commit, user).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import mlflow
 from filelock import FileLock, Timeout
@@ -42,9 +45,9 @@ from mnist_mlflow.config import UserError
 from mnist_mlflow.schema import (
     DESCRIPTION_TAG,
     FAILURE_REASON_TAG,
-    HEARTBEAT_TAG,
-    LEASE_HOST_TAG,
-    LEASE_PID_TAG,
+    LEASE_TAG,
+    OLD_LEASE_TAGS,
+    THUMBS_DIR,
     param_text,
 )
 
@@ -193,35 +196,76 @@ def store_error(err: BaseException) -> str:
 
 
 def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,
-                  description: str = "") -> str:
-    """The id of experiment `name`: created (with `description`, where `{experiment_id}`
-    stands for its id) when `create`, else UserError when the store has none."""
+                  tags: Mapping[str, str] | None = None) -> str:
+    """The id of experiment `name`, created when `create` (else UserError when the store has
+    none). `tags` (its description, saved views) are set where the experiment lacks them, so
+    a user's edits stay; `{experiment_id}` in a value stands for its id."""
     client = client or MlflowClient()
     if not name.strip():
         raise UserError("invalid --experiment: the name is empty")
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        if description and DESCRIPTION_TAG not in found.tags:
-            client.set_experiment_tag(found.experiment_id, DESCRIPTION_TAG,
-                                      description.replace("{experiment_id}",
-                                                          found.experiment_id))
-        return found.experiment_id
-    if not create:
+    if found is None and not create:
         raise UserError(f"no experiment named {name!r} in {mlflow.get_tracking_uri()}")
-    try:
-        new_id = client.create_experiment(name)
-    except MlflowException:  # created meanwhile by another process
-        new_id = client.get_experiment_by_name(name).experiment_id
-    if description:
-        client.set_experiment_tag(new_id, DESCRIPTION_TAG,
-                                  description.replace("{experiment_id}", new_id))
+    if found is not None:
+        new_id, existing = found.experiment_id, found.tags
+    else:
+        try:
+            new_id, existing = client.create_experiment(name), {}
+        except MlflowException:  # created meanwhile by another process
+            found = client.get_experiment_by_name(name)
+            new_id, existing = found.experiment_id, found.tags
+    for key, value in (tags or {}).items():
+        if key not in existing:
+            client.set_experiment_tag(new_id, key, value.replace("{experiment_id}", new_id))
     return new_id
 
 
-def lease_tags() -> dict[str, str]:
-    """This process as the holder of a run, alive now."""
-    return {LEASE_HOST_TAG: socket.gethostname(), LEASE_PID_TAG: str(os.getpid()),
-            HEARTBEAT_TAG: f"{time.time():.0f}"}
+# The UI's saved views ("Views", top right of an experiment's runs) are experiment tags:
+# this prefix and an id, the value a name and the page's state, deflated JSON in base64.
+SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
+# The state the UI 3.17 saves for its default runs page; a view changes what it needs.
+_VIEW_DEFAULTS = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
+                  "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],
+                  "modelVersionFilter": "All Runs", "selectedColumns": [], "columnOrder": [],
+                  "columnWidths": {}, "runsHiddenMode": "FIRST_10_RUNS", "viewMaximized": False,
+                  "runListHidden": False, "isAccordionReordered": False,
+                  "useGroupedValuesInCharts": True, "hideEmptyCharts": True, "groupBy": None,
+                  "groupsExpanded": {}, "globalLineChartConfig": {
+                      "xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}}
+
+
+def saved_view(view_id: str, name: str, **state: object) -> dict[str, str]:
+    """The experiment tag of a saved view `name` showing the runs page with `state`."""
+    packed = base64.b64encode(zlib.compress(json.dumps(_VIEW_DEFAULTS | state).encode()))
+    now = get_current_time_millis()
+    return {SAVED_VIEW_PREFIX + view_id: json.dumps(
+        {"name": name, "createdAt": now, "updatedAt": now,
+         "state": "deflate;" + packed.decode()})}
+
+
+def artifact_link(run_id: str) -> Callable[[str], str]:
+    """A file among run `run_id`'s artifacts, as the tracking server serves it: the link a
+    description needs for MLflow's UI to show a figure (its renderer allows images and links,
+    relative to the UI's address)."""
+    return lambda name: f"get-artifact?path={quote(name)}&run_uuid={run_id}"
+
+
+def inline_figure(run_id: str) -> Callable[[str, str], str]:
+    """Markdown for figure `path` among run `run_id`'s artifacts: its small copy (THUMBS_DIR
+    beside it), linked to the full figure."""
+    link = artifact_link(run_id)
+
+    def figure(alt: str, path: str) -> str:
+        folder, _, name = path.rpartition("/")
+        small = f"{folder}/{THUMBS_DIR}/{name}" if folder else f"{THUMBS_DIR}/{name}"
+        return f"[![{alt}]({link(small)})]({link(path)})"
+    return figure
+
+
+def lease_tags(pid: int | None = None) -> dict[str, str]:
+    """This process (or `pid` on this host) as the holder of a run, alive now."""
+    return {LEASE_TAG: f"pid {pid or os.getpid()} on {socket.gethostname()}, "
+                       f"heartbeat {time.time():.0f}"}
 
 
 def context_tags() -> dict[str, str]:
@@ -261,11 +305,11 @@ class MlflowRun:
     @classmethod
     def create(cls, experiment: str, run_name: str, parent_run_id: str | None = None,
                tags: Mapping[str, str] | None = None, description: str = "",
-               experiment_description: str = "") -> MlflowRun:
-        """A new RUNNING run in `experiment` (created if need be), with MLflow's context tags."""
+               experiment_tags: Mapping[str, str] | None = None) -> MlflowRun:
+        """A new RUNNING run in `experiment` (created if need be, with `experiment_tags` where
+        it lacks them), with MLflow's context tags."""
         client = MlflowClient()
-        exp_id = experiment_id(experiment, client, create=True,
-                               description=experiment_description)
+        exp_id = experiment_id(experiment, client, create=True, tags=experiment_tags)
         # The lease from the first moment: a process killed at any point after this leaves
         # a run that `runs --stale` finds.
         run_tags = {**context_tags(), **lease_tags(), **(tags or {})}
@@ -293,7 +337,11 @@ class MlflowRun:
             description = kwargs.get("description")
             tags = {**(kwargs.get("tags") or {}),
                     **({DESCRIPTION_TAG: description} if description else {})}
-            return cls.adopt(runner_run_id, run_name, tags)
+            run = cls.adopt(runner_run_id, run_name, tags)
+            if kwargs.get("experiment_tags"):  # `mlflow run` made the experiment: tag it too
+                experiment_id(run.client.get_experiment(run.experiment_id).name, run.client,
+                              tags=kwargs["experiment_tags"])
+            return run
         return cls.create(experiment, run_name, **kwargs)
 
     @property
@@ -309,7 +357,7 @@ class MlflowRun:
         self.set_tags(lease_tags())
 
     def heartbeat(self) -> None:
-        self.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
+        self.set_tags(lease_tags())
 
     def log_new_params(self, params: Mapping[str, object]) -> None:
         """Log the params the run does not have yet.
@@ -406,6 +454,11 @@ class MlflowRun:
             if reason:
                 self.set_tags({FAILURE_REASON_TAG: reason[:5000]})
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+            # Only a RUNNING run's lease means anything: ended, it is bookkeeping the UI
+            # would list among the tags people read. (After the status: a run never looks
+            # RUNNING without its holder.)
+            with contextlib.suppress(MlflowException):
+                self.client.delete_tag(self.run_id, LEASE_TAG)
 
 
 @dataclass(frozen=True)
@@ -422,6 +475,9 @@ class Lease:
         return f"pid {self.pid} on {self.host}, last heartbeat {age:.0f} s ago"
 
 
+_LEASE = re.compile(r"pid (\d+) on (.*), heartbeat (\d+(?:\.\d*)?)")
+
+
 def lease_of(run: Run) -> Lease | None:
     """The lease of a RUNNING run (None for other runs, and runs made before leases).
 
@@ -429,10 +485,16 @@ def lease_of(run: Run) -> Lease | None:
     than STALE_AFTER_S.
     """
     tags = run.data.tags
-    if run.info.status != "RUNNING" or LEASE_PID_TAG not in tags:
+    if run.info.status != "RUNNING":
         return None
-    host, pid = tags.get(LEASE_HOST_TAG, ""), int(tags[LEASE_PID_TAG])
-    heartbeat = float(tags.get(HEARTBEAT_TAG, "0"))
+    found = _LEASE.fullmatch(tags.get(LEASE_TAG, ""))
+    if found:
+        pid, host, heartbeat = int(found[1]), found[2], float(found[3])
+    elif OLD_LEASE_TAGS[1] in tags:
+        pid, host = int(tags[OLD_LEASE_TAGS[1]]), tags.get(OLD_LEASE_TAGS[0], "")
+        heartbeat = float(tags.get(OLD_LEASE_TAGS[2], "0"))
+    else:
+        return None
     if host == socket.gethostname():
         alive = _pid_alive(pid)
     else:

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from mnist_mlflow.schema import EPOCH_METRICS, METRICS  # noqa: E402
+from mnist_mlflow.schema import EPOCH_METRICS, METRICS, THUMB_WIDTH, THUMBS_DIR  # noqa: E402
 
 if TYPE_CHECKING:  # types only: `compare` plots without importing torch
     from mnist_mlflow.stats import Interval
@@ -170,3 +170,15 @@ def plot_gallery(images: np.ndarray, captions: Sequence[str], path: Path, title:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def thumbnail(png: Path) -> Path:
+    """A copy of figure `png`, THUMB_WIDTH pixels wide, in THUMBS_DIR beside it."""
+    from PIL import Image  # matplotlib's own dependency
+
+    small = png.parent / THUMBS_DIR / png.name
+    small.parent.mkdir(exist_ok=True)
+    with Image.open(png) as image:
+        height = round(image.height * THUMB_WIDTH / image.width)
+        image.resize((THUMB_WIDTH, height), Image.Resampling.LANCZOS).save(small)
+    return small

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from tabulate import tabulate
 
@@ -141,22 +140,16 @@ def verdict_lines(comparison: Comparison) -> list[str]:
     return lines
 
 
-def file_link(name: str) -> str:
+def file_figure(alt: str, name: str) -> str:
     """A figure beside comparison.md (the --report folder, docs/)."""
-    return name
-
-
-def artifact_link(run_id: str) -> Callable[[str], str]:
-    """A figure among run `run_id`'s artifacts, as the tracking server serves it: the link
-    the run's description needs for MLflow's UI to show it inline."""
-    return lambda name: f"get-artifact?path={quote(name)}&run_uuid={run_id}"
+    return f"![{alt}]({name})"
 
 
 def render_report(comparison: Comparison, shown: Sequence[Group],
-                  link: Callable[[str], str] = file_link) -> str:
+                  figure: Callable[[str, str], str] = file_figure) -> str:
     """comparison.md: the headline, the verdict, what was compared, the rule, the choice and
-    why, whether the differences are real, both tables, the figures (shown where `link`
-    says they are)."""
+    why, whether the differences are real, both tables, the figures (the markdown `figure`
+    makes of each: alt text, file name)."""
     c = comparison
     matching = f" matching `{c.filter_string}`" if c.filter_string else ""
     verdict = c.verdict
@@ -168,8 +161,8 @@ def render_report(comparison: Comparison, shown: Sequence[Group],
     if verdict is not None:
         lines += ["## Verdict", "", *verdict_lines(c), ""]
         if REPORT_DISAGREEMENTS in c.files:
-            lines += [f"![The validation images on which the new and the production model "
-                      f"answer differently]({link(REPORT_DISAGREEMENTS)})", ""]
+            lines += [figure("The validation images on which the new and the production "
+                             "model answer differently", REPORT_DISAGREEMENTS), ""]
     lines += ["## Selection rule", "", f"The production candidate is chosen by the "
               f"{c.rule.describe()}.", ""]
     if verdict is not None:
@@ -197,10 +190,10 @@ def render_report(comparison: Comparison, shown: Sequence[Group],
               markdown_table(side_by_side_table(shown, c.rule)), "",
               "## Figures", "",
               f"Per epoch, mean over each group's seeds ({REPORT_PLOT}):", "",
-              f"![Per-epoch curves, mean over each group's seeds]({link(REPORT_PLOT)})", "",
+              figure("Per-epoch curves, mean over each group's seeds", REPORT_PLOT), "",
               f"Test accuracy against parameters, group means with 95% intervals over seeds "
               f"and images ({REPORT_PARETO}):", "",
-              f"![Test accuracy against parameters]({link(REPORT_PARETO)})", ""]
+              figure("Test accuracy against parameters", REPORT_PARETO), ""]
     return "\n".join(lines)
 
 

@@ -53,16 +53,23 @@ REPRODUCES_TAG = "mnist_mlflow.reproduces"
 # On the rerun and on a registered version reproduced: the verdict, and when (with the run).
 REPRODUCED_TAG, REPRODUCED_AT_TAG = "reproduced", "reproduced_at"
 VARIANT_TAG = "variant"
+# On a sweep's child: the seconds it waited SCHEDULED before it began. The UI's Duration
+# counts from a run's creation (the sweep creates every child first, and MLflow cannot move a
+# run's start), so a child's training time is its Duration less this.
+QUEUED_TAG = "queued_seconds"
 # The run's configuration without its seed, readable (`opt-dropout0.05`, or
 # `gap8k-dropout0 lr=0.05 scheduler=onecycle`): the UI's "Group by" puts its seeds together,
 # and `compare` aggregates over it.
 CONFIG_GROUP_TAG = "config_group"
 MNIST_MD5_TAG_PREFIX = "mnist_md5."
 CHOSEN_RUN_TAG = "chosen_run_id"
-# The lease of a RUNNING run: which process trains it, and when it last said so.
-LEASE_HOST_TAG = "mnist_mlflow.lease.host"
-LEASE_PID_TAG = "mnist_mlflow.lease.pid"
-HEARTBEAT_TAG = "mnist_mlflow.lease.heartbeat"
+# The lease of a RUNNING run, one tag (three came first in the UI's tag list):
+# `pid 4242 on devbox, heartbeat 1764650000` (Unix seconds), rewritten after every epoch.
+LEASE_TAG = "mnist_mlflow.lease"
+# The three tags it replaced (host, pid, heartbeat): still read, for runs left RUNNING by
+# code from before.
+OLD_LEASE_TAGS = ("mnist_mlflow.lease.host", "mnist_mlflow.lease.pid",
+                  "mnist_mlflow.lease.heartbeat")
 # MLflow's own: the description shown on run, experiment and model pages.
 DESCRIPTION_TAG = "mlflow.note.content"
 
@@ -154,6 +161,10 @@ CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
 TRAINING_LOG = "training.log"
 CURVES_DIR = "plots"
+# Beside a figure, its small copy (THUMB_WIDTH pixels wide): what a description shows inline,
+# linked to the full figure (MLflow's renderer drops width attributes, and a full-size
+# figure widens the run page past the window).
+THUMBS_DIR, THUMB_WIDTH = "thumbs", 440
 CURVES_FILE = "training_curves.png"
 MODEL_SUMMARY = "model_summary.txt"
 PATCH_ARTIFACT = "code/uncommitted.patch"

@@ -44,7 +44,7 @@ from mnist_mlflow.schema import (
     settings_of,
 )
 from mnist_mlflow.tracking import (
-    EXPERIMENT_DESCRIPTION,
+    EXPERIMENT_TAGS,
     RunInterrupted,
     resumable_run,
     resume_tracked,
@@ -200,7 +200,7 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
     parent = MlflowRun.create_or_adopt(
         runner_run_id, experiment, sweep_name(phase, configs),
         tags={ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command},
-        description=description, experiment_description=EXPERIMENT_DESCRIPTION)
+        description=description, experiment_tags=EXPERIMENT_TAGS)
     parent.log_new_params({**{k: v for k, v in shared.items() if k not in PLUMBING_SETTINGS},
                            "variants": ",".join(variants), "seeds": ",".join(seeds),
                            "phase": phase or "none", "children": len(configs)})

@@ -14,12 +14,12 @@ import platform
 import signal
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from urllib.parse import quote
 
 import mlflow
 import numpy as np
@@ -38,9 +38,9 @@ from mnist_mlflow import codestate
 from mnist_mlflow.codestate import CodeState
 from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
 from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
-from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
+from mnist_mlflow.mlrun import MlflowRun, inline_figure, lease_of, open_store, saved_view
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
-from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves
+from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves, thumbnail
 from mnist_mlflow.records import Records
 from mnist_mlflow.runtime import resolve, torch_threads
 from mnist_mlflow.schema import (
@@ -61,6 +61,7 @@ from mnist_mlflow.schema import (
     CURVES_DIR,
     CURVES_FILE,
     DEFAULT_EXPERIMENT,
+    DESCRIPTION_TAG,
     FAILURE_REASON_TAG,
     FINAL_GAP,
     FINAL_TEST_ACC,
@@ -77,12 +78,14 @@ from mnist_mlflow.schema import (
     PATCH_ARTIFACT,
     PLUMBING_SETTINGS,
     PREDICTIONS_DIR,
+    QUEUED_TAG,
     RESUMED_AFTER_TAG,
     RESUMED_ON_TAG,
     RESUMES_RUN_TAG,
     ROLE_TAG,
     SUMMARY_STEP,
     TEST_ACC,
+    THUMBS_DIR,
     TORCH_THREADS_TAG,
     TRAIN_ROLE,
     TRAINING_LOG,
@@ -99,20 +102,36 @@ from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit, p
 
 log = logging.getLogger("mnist_mlflow")
 
-# Its first line is what the experiment's page shows uncut: how to see the training runs.
-# Filtered and sorted by a metric, MLflow's UI lists them flat; sorted by time (its default)
-# it nests a sweep's children under their parent, which the filter does not match.
-TRAINING_RUNS_VIEW = ("#/experiments/{experiment_id}/runs?searchFilter="
-                      + quote(f"tags.{ROLE_TAG} = '{TRAIN_ROLE}'")
-                      + "&orderByKey=" + quote(f"metrics.`{FINAL_VAL_ACC}`") + "&orderByAsc=false")
-EXPERIMENT_DESCRIPTION = (
-    f"**Training runs only, flat, best first: [open this view]({TRAINING_RUNS_VIEW})**, "
-    f"or filter `tags.{ROLE_TAG} = '{TRAIN_ROLE}'` and sort by a metric (sorted by Created, "
-    "a sweep's children fold under their parent).\n\n"
-    "Compact MNIST CNNs (the seed's 6,132-parameter net and its GAP successors under 8k and "
-    "5k parameters), one training run per variant and seed. Sweep parents and comparison "
-    "runs hold no training metrics; Group by `config_group` puts a configuration's seeds "
-    "together.")
+# MLflow's UI sorted by time (its default) nests a sweep's children under their parent; filtered
+# on the training role and sorted by a metric it lists them flat. Two saved views (the UI's
+# "Views") hold that, one with a configuration's seeds grouped (mean and band in the charts).
+# A link to a filter and sort would not do: clicked inside the UI, the page's own state wins.
+_TRAINING_RUNS = {"searchFilter": f"tags.{ROLE_TAG} = '{TRAIN_ROLE}'",
+                  "orderByKey": f"metrics.`{FINAL_VAL_ACC}`", "orderByAsc": False,
+                  "selectedColumns": [f"metrics.`{FINAL_VAL_ACC}`", f"metrics.`{FINAL_TEST_ACC}`",
+                                      f"params.`{NUM_PARAMS}`", "attributes.`Models`",
+                                      "attributes.`Dataset`"]}
+BEST_FIRST_ID, BY_CONFIGURATION_ID = "mnist_mlflow_best_first", "mnist_mlflow_by_configuration"
+# The UI opens a saved view from its address too (what a description's link can do).
+VIEW_LINK = "#/experiments/{experiment_id}/runs?viewStateShareKey="
+BEST_FIRST_VIEW = "Training runs, best first"
+BY_CONFIGURATION_VIEW = "Training runs by configuration"
+EXPERIMENT_TAGS = {
+    # Its first line is what the experiment's page shows uncut: how to see the training runs.
+    DESCRIPTION_TAG: (
+        f"**Training runs: Views (top right) → [{BEST_FIRST_VIEW}]({VIEW_LINK}{BEST_FIRST_ID}) "
+        f"or [{BY_CONFIGURATION_VIEW}]({VIEW_LINK}{BY_CONFIGURATION_ID})** "
+        f"(or filter `tags.{ROLE_TAG} = '{TRAIN_ROLE}'` and sort by a metric: sorted by Created, "
+        "a sweep's children fold under their parent).\n\n"
+        "Compact MNIST CNNs (the seed's 6,132-parameter net and its GAP successors under 8k and "
+        "5k parameters), one training run per variant and seed. Sweep parents and comparison "
+        "runs hold no training metrics; Group by `config_group` puts a configuration's seeds "
+        "together."),
+    **saved_view(BEST_FIRST_ID, BEST_FIRST_VIEW, **_TRAINING_RUNS),
+    **saved_view(BY_CONFIGURATION_ID, BY_CONFIGURATION_VIEW, **_TRAINING_RUNS,
+                 groupBy={"aggregateFunction": "average", "groupByKeys": [
+                     {"mode": "tag", "groupByData": CONFIG_GROUP_TAG}]}),
+}
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
@@ -219,6 +238,16 @@ def describe(config: TrainConfig, num_params: int, outcome: str) -> str:
             f"{config.epochs} epochs of {config.recipe()}. {outcome}")
 
 
+def figures(run_id: str) -> str:
+    """The run's pictures, small and inline in its description (the UI shows them on the
+    run's and its model's pages; under Artifacts they are a click each), each linked to the
+    full figure."""
+    figure = inline_figure(run_id)
+    return "\n\n" + " ".join(figure(alt, f"{CURVES_DIR}/{name}") for alt, name in (
+        ("Training curves", CURVES_FILE), ("Confusion matrix", CONFUSION_FILE),
+        ("Most confident mistakes", MISTAKES_FILE)))
+
+
 class RunInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped a run, which ended KILLED with its last checkpoint kept; or came
     while it finished (`finished`), and it ended FINISHED all the same."""
@@ -271,9 +300,12 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     if run is None:
         run = MlflowRun.create_or_adopt(
             runner_run_id, experiment, config.run_name, tags=tags,
-            experiment_description=EXPERIMENT_DESCRIPTION)
+            experiment_tags=EXPERIMENT_TAGS)
     else:
-        run.reopen()  # a sweep's child, SCHEDULED until now
+        info = run.client.get_run(run.run_id).info
+        if info.status == "SCHEDULED":  # a sweep's child, waiting until now
+            tags[QUEUED_TAG] = f"{max(0.0, time.time() - info.start_time / 1000):.1f}"
+        run.reopen()
         run.set_tags(tags)
     # At once: a run killed from here on can be resumed (or started over) from its params.
     run.log_new_params(run_params(config, state, data))
@@ -425,7 +457,8 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
                 handler.flush()
                 finished = describe(config, num_params, (
                     f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
-                    f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f})."))
+                    f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f})."
+                    )) + figures(run.run_id)
                 model_id = _log_artifacts(run, config, state, data, pipeline, history,
                                           Path(tmp), finished)
                 # Once, after the model: they are its metrics too, with their datasets.
@@ -587,6 +620,8 @@ def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data:
     plot = plot_training_curves(history, tmp / CURVES_FILE, config.run_name)
     run.log_artifact(plot, CURVES_DIR)
     _log_records(run, config, image_records(state.model, pipeline, data), data, tmp)
+    for name in (CURVES_FILE, CONFUSION_FILE, MISTAKES_FILE):  # what the description shows
+        run.log_artifact(thumbnail(tmp / name), f"{CURVES_DIR}/{THUMBS_DIR}")
     summary = tmp / MODEL_SUMMARY
     summary.write_text(model_summary(state.model))
     run.log_artifact(summary)

@@ -18,8 +18,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from mnist_mlflow.mlrun import lease_of, lease_tags
 from mnist_mlflow.registry import PRODUCTION
-from mnist_mlflow.schema import CHECKPOINT_ARTIFACT, LEASE_PID_TAG
+from mnist_mlflow.schema import CHECKPOINT_ARTIFACT, LEASE_TAG
 from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
 from tests.helpers import run_cli, runs_of
@@ -99,7 +100,7 @@ def test_a_run_being_trained_cannot_be_resumed_and_a_killed_trainer_is_found_sta
     trainer = slow_trainer(tracking_store, mnist_root, "leases")
     try:
         run_id = wait_for_epoch(client, trainer, "leases", 1)
-        assert client.get_run(run_id).data.tags[LEASE_PID_TAG] == str(trainer.pid)
+        assert lease_of(client.get_run(run_id)).pid == trainer.pid
         code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
                                capsys, monkeypatch)
         assert code == 2 and f"run {run_id} is being trained right now (pid {trainer.pid}" in err
@@ -134,7 +135,7 @@ def test_a_trainer_killed_before_its_first_checkpoint_starts_over_in_the_same_ru
     run_id = None
     while run_id is None and time.monotonic() < deadline:
         for run in runs_of("early-kill"):  # created, with its lease and its params
-            if LEASE_PID_TAG in run.data.tags and "num_params" in run.data.params:
+            if LEASE_TAG in run.data.tags and "num_params" in run.data.params:
                 run_id = run.info.run_id
         time.sleep(0.05)
     trainer.send_signal(signal.SIGKILL)
@@ -299,7 +300,7 @@ def test_sweep_resume_treats_a_child_whose_process_is_gone_as_killed(
                           capture_output=True, text=True, check=True).stdout.strip()
     child = MlflowRun(second.info.run_id)
     child.reopen()  # as a worker that began, then was killed -9 before its first checkpoint
-    child.set_tags({LEASE_PID_TAG: gone})
+    child.set_tags(lease_tags(int(gone)))
 
     result = resume_sweep(parent.info.run_id, mnist_root, progress=False)
 

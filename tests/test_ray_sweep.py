@@ -18,9 +18,9 @@ from mlflow.tracking import MlflowClient
 
 pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from mnist_mlflow.mlrun import open_store  # noqa: E402
+from mnist_mlflow.mlrun import lease_of, open_store  # noqa: E402
 from mnist_mlflow.ray_executor import RayExecutor  # noqa: E402
-from mnist_mlflow.schema import LEASE_PID_TAG, ROLE_TAG  # noqa: E402
+from mnist_mlflow.schema import ROLE_TAG  # noqa: E402
 from mnist_mlflow.sweep import LocalExecutor, run_sweep  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.helpers import children_of, run_cli, runs_of  # noqa: E402
@@ -75,7 +75,8 @@ def test_a_worker_that_dies_leaves_its_child_failed_and_the_others_finish(
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             for run in runs_of("dying"):
-                pid = run.data.tags.get(LEASE_PID_TAG)
+                lease = lease_of(run)
+                pid = lease.pid if lease else None
                 if (run.data.tags.get(ROLE_TAG) == "train" and pid
                         and run.data.params.get("seed") == "1"
                         and client.get_metric_history(run.info.run_id, "test_acc")):

@@ -31,13 +31,20 @@ def test_default_sweep_trains_the_seeds_two_variants_as_children(
     assert [c.info.run_name for c in children] == ["s1 opt e1 n512 t256",
                                                    "s1 opt d0.05 e1 n512 t256"]
     assert [c.data.params["dropout"] for c in children] == ["0.0", "0.05"]
+    assert "mnist_mlflow.lease" not in parent.data.tags  # ended: bookkeeping gone
     for child in children:
         assert child.info.status == "FINISHED"
+        assert "mnist_mlflow.lease" not in child.data.tags
         assert child.data.params["train_limit"] == "512"  # pass-through options reached it
         assert "best_test_acc" in child.data.metrics
         assert f"run {child.info.run_id} FINISHED" in out
     assert parent.data.tags["children_finished"] == "2"
     assert parent.data.tags["children_failed"] == "0"
+    # The second waited SCHEDULED while the first trained: the wait is its own tag (the UI's
+    # Duration counts from creation), and what is left of its Duration is its training.
+    first, second = (float(c.data.tags["queued_seconds"]) for c in children)
+    trained = (children[0].info.end_time - children[0].info.start_time) / 1000 - first
+    assert 0 <= first < second and second >= first + 0.5 * trained
 
 
 def test_failing_children_are_recorded_and_the_others_still_run(

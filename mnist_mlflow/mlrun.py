@@ -216,7 +216,11 @@ def experiment_id(name: str, client: MlflowClient | None = None, create: bool = 
             new_id, existing = found.experiment_id, found.tags
     for key, value in (tags or {}).items():
         if key not in existing:
-            client.set_experiment_tag(new_id, key, value.replace("{experiment_id}", new_id))
+            try:
+                client.set_experiment_tag(new_id, key, value.replace("{experiment_id}", new_id))
+            except MlflowException as err:  # another process set it meanwhile: theirs stays
+                if not _lost_insert_race(err):
+                    raise
     return new_id
 
 

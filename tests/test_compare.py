@@ -102,7 +102,10 @@ def test_the_report_lives_in_a_comparison_run(store: str, real_runs: list[str],
     # The report, its figures, and the chosen run's own pictures beside them.
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
         "comparison.md", "comparison.png", "comparison_pareto.png",
-        "chosen_confusion_matrix.png", "chosen_confident_mistakes.png"}
+        "chosen_confusion_matrix.png", "chosen_confident_mistakes.png", "thumbs"}
+    # The small copies its description shows inline, each linked to the full figure.
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "thumbs")} == {
+        "thumbs/comparison.png", "thumbs/comparison_pareto.png"}
     downloaded = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id, artifact_path="comparison.md", dst_path=str(tmp_path))
     assert Path(downloaded).read_text() == result.report

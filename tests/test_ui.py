@@ -8,7 +8,9 @@ its driver). A failing check saves a screenshot under tests/ui-failures/.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -75,17 +77,16 @@ def ui(store_dir: Path, mnist_root: Path) -> Iterator[tuple[str, dict[str, str]]
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(requests.RequestException):
                 if requests.get(f"{url}/health", timeout=2).ok:
                     break
-            except requests.RequestException:
-                time.sleep(0.5)
+            time.sleep(0.5)
         else:
             pytest.fail("mlflow ui did not answer within 120 s")
         yield url, {"experiment": experiment, "parent": sweep.parent_run_id,
                     "child": sweep.children[0].run_id, "uri": uri}
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # `mlflow ui` and the workers it started
         server.wait(timeout=30)
 
 

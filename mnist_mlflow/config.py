@@ -26,6 +26,8 @@ COMPILE_MODES = ("auto", "on", "off")
 SCHEDULERS = ("step", "onecycle")
 # Settings that say how a run runs here, not what it learns: a run may be resumed on another
 # kind of machine with other values of these.
+# --threads auto: each run counts the cores free when it starts (runtime.resolve_threads).
+AUTO_THREADS = "auto"
 RUNTIME_SETTINGS = ("device", "precision", "compile", "threads", "deterministic")
 # Settings added after the first runs were tracked, with what the runs made before did: a run
 # without the param ran with this value (for all but val_size, the default).
@@ -113,8 +115,10 @@ class TrainConfig:
                                    "on a GPU that can, not on the CPU, where 'on' is ~13% faster "
                                    "per epoch once its first compile (~35 s) is cached.",
                            COMPILE_MODES)
-    threads: int = setting(0, "CPU threads for torch (0: torch's default). 1 is far faster on "
-                              "a 2-core machine that is running other work.")
+    threads: str = setting(AUTO_THREADS, "CPU threads for torch: auto (the cores free when "
+                                         "the run starts, at least 1; a Ray task its share), a "
+                                         "count, or 0 (torch's default: every core, even "
+                                         "busy ones).")
     deterministic: bool = setting(False, "Deterministic algorithms "
                                          "(torch.use_deterministic_algorithms), so that a CUDA "
                                          "run repeats exactly; on the CPU runs repeat anyway. "
@@ -151,7 +155,8 @@ class TrainConfig:
             ("translate", 0.0 <= self.translate < 0.5, "must be in [0, 0.5) of the image size"),
             ("scale", 0.0 <= self.scale < 1.0, "must be in [0, 1)"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be in [0, {MAX_SEED}]"),
-            ("threads", self.threads >= 0, "must be >= 0 (0 keeps torch's default)"),
+            ("threads", self.threads == AUTO_THREADS or self.threads.isdigit(),
+             "must be auto or a count >= 0 (0 keeps torch's default)"),
             ("val_size", 0 <= self.val_size < MNIST_TRAIN_IMAGES,
              f"must be in [0, {MNIST_TRAIN_IMAGES:,}) (0: no validation split)"),
             ("train_limit", 0 <= self.train_limit <= MNIST_TRAIN_IMAGES - self.val_size,
@@ -163,6 +168,10 @@ class TrainConfig:
             if not ok:
                 raise UserError(f"invalid {name}: {rule}, got {getattr(self, name)!r}")
         return self
+
+    def __post_init__(self) -> None:
+        # One spelling, whether it came as 1 (Python), "1" (a param) or "Auto" (a user).
+        object.__setattr__(self, "threads", str(self.threads).strip().lower())
 
     def what_it_learns(self) -> TrainConfig:
         """This config with the RUNTIME_SETTINGS at their defaults: equal for two runs that

@@ -24,7 +24,7 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.config import UserError
+from mnist_mlflow.config import AUTO_THREADS, UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
 from mnist_mlflow.mlrun import absolute_uri
 from mnist_mlflow.sweep import TERMINAL, ChildJob, ChildOutcome, end_unless_ended, train_child
@@ -69,7 +69,7 @@ def mnist_blob(data_dir: Path | str) -> dict[str, bytes]:
 def train_in_worker(job: ChildJob, blob: Mapping[str, bytes], threads: int,
                     progress: bool) -> ChildOutcome:
     """A task's body: MNIST from the object store into a private folder, then the job."""
-    if job.config.threads == 0:
+    if job.config.threads == AUTO_THREADS:  # its share of the machine, as Ray reserved it
         job = dataclasses.replace(job, config=dataclasses.replace(job.config, threads=threads))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory(prefix="mnist-mlflow-") as root:

@@ -127,7 +127,8 @@ def recorded_config(run: Run) -> TrainConfig:
     config = config_from_params(run.info.run_id, settings_of(run), {})
     tags = run.data.tags
     # How it ran, as resolved then (device `auto` may mean another device here).
-    threads = int(tags.get("threads", "0")) or int(tags.get(TORCH_THREADS_TAG, "0"))
+    # The count torch had: `auto` may find other cores free today.
+    threads = tags.get(TORCH_THREADS_TAG) or tags.get("threads", "0")
     return dataclasses.replace(
         config, device=tags["resolved_device"].split(":")[0],
         precision=tags["resolved_precision"],
@@ -316,7 +317,8 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
         code_note = (f"today's code ({here.describe()}) is not the recorded code ({recorded}); "
                      "training today's code (--at-commit trains the recorded one)")
     say(f"Reproducing {target.describe()}: {epochs} of {recorded_epochs} epochs, "
-        f"{config.device}, {config.threads or 'default'} thread(s); {code_note}")
+        f"{config.device}, {config.threads if config.threads != '0' else 'default'} thread(s); "
+        f"{code_note}")
     experiment = experiment or client.get_experiment(original.info.experiment_id).name
     run = MlflowRun.create(experiment, f"{original.info.run_name} reproduced",
                            tags={REPRODUCES_TAG: original.info.run_id,

@@ -35,6 +35,7 @@ from mnist_mlflow.schema import (
     PHASE_TAG,
     REPORT_DISAGREEMENTS,
     REPORT_PARETO,
+    TORCH_THREADS_TAG,
     settings_from_params,
     settings_of,
 )
@@ -58,7 +59,10 @@ def how_run(run: Run) -> str:
     settings = settings_of(run)
     # A tag since runs record how they ran as tags; a param in runs made before.
     device = run.data.tags.get("resolved_device") or settings.get("resolved_device", "?")
-    threads = int(float(settings.get("threads", "0")))
+    # The count torch had (`auto` or 0 say only how it was chosen); what runs made before
+    # that tag asked for.
+    counted = run.data.tags.get(TORCH_THREADS_TAG) or str(settings.get("threads", "0"))
+    threads = int(float(counted)) if counted.replace(".", "", 1).isdigit() else 0
     if not threads:
         return device
     return f"{device}, {threads} thread{'s' if threads > 1 else ''}"

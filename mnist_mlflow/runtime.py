@@ -12,13 +12,14 @@ import importlib.util
 import os
 import shutil
 import sysconfig
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.config import AUTO_THREADS, TrainConfig, UserError
 
 # Inductor's Triton kernels need Volta or newer; bf16 tensor cores need Ampere or newer.
 # Below these, torch still "supports" both by emulation, slowly.
@@ -39,6 +40,8 @@ class Runtime:
     deterministic: bool
     compile_reason: str
     precision_reason: str
+    threads: int  # torch's intra-op threads for training; 0 leaves torch's own choice
+    threads_reason: str
 
     @property
     def cuda_graphs(self) -> bool:
@@ -61,7 +64,8 @@ class Runtime:
         return {"resolved_device": str(self.device), "resolved_precision": self.precision,
                 "resolved_compile": str(self.compile).lower(),
                 "resolved_channels_last": str(self.channels_last).lower(),
-                "compile_reason": self.compile_reason, "precision_reason": self.precision_reason}
+                "compile_reason": self.compile_reason, "precision_reason": self.precision_reason,
+                "threads_reason": self.threads_reason}
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -151,8 +155,48 @@ def resolve(config: TrainConfig) -> Runtime:
     # convolutions skip the reorders that NCHW needs, but eager BatchNorm and pooling in NHWC
     # made the step 1.8x slower here; compiled, those are fused.
     channels_last = device.type == "cuda" or compiles
+    threads, threads_reason = resolve_threads(config.threads)
     return Runtime(device, dtype, compiles, channels_last, config.deterministic,
-                   compile_reason, precision_reason)
+                   compile_reason, precision_reason, threads, threads_reason)
+
+
+def busy_cores(window_s: float = 0.25) -> float:
+    """How many of the machine's cores other processes keep busy now: from /proc/stat over
+    `window_s` (this process sleeps meanwhile), else the 1-minute load average."""
+    def times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields[:8]), fields[3] + fields[4]  # all but guest time; idle + iowait
+    try:
+        total, idle = times()
+        time.sleep(window_s)
+        total2, idle2 = times()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    elapsed = total2 - total
+    return (elapsed - (idle2 - idle)) / elapsed * (os.cpu_count() or 1) if elapsed else 0.0
+
+
+def auto_threads(cores: int, busy: float) -> int:
+    """Threads for a run given the cores it may use and how many are busy: the free ones,
+    at least 1. OpenMP threads wait on each other at every step: one on a busy core holds
+    back the rest (an epoch 4.3x slower beside one busy process, on 2 cores)."""
+    return max(1, min(cores, cores - round(busy)))
+
+
+def resolve_threads(threads: str) -> tuple[int, str]:
+    """torch's thread count for TrainConfig.threads, with why."""
+    if threads == AUTO_THREADS:
+        limit = os.environ.get("OMP_NUM_THREADS", "")
+        if limit.isdigit() and int(limit) > 0:  # the user's (or a scheduler's) word stands
+            return int(limit), f"auto: OMP_NUM_THREADS={limit}"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        busy = busy_cores()
+        count = auto_threads(cores, busy)
+        return count, f"auto: {count} of {cores} cores free ({busy:.1f} busy at the start)"
+    if threads == "0":
+        return 0, "--threads 0: torch's default"
+    return int(threads), f"--threads {threads}"
 
 
 @contextlib.contextmanager

@@ -554,7 +554,7 @@ def _log_start(run: MlflowRun, config: TrainConfig, state: TrainState, data: Mni
     run.log_new_params(run_params(config, state, data))
     run.set_tags({**run_tags(config, data), **state.runtime.tags()})
     code = codestate.current()  # git's answer takes a moment: the settings are in first
-    run.set_tags({**code_tags(code), **environment_tags(config.threads)})
+    run.set_tags({**code_tags(code), **environment_tags(state.runtime.threads)})
     if code.dirty:
         patch = tmp / Path(PATCH_ARTIFACT).name
         patch.write_text(code.patch)

@@ -351,7 +351,7 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
     # fallback above record it. (Eager runs do not import Dynamo at all.)
     no_silent_eager = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
                        if runtime.compile else contextlib.nullcontext())
-    with torch_threads(config.threads), deterministic_algorithms(runtime.deterministic), \
+    with torch_threads(runtime.threads), deterministic_algorithms(runtime.deterministic), \
             no_silent_eager:
         for epoch in range(state.epoch + 1, min(until or config.epochs, config.epochs) + 1):
             seed = epoch_seed(config.seed, epoch)

@@ -109,7 +109,7 @@ def test_phases_name_valid_configs_and_the_seed_phase_is_the_seeds_runs() -> Non
     assert [(c.model, c.dropout, c.epochs, c.scheduler) for c in seed] == [
         ("opt", 0.0, 20, "step"), ("opt", 0.05, 20, "step")]
     assert all(c.epochs <= 15 for c in phase_configs("gap", {}))
-    assert {c.threads for c in phase_configs("gap", {"threads": 1})} == {1}
+    assert {c.threads for c in phase_configs("gap", {"threads": 1})} == {"1"}
 
 
 def train(config, data) -> tuple[list[EpochMetrics], object]:

@@ -229,7 +229,10 @@ def test_both_pipelines_train_and_log(tracked_runs: dict[str, mlflow.entities.Ru
     params = run.data.params
     assert params["pipeline"] == pipeline
     assert (params["precision"], params["compile"], run.data.tags["threads"]) == (
-        "auto", "auto", "0")
+        "auto", "auto", "auto")
+    # What `--threads auto` chose, and why (the tests' OMP_NUM_THREADS=1 stands).
+    assert run.data.tags["threads_reason"].startswith("auto: ")
+    assert int(run.data.tags["torch_threads"]) >= 1
     tags = run.data.tags
     assert (tags["resolved_precision"], tags["resolved_compile"],
             tags["resolved_channels_last"]) == ("fp32", "false", "false")

@@ -161,9 +161,11 @@ def open_view(driver: webdriver.Chrome, url: str, experiment: str, view: str) ->
     """As the README says: open the experiment (a fresh browser shows it in the GenAI mode,
     with a tip over the page: "Got it"), switch to "Model training", pick `view` in Views."""
     open_page(driver, f"{url}/#/experiments/{experiment}")
-    with contextlib.suppress(TimeoutException):  # once per browser profile
-        WebDriverWait(driver, 8, poll_frequency=0.5).until(
-            lambda _: click_now(driver, "//button[normalize-space(.)='Got it']"))
+    if not getattr(driver, "tip_seen", False):  # shown once per browser profile
+        with contextlib.suppress(TimeoutException):
+            WebDriverWait(driver, 8, poll_frequency=0.5).until(
+                lambda _: click_now(driver, "//button[normalize-space(.)='Got it']"))
+        driver.tip_seen = True
     click(driver, "//*[normalize-space(.)='Model training']", "'Model training' switch",
           "model-training")
     click(driver, "//button[@data-testid='saved-views-trigger']", "Views menu", "views")

@@ -1,0 +1,53 @@
+"""`--threads auto`: each run takes the cores free when it starts, and says so (what a run
+records of it: tests/test_pipeline.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mnist_mlflow.runtime import auto_threads, resolve_threads
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize(("cores", "busy", "threads"), [
+    (2, 0.0, 2), (2, 0.3, 2), (2, 1.0, 1), (2, 1.6, 1), (2, 5.0, 1), (16, 3.4, 13), (1, 0.0, 1),
+])
+def test_auto_takes_the_free_cores_and_at_least_one(cores: int, busy: float,
+                                                    threads: int) -> None:
+    assert auto_threads(cores, busy) == threads
+
+
+def test_auto_leaves_a_core_that_another_process_keeps_busy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: auto always takes it")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        count, why = resolve_threads("auto")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 1 <= count <= cores - 1
+    assert why.startswith(f"auto: {count} of {cores} cores free")
+
+
+def test_omp_num_threads_caps_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert resolve_threads("auto") == (1, "auto: OMP_NUM_THREADS=1")
+    assert resolve_threads("3") == (3, "--threads 3")
+
+
+@pytest.mark.parametrize("value", ["two", "-1", "1.5", ""])
+def test_a_bad_threads_value_is_one_line_before_any_run(value: str) -> None:
+    from mnist_mlflow.config import UserError
+
+    with pytest.raises(UserError, match=r"invalid threads: must be auto or a count >= 0"):
+        tiny_config(threads=value).validate()

@@ -105,7 +105,7 @@ log = logging.getLogger("mnist_mlflow")
 # MLflow's UI sorted by time (its default) nests a sweep's children under their parent; filtered
 # on the training role and sorted by a metric it lists them flat. Two saved views (the UI's
 # "Views") hold that, one with a configuration's seeds grouped (mean and band in the charts).
-# A link to a filter and sort would not do: clicked inside the UI, the page's own state wins.
+# They work in place from the Views menu; the description links them too (a new tab).
 _TRAINING_RUNS = {"searchFilter": f"tags.{ROLE_TAG} = '{TRAIN_ROLE}'",
                   "orderByKey": f"metrics.`{FINAL_VAL_ACC}`", "orderByAsc": False,
                   "selectedColumns": [f"metrics.`{FINAL_VAL_ACC}`", f"metrics.`{FINAL_TEST_ACC}`",
@@ -238,14 +238,18 @@ def describe(config: TrainConfig, num_params: int, outcome: str) -> str:
             f"{config.epochs} epochs of {config.recipe()}. {outcome}")
 
 
+# The figures a training run's description shows (small copies, in CURVES_DIR/THUMBS_DIR).
+DESCRIBED_FIGURES = (("Training curves", CURVES_FILE), ("Confusion matrix", CONFUSION_FILE),
+                     ("Most confident mistakes", MISTAKES_FILE))
+
+
 def figures(run_id: str) -> str:
     """The run's pictures, small and inline in its description (the UI shows them on the
     run's and its model's pages; under Artifacts they are a click each), each linked to the
     full figure."""
     figure = inline_figure(run_id)
-    return "\n\n" + " ".join(figure(alt, f"{CURVES_DIR}/{name}") for alt, name in (
-        ("Training curves", CURVES_FILE), ("Confusion matrix", CONFUSION_FILE),
-        ("Most confident mistakes", MISTAKES_FILE)))
+    return "\n\n" + " ".join(figure(alt, f"{CURVES_DIR}/{name}")
+                              for alt, name in DESCRIBED_FIGURES)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -620,7 +624,7 @@ def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data:
     plot = plot_training_curves(history, tmp / CURVES_FILE, config.run_name)
     run.log_artifact(plot, CURVES_DIR)
     _log_records(run, config, image_records(state.model, pipeline, data), data, tmp)
-    for name in (CURVES_FILE, CONFUSION_FILE, MISTAKES_FILE):  # what the description shows
+    for _, name in DESCRIBED_FIGURES:
         run.log_artifact(thumbnail(tmp / name), f"{CURVES_DIR}/{THUMBS_DIR}")
     summary = tmp / MODEL_SUMMARY
     summary.write_text(model_summary(state.model))

@@ -214,14 +214,22 @@ def experiment_id(name: str, client: MlflowClient | None = None, create: bool = 
         except MlflowException:  # created meanwhile by another process
             found = client.get_experiment_by_name(name)
             new_id, existing = found.experiment_id, found.tags
-    for key, value in (tags or {}).items():
+    tag_experiment(client, new_id, tags or {}, existing)
+    return new_id
+
+
+def tag_experiment(client: MlflowClient, experiment_id: str, tags: Mapping[str, str],
+                   existing: Mapping[str, str]) -> None:
+    """Set the `tags` an experiment lacks (`existing`: those it has); `{experiment_id}` in a
+    value stands for its id."""
+    for key, value in tags.items():
         if key not in existing:
             try:
-                client.set_experiment_tag(new_id, key, value.replace("{experiment_id}", new_id))
+                client.set_experiment_tag(experiment_id, key,
+                                          value.replace("{experiment_id}", experiment_id))
             except MlflowException as err:  # another process set it meanwhile: theirs stays
                 if not _lost_insert_race(err):
                     raise
-    return new_id
 
 
 # The UI's saved views ("Views", top right of an experiment's runs) are experiment tags:
@@ -343,8 +351,9 @@ class MlflowRun:
                     **({DESCRIPTION_TAG: description} if description else {})}
             run = cls.adopt(runner_run_id, run_name, tags)
             if kwargs.get("experiment_tags"):  # `mlflow run` made the experiment: tag it too
-                experiment_id(run.client.get_experiment(run.experiment_id).name, run.client,
-                              tags=kwargs["experiment_tags"])
+                exp_id = run.experiment_id
+                tag_experiment(run.client, exp_id, kwargs["experiment_tags"],
+                               run.client.get_experiment(exp_id).tags)
             return run
         return cls.create(experiment, run_name, **kwargs)
 

@@ -156,8 +156,7 @@ def plot_gallery(images: np.ndarray, captions: Sequence[str], path: Path, title:
         top, left = (index // columns) * (side + gap) + gap, (index % columns) * (side + 4) + 2
         mosaic[top:top + side, left:left + side] = image
     fig, ax = plt.subplots(figsize=(1.45 * columns, 1.75 * rows + 0.5))
-    ax.imshow(mosaic, cmap="gray_r" if not len(images) else "gray", vmin=0, vmax=255,
-              interpolation="nearest")
+    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     for index, caption in enumerate(captions[:len(images)]):
         ax.text((index % columns) * (side + 4) + 2 + side / 2,
                 (index // columns) * (side + gap) + gap - 1.5, caption, ha="center",

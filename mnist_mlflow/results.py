@@ -19,7 +19,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.config import AUTO_THREADS, TrainConfig, UserError
 from mnist_mlflow.mlrun import experiment_id
 from mnist_mlflow.phases import PHASES
 from mnist_mlflow.queries import load_records, score_runs, search_all, training_runs
@@ -62,7 +62,7 @@ def how_run(run: Run) -> str:
     # The count torch had (`auto` or 0 say only how it was chosen); what runs made before
     # that tag asked for.
     counted = run.data.tags.get(TORCH_THREADS_TAG) or str(settings.get("threads", "0"))
-    threads = int(float(counted)) if counted.replace(".", "", 1).isdigit() else 0
+    threads = int(float(counted)) if counted != AUTO_THREADS else 0
     if not threads:
         return device
     return f"{device}, {threads} thread{'s' if threads > 1 else ''}"

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError
+from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError, raise_terminated
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
 from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
@@ -174,9 +174,13 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
               help="Train only the unfinished children of this sweep, under the same parent.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
               show_default=True,
-              help="local: children one after another in this process. ray: each child a Ray "
-                   "task (pip install -e \".[ray]\"), on a local Ray started for the sweep "
-                   "or the cluster at --ray-address.")
+              help="local: children side by side in processes of this machine (--workers). "
+                   "ray: each child a Ray task (pip install -e \".[ray]\"), on a local Ray "
+                   "started for the sweep or the cluster at --ray-address.")
+@click.option("--workers", default="auto", show_default=True, metavar="auto|N",
+              help="Local sweeps: children trained side by side. auto: as many as the cores "
+                   "free when the sweep starts allow (each child one thread, or the spare "
+                   "cores shared out); 1: one after another in this process.")
 @click.option("--ray-address", default="", metavar="ADDR",
               help="Ray cluster to run on (say ray://head:10001 or auto) [default: a local "
                    "Ray with this machine's CPUs].")
@@ -186,12 +190,13 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
               help="GPUs each Ray task reserves (fractions share one).")
 @click.pass_context
 def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds: str,
-          resume_run_id: str, executor: str, ray_address: str, cpus_per_run: int,
-          gpus_per_run: float, **options: Any) -> None:
+          resume_run_id: str, executor: str, workers: str, ray_address: str,
+          cpus_per_run: int, gpus_per_run: float, **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
     from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
+    from mnist_mlflow.process_executor import ProcessExecutor
+    from mnist_mlflow.runtime import parse_workers
     from mnist_mlflow.sweep import (
-        LocalExecutor,
         parse_variants,
         resume_sweep,
         run_sweep,
@@ -202,11 +207,14 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
     if executor == "ray":
         from mnist_mlflow.ray_executor import RayExecutor
 
+        if workers != "auto":
+            raise UserError("--workers applies to local sweeps; a Ray sweep runs as many "
+                            "children as --cpus-per-run lets its cluster hold")
         children_run_by = RayExecutor(ray_address, cpus_per_run, gpus_per_run)
     else:
         if ray_address:
             raise UserError("--ray-address needs --executor ray")
-        children_run_by = LocalExecutor()
+        children_run_by = ProcessExecutor(parse_workers(workers))
     variants = tuple(v for v in variants if v.strip())  # `mlflow run` passes "" for none
     given = given_settings(ctx, options)
     for name in ("model", "dropout"):
@@ -242,7 +250,8 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
         raise click.ClickException(
             f"{len(result.failed)} of {len(result.children)} sweep children failed "
             f"({', '.join(c.config.run_name for c in result.failed)}); "
-            f"parent run {result.parent_run_id} ended FAILED")
+            f"parent run {result.parent_run_id} ended FAILED; train them again with: "
+            f"mnist-mlflow sweep --resume {result.parent_run_id}")
     click.echo(f"sweep {result.parent_run_id}: all {len(result.children)} children finished")
 
 
@@ -471,22 +480,9 @@ def predict(model_uri: str, as_json: bool, images: tuple[str, ...]) -> None:
         raise click.ClickException(f"{failed} of {len(results)} files could not be predicted")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the run ends KILLED with what it had logged.
-
-    `mlflow run` answers Ctrl-C by sending SIGTERM to the entry point.
-    """
-
-    exit_code = 143
-
-
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    raise Terminated("SIGTERM")
-
-
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, no traceback."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, raise_terminated)
     # MLflow draws a progress bar for every model it downloads (predict, the registry's load
     # check): on a remote server, a screenful of bars before the one line that matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -71,6 +71,20 @@ class TrainingDiverged(Exception):
                 f"{where} step {self.step} of {self.steps}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the run ends KILLED with what it had logged.
+
+    `mlflow run` answers Ctrl-C by sending SIGTERM to the entry point.
+    """
+
+    exit_code = 143
+
+
+def raise_terminated(_signum: int, _frame: object) -> None:
+    """The SIGTERM handler of a process that trains (the CLI, a sweep's worker)."""
+    raise Terminated("SIGTERM")
+
+
 def shown_value(value: object) -> str:
     """A setting as people write it: floats without trailing zeros (0.05, 0, 1e-05)."""
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -9,6 +9,7 @@ can be replayed exactly (resume) and two runs with the same seed see the same da
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import calculate_md5
@@ -100,6 +102,10 @@ class Augmentation:
         return transforms.RandomAffine(
             degrees, translate=(self.translate, self.translate) if self.translate else None,
             scale=(1 - self.scale, 1 + self.scale) if self.scale else None, fill=0)
+
+
+# Held while MNIST is extracted or opened, beside the files.
+EXTRACT_LOCK = ".extract.lock"
 
 
 def verify_files(raw_dir: Path, files: dict[str, tuple[str, int]],
@@ -189,7 +195,11 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0,
                         "extracted there once; make it writable, or point --data-dir at a "
                         "writable copy")
     try:
-        train = datasets.MNIST(root, train=True, download=True)
+        # Children of a parallel sweep start together: one extracts, the others wait, and
+        # none reads a file another is still writing. (A read-only folder was extracted.)
+        with (FileLock(raw_dir / EXTRACT_LOCK) if os.access(raw_dir, os.W_OK)
+              else contextlib.nullcontext()):
+            train = datasets.MNIST(root, train=True, download=True)
         test = datasets.MNIST(root, train=False)
     except (RuntimeError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -14,7 +14,6 @@ sweep runs with `--executor ray`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -24,9 +23,10 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.config import AUTO_THREADS, UserError
+from mnist_mlflow.config import UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
 from mnist_mlflow.mlrun import absolute_uri
+from mnist_mlflow.runtime import use_share
 from mnist_mlflow.sweep import TERMINAL, ChildJob, ChildOutcome, end_unless_ended, train_child
 
 log = logging.getLogger("mnist_mlflow")
@@ -69,8 +69,9 @@ def mnist_blob(data_dir: Path | str) -> dict[str, bytes]:
 def train_in_worker(job: ChildJob, blob: Mapping[str, bytes], threads: int,
                     progress: bool) -> ChildOutcome:
     """A task's body: MNIST from the object store into a private folder, then the job."""
-    if job.config.threads == AUTO_THREADS:  # its share of the machine, as Ray reserved it
-        job = dataclasses.replace(job, config=dataclasses.replace(job.config, threads=threads))
+    # --threads auto: its share of the machine, as Ray reserved it.
+    use_share(threads, f"auto: the {threads} CPU{'s' if threads > 1 else ''} its Ray task "
+                       "reserved")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory(prefix="mnist-mlflow-") as root:
         raw_dir = Path(root) / "MNIST" / "raw"

@@ -326,12 +326,19 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
     """Hand `jobs` to `executor`, collect the outcomes, and end the parent by them."""
     children = list(finished)
     started = {job.run_id: job for job in jobs}
+    outcomes = executor.run(jobs, data_dir, progress)
     try:
-        for outcome in executor.run(jobs, data_dir, progress):
+        for outcome in outcomes:
             children.append(outcome)
             started.pop(outcome.run_id, None)
             parent.heartbeat()
-    except (RunInterrupted, KeyboardInterrupt) as err:
+    except KeyboardInterrupt as err:
+        try:
+            # A signal while this loop, not the executor, ran: the executor stops its children
+            # first (from an executor that raised it, this raises it again).
+            outcomes.throw(err)
+        except KeyboardInterrupt as stopped:
+            err = stopped
         run_id = getattr(err, "run_id", None)
         if run_id in started:
             job = started.pop(run_id)
@@ -341,7 +348,7 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
         _end_parent(parent, SweepResult(parent.run_id, children), RunStatus.KILLED)
         if isinstance(err, RunInterrupted):
             err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
-        raise
+        raise err  # the executor's, which says which child stopped where
     result = SweepResult(parent.run_id, children)
     _end_parent(parent, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
     return result

@@ -107,7 +107,8 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     shutil.copytree(mnist_root / "MNIST", data / "MNIST")
     victim = data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     original = victim.read_bytes()
-    args = ["sweep", "--variant", "opt:0,opt:0.05", "--data-dir", str(data),
+    # One child after another: the second opens MNIST after the first has trained.
+    args = ["sweep", "--variant", "opt:0,opt:0.05", "--workers", "1", "--data-dir", str(data),
             "--experiment", "faulty-sweep", *TRAIN_ARGS]
     process = mnist_mlflow(tracking_store, *args)
     try:

@@ -18,7 +18,8 @@ TINY = ["--epochs", "1", "--train-limit", "512", "--test-limit", "256", "--devic
 def test_default_sweep_trains_the_seeds_two_variants_as_children(
         store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    code, out, err = run_cli(["sweep", *TINY, "--data-dir", str(mnist_root),
+    # One after another (side by side: tests/test_parallel_sweep.py).
+    code, out, err = run_cli(["sweep", *TINY, "--workers", "1", "--data-dir", str(mnist_root),
                               "--experiment", "default-sweep"], capsys, monkeypatch)
     assert code == 0, err
     parents = [r for r in runs_of("default-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]

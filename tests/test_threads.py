@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mnist_mlflow.runtime import auto_threads, resolve_threads
+from mnist_mlflow.runtime import auto_threads, parse_workers, plan_sweep, resolve_threads
 from tests.conftest import tiny_config
 
 
@@ -51,3 +51,49 @@ def test_a_bad_threads_value_is_one_line_before_any_run(value: str) -> None:
 
     with pytest.raises(UserError, match=r"invalid threads: must be auto or a count >= 0"):
         tiny_config(threads=value).validate()
+
+
+@pytest.mark.parametrize(("children", "threads", "workers", "plan"), [
+    (4, "auto", 2, (2, 0, "--workers 2: 2 children side by side")),  # share: see below
+    (1, "auto", 3, (1, 0, "--workers 3: one child after another")),
+    (3, "2", 2, (2, 0, "--workers 2: 2 children side by side with 2 threads each, as set")),
+    (5, "auto", 1, (1, 0, "--workers 1: one child after another")),
+])
+def test_a_sweep_plan_says_how_many_children_run_together_and_their_threads(
+        monkeypatch: pytest.MonkeyPatch, children: int, threads: str, workers: int,
+        plan: tuple[int, int, str]) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    got = plan_sweep(children, threads, workers)
+    assert got.workers == plan[0]
+    assert got.reason.startswith(plan[2])
+    if threads == "auto" and got.workers > 1:  # the free cores shared out, at least one each
+        assert got.threads >= 1 and got.reason.endswith(
+            f"with {got.threads} thread{'s' if got.threads > 1 else ''} each")
+    else:
+        assert got.threads == 0  # each child's own setting stands
+
+
+def test_auto_workers_leave_a_core_that_another_process_keeps_busy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core: a sweep runs one child at a time")
+    idle = plan_sweep(cores, "auto", 0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        busy = plan_sweep(cores, "auto", 0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy.workers <= cores - 1 and busy.workers <= idle.workers
+    assert busy.reason.startswith("auto: ") and f"of {cores} cores free" in busy.reason
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_a_bad_workers_value_is_one_line(value: str) -> None:
+    from mnist_mlflow.config import UserError
+
+    with pytest.raises(UserError, match=r"invalid --workers .*: must be auto or a count >= 1"):
+        parse_workers(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,54 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
+# Dropout masks drawn 16 random bits per element: 4 per int64 that torch's CPU generator
+# draws (its Bernoulli draws one double per element: 3x the cost of the whole mask here).
+MASK_BITS = 16
+
+
+def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Float32 `shape` of 0 (dropped, with probability p) or 1/(1-p), each element drawn
+    independently from torch's default generator: the distribution of nn.Dropout's mask.
+
+    16 bits give a drop probability of `low`/65536, the grid point at or below p; the rest,
+    p - low/65536, drops by a second, independent and sparse draw (a binomial count of places,
+    uniformly chosen), so that each element drops with probability exactly p. Only float
+    arithmetic touches the whole tensor: comparisons into bool are slow on the CPU.
+    """
+    count = math.prod(shape)
+    levels = 1 << MASK_BITS
+    # All 64 bits: random_() alone leaves the sign bit 0, and with it one int16 in four.
+    bits = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+    uniform = bits.view(torch.int16)[:count].to(torch.float32)  # over [-32768, 32768)
+    low = math.floor(p * levels)
+    # Below the threshold (never equal to it: it is halfway between two integers): dropped.
+    mask = uniform.sub_(low - levels // 2 - 0.5).sign_().add_(1.0).mul_(0.5 / (1.0 - p))
+    rest = (p - low / levels) / (1.0 - low / levels)
+    if rest > 0:
+        extra = int(torch.binomial(torch.tensor(float(count)), torch.tensor(rest)).item())
+        if extra:
+            places = torch.randint(count, (extra,))
+            while places.unique().numel() < extra:  # a uniform subset: no place twice
+                places = torch.randint(count, (extra,))
+            mask[places] = 0.0
+    return mask.view(shape)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the mask drawn 3-4x cheaper when training eager on the CPU.
+
+    The same module for everything else (state, eval, CUDA, a compiled graph): a logged
+    model holds the same layers and weights as one trained with nn.Dropout. Another mask
+    drawing consumes the generator otherwise, so a seed's masks differ from nn.Dropout's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.training or not self.p or x.device.type != "cpu" or self.inplace
+                or torch.compiler.is_compiling()):
+            return super().forward(x)
+        return x * dropout_mask(x.shape, self.p).to(x.dtype)
+
+
 def conv_block(
     in_channels: int, out_channels: int, dropout: float, padding: int = 0
 ) -> list[nn.Module]:
@@ -25,7 +74,7 @@ def conv_block(
         nn.ReLU(),
     ]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(Dropout(dropout))
     return layers
 
 

@@ -3,7 +3,15 @@ import torch
 from torch import nn
 
 from mnist_mlflow.data import build_pipeline, load_mnist
-from mnist_mlflow.models import MODELS, GlobalAvgPool, InferenceModel, build_model, count_parameters
+from mnist_mlflow.models import (
+    MODELS,
+    Dropout,
+    GlobalAvgPool,
+    InferenceModel,
+    build_model,
+    count_parameters,
+    dropout_mask,
+)
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import create_state, fit
 from tests.conftest import tiny_config
@@ -62,3 +70,48 @@ def test_every_variant_trains_one_epoch_on_a_slice(mnist_root, name: str) -> Non
     assert epoch.test_acc > 30.0  # far above chance (10%) after one pass over 2,048 digits
     assert all(not torch.equal(a, b) for a, b in zip(before, state.model.parameters(),
                                                          strict=True))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.3, 0.5, 0.9, 1e-5])
+def test_dropout_masks_drop_each_element_with_probability_p_and_scale_the_rest(
+        p: float) -> None:
+    torch.manual_seed(0)
+    masks = torch.stack([dropout_mask(torch.Size((64, 10, 24, 24)), p) for _ in range(20)])
+    values = masks.unique().tolist()
+    assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / (1 - p))]
+    dropped = (masks == 0).double()
+    # Within 4 standard deviations of p, overall and in each of the 4 lanes of 16 bits drawn
+    # from one int64 (a lane with a constant bit would drop at another rate).
+    for part in (dropped.flatten(), *dropped.flatten().view(-1, 4).T):
+        sd = (p * (1 - p) / part.numel()) ** 0.5
+        assert abs(part.mean().item() - p) < 4 * sd, (part.mean().item(), p)
+    # Neighbours independent: both dropped as often as p * p.
+    pairs = (dropped.flatten()[1:] * dropped.flatten()[:-1])
+    assert abs(pairs.mean().item() - p * p) < 4 * (p * p / pairs.numel()) ** 0.5 + 1e-9
+
+
+def test_the_fast_dropout_is_nn_dropout_to_the_model_and_its_gradient() -> None:
+    torch.manual_seed(1)
+    layer = Dropout(0.05)
+    assert isinstance(layer, nn.Dropout) and layer.state_dict() == {}
+    leaf = torch.rand(8, 10, 12, 12, requires_grad=True)
+    x = leaf + 0.01  # no zeros of its own: a zero out is a dropped element
+    y = layer(x)
+    kept = y.detach() != 0
+    assert 0.9 < kept.double().mean().item() < 0.99
+    assert torch.allclose(y[kept], x[kept] / 0.95)
+    y.backward(torch.ones_like(y))
+    # What is dropped forward gets no gradient back; the rest the same scale.
+    assert torch.allclose(leaf.grad, kept.float() / 0.95)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+    # Same seed, same masks: runs repeat; and a model trained with it saves as nn.Dropout's.
+    torch.manual_seed(2)
+    first = dropout_mask(x.shape, 0.05)
+    torch.manual_seed(2)
+    assert torch.equal(first, dropout_mask(x.shape, 0.05))
+    fast, plain = build_model("opt", 0.05), build_model("opt", 0.05)
+    for index, module in enumerate(plain.features):
+        if isinstance(module, Dropout):
+            plain.features[index] = nn.Dropout(0.05)
+    assert fast.state_dict().keys() == plain.state_dict().keys()

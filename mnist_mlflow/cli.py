@@ -181,6 +181,10 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
               help="Local sweeps: children trained side by side. auto: as many as the cores "
                    "free when the sweep starts allow (each child one thread, or the spare "
                    "cores shared out); 1: one after another in this process.")
+@click.option("--stack-seeds", is_flag=True,
+              help="Train the seeds of each variant as one stacked model (torch.func, vmap), "
+                   "each seed logged to its own child run as if trained alone: how a tiny net "
+                   "fills a GPU (on a CPU it gains nothing). In this process.")
 @click.option("--ray-address", default="", metavar="ADDR",
               help="Ray cluster to run on (say ray://head:10001 or auto) [default: a local "
                    "Ray with this machine's CPUs].")
@@ -190,13 +194,14 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
               help="GPUs each Ray task reserves (fractions share one).")
 @click.pass_context
 def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds: str,
-          resume_run_id: str, executor: str, workers: str, ray_address: str,
-          cpus_per_run: int, gpus_per_run: float, **options: Any) -> None:
+          resume_run_id: str, executor: str, workers: str, stack_seeds: bool,
+          ray_address: str, cpus_per_run: int, gpus_per_run: float, **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
     from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
     from mnist_mlflow.process_executor import ProcessExecutor
     from mnist_mlflow.runtime import parse_workers
     from mnist_mlflow.sweep import (
+        LocalExecutor,
         parse_variants,
         resume_sweep,
         run_sweep,
@@ -204,7 +209,14 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
     )
 
     check_experiment(options["experiment"])
-    if executor == "ray":
+    if stack_seeds and (executor == "ray" or workers not in ("auto", "1")):
+        raise UserError("--stack-seeds trains the stacked seeds in this process: leave out "
+                        "--executor ray and --workers")
+    if stack_seeds and options.get("compile") == "on":
+        raise UserError("--stack-seeds trains eager (vmap): leave out --compile on")
+    if stack_seeds:
+        children_run_by = LocalExecutor(stack_seeds=True)
+    elif executor == "ray":
         from mnist_mlflow.ray_executor import RayExecutor
 
         if workers != "auto":

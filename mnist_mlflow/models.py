@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -21,9 +22,11 @@ MNIST_STD = 0.3081
 MASK_BITS = 16
 
 
-def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
+def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Float32 `shape` of 0 (dropped, with probability p) or 1/(1-p), each element drawn
-    independently from torch's default generator: the distribution of nn.Dropout's mask.
+    independently from `generator` (torch's default one when None): the distribution of
+    nn.Dropout's mask.
 
     16 bits give a drop probability of `low`/65536, the grid point at or below p; the rest,
     p - low/65536, drops by a second, independent and sparse draw (a binomial count of places,
@@ -33,20 +36,31 @@ def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
     count = math.prod(shape)
     levels = 1 << MASK_BITS
     # All 64 bits: random_() alone leaves the sign bit 0, and with it one int16 in four.
-    bits = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
+    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(
+        -(1 << 63), None, generator=generator)
     uniform = bits.view(torch.int16)[:count].to(torch.float32)  # over [-32768, 32768)
     low = math.floor(p * levels)
     # Below the threshold (never equal to it: it is halfway between two integers): dropped.
     mask = uniform.sub_(low - levels // 2 - 0.5).sign_().add_(1.0).mul_(0.5 / (1.0 - p))
     rest = (p - low / levels) / (1.0 - low / levels)
     if rest > 0:
-        extra = int(torch.binomial(torch.tensor(float(count)), torch.tensor(rest)).item())
+        extra = int(torch.binomial(torch.tensor(float(count), device=device),
+                                   torch.tensor(rest, device=device),
+                                   generator=generator).item())
         if extra:
-            places = torch.randint(count, (extra,))
+            def draw() -> torch.Tensor:
+                return torch.randint(count, (extra,), generator=generator, device=device)
+            places = draw()
             while places.unique().numel() < extra:  # a uniform subset: no place twice
-                places = torch.randint(count, (extra,))
+                places = draw()
             mask[places] = 0.0
     return mask.view(shape)
+
+
+# Stacked seeds (mnist_mlflow.stacked): the masks of this forward pass, one per Dropout in
+# order, each drawn from its seed's generator as that seed trained alone would draw it.
+STACKED_MASKS: contextvars.ContextVar[Iterator[torch.Tensor] | None] = contextvars.ContextVar(
+    "stacked_masks", default=None)
 
 
 class Dropout(nn.Dropout):
@@ -58,6 +72,9 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masks = STACKED_MASKS.get()
+        if masks is not None and self.training and self.p:  # stacked seeds: drawn per seed
+            return x * next(masks)
         if (not self.training or not self.p or x.device.type != "cpu" or self.inplace
                 or torch.compiler.is_compiling()):
             return super().forward(x)

@@ -57,6 +57,8 @@ VARIANT_TAG = "variant"
 # counts from a run's creation (the sweep creates every child first, and MLflow cannot move a
 # run's start), so a child's training time is its Duration less this.
 QUEUED_TAG = "queued_seconds"
+# On each child of `sweep --stack-seeds`: the seeds trained with it in the same passes.
+STACKED_TAG = "stacked_seeds"
 # The run's configuration without its seed, readable (`opt-dropout0.05`, or
 # `gap8k-dropout0 lr=0.05 scheduler=onecycle`): the UI's "Group by" puts its seeds together,
 # and `compare` aggregates over it.

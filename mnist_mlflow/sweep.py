@@ -104,26 +104,39 @@ def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True) -> C
 
     An interruption (RunInterrupted, KeyboardInterrupt) is raised after the run is KILLED.
     """
+    return train_stacked([job], data_dir, progress)[0]
+
+
+def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str,
+                  progress: bool = True) -> list[ChildOutcome]:
+    """Train `jobs`, seeds of one configuration (or one job, or one job to resume), in the
+    same passes (mnist_mlflow.stacked), each into its own run; failures are recorded."""
+    first = jobs[0]
     try:
-        if job.resume:
+        if first.resume:
             # How it runs comes from this sweep's command line, as for the new children.
-            runtime = {name: getattr(job.config, name) for name in RUNTIME_SETTINGS}
-            result = resume_tracked(job.run_id, data_dir, runtime, progress=progress)
+            runtime = {name: getattr(first.config, name) for name in RUNTIME_SETTINGS}
+            resume_tracked(first.run_id, data_dir, runtime, progress=progress)
         else:
-            result = train_tracked(job.config, data_dir, run=MlflowRun(job.run_id),
-                                   progress=progress)
+            train_tracked(first.config, data_dir, run=MlflowRun(first.run_id),
+                          progress=progress,
+                          stacked_with=[(job.config, MlflowRun(job.run_id)) for job in jobs[1:]])
     except RunInterrupted:
         raise
-    except KeyboardInterrupt:  # before training began: the run never started
-        end_unless_ended(job.run_id, RunStatus.KILLED, "interrupted before training began")
+    except KeyboardInterrupt:  # before training began: the runs never started
+        for job in jobs:
+            end_unless_ended(job.run_id, RunStatus.KILLED, "interrupted before training began")
         raise
     except Exception as err:  # one child's crash must not stop the others
         reason = f"{type(err).__name__}: {err}"
-        log.error("child %s failed: %s", job.config.run_name, reason)
-        # Training ends its run FAILED itself, unless it failed before it began.
-        end_unless_ended(job.run_id, RunStatus.FAILED, reason)
-        return ChildOutcome(job.config, job.run_id, "FAILED", reason)
-    return ChildOutcome(job.config, result.run_id, "FINISHED")
+        outcomes = []
+        for job in jobs:
+            log.error("child %s failed: %s", job.config.run_name, reason)
+            # Training ends its runs FAILED itself, unless it failed before it began.
+            end_unless_ended(job.run_id, RunStatus.FAILED, reason)
+            outcomes.append(ChildOutcome(job.config, job.run_id, "FAILED", reason))
+        return outcomes
+    return [ChildOutcome(job.config, job.run_id, "FINISHED") for job in jobs]
 
 
 def end_unless_ended(run_id: str, status: int, reason: str,
@@ -138,12 +151,26 @@ def end_unless_ended(run_id: str, status: int, reason: str,
 
 
 class LocalExecutor:
-    """The jobs one after another, in this process."""
+    """The jobs one after another, in this process; with `stack_seeds`, the new children
+    that differ only in their seed as one stacked model (mnist_mlflow.stacked)."""
+
+    def __init__(self, stack_seeds: bool = False) -> None:
+        self.stack_seeds = stack_seeds
 
     def run(self, jobs: Sequence[ChildJob], data_dir: Path | str,
             progress: bool) -> Iterator[ChildOutcome]:
-        for job in jobs:
-            yield train_child(job, data_dir, progress)
+        for group in (stacks(jobs) if self.stack_seeds else [[job] for job in jobs]):
+            yield from train_stacked(group, data_dir, progress)
+
+
+def stacks(jobs: Sequence[ChildJob]) -> list[list[ChildJob]]:
+    """The jobs grouped by all but their seed, in order of first appearance; a job that
+    resumes a run goes alone (it starts at its own epoch)."""
+    groups: dict[object, list[ChildJob]] = {}
+    for index, job in enumerate(jobs):
+        key = index if job.resume else dataclasses.replace(job.config.what_it_learns(), seed=0)
+        groups.setdefault(key, []).append(job)
+    return list(groups.values())
 
 
 def parse_variants(specs: Iterable[str]) -> list[tuple[str, float]]:

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -83,6 +83,7 @@ from mnist_mlflow.schema import (
     RESUMED_ON_TAG,
     RESUMES_RUN_TAG,
     ROLE_TAG,
+    STACKED_TAG,
     SUMMARY_STEP,
     TEST_ACC,
     THUMBS_DIR,
@@ -98,6 +99,7 @@ from mnist_mlflow.schema import (
     rounded,
     settings_of,
 )
+from mnist_mlflow.stacked import StackedSeeds, fit_stacked
 from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit, predict
 
 log = logging.getLogger("mnist_mlflow")
@@ -285,36 +287,65 @@ def resume_command(run_id: str, under_mlflow_run: bool) -> str:
 def train_tracked(config: TrainConfig, data_dir: Path | str,
                   experiment: str = DEFAULT_EXPERIMENT, progress: bool = True,
                   run: MlflowRun | None = None, runner_run_id: str | None = None,
-                  tags: Mapping[str, str] | None = None, until: int = 0) -> RunResult:
+                  tags: Mapping[str, str] | None = None, until: int = 0,
+                  stacked_with: Sequence[tuple[TrainConfig, MlflowRun]] = ()) -> RunResult:
     """Validate, load data, then train `config` as one MLflow run and log everything.
 
     The one entry for what to train (`config`) and where to record it: the run `run` when
     given (a sweep creates its children first, `reproduce` its new run), else the run `mlflow
     run` made (`runner_run_id`), else a new one in `experiment`; `tags` are added to it.
     `until` stops after that epoch (the first epochs of the whole recipe: `reproduce
-    --epochs`).
+    --epochs`). `stacked_with`: other seeds of the same configuration, each with its run,
+    trained in the same passes (mnist_mlflow.stacked), each run recorded as if alone.
     """
-    config.validate()
+    configs = [config.validate(), *(other.validate() for other, _ in stacked_with)]
     runtime = resolve(config)
     open_store()
     data = load_mnist(data_dir, config.train_limit, config.test_limit, config.val_size)
     pipeline = build_pipeline(config, data, runtime)
-    state = create_state(config, runtime, pipeline.steps_per_epoch)
     tags = {ROLE_TAG: TRAIN_ROLE, **(tags or {})}
+    if stacked_with:
+        if runtime.compile:  # vmap'd functional calls are not compiled here
+            runtime = dataclasses.replace(runtime, compile=False,
+                                          compile_reason="stacked seeds: eager (vmap)")
+        stack = StackedSeeds(configs, runtime, pipeline.steps_per_epoch)
+        states = stack.states
+        tags[STACKED_TAG] = ",".join(str(c.seed) for c in configs)
+    else:
+        states = [create_state(config, runtime, pipeline.steps_per_epoch)]
+    made_here = run is None
     if run is None:
         run = MlflowRun.create_or_adopt(
             runner_run_id, experiment, config.run_name, tags=tags,
             experiment_tags=EXPERIMENT_TAGS)
-    else:
-        info = run.client.get_run(run.run_id).info
-        if info.status == "SCHEDULED":  # a sweep's child, waiting until now
-            tags[QUEUED_TAG] = f"{max(0.0, time.time() - info.start_time / 1000):.1f}"
-        run.reopen()
-        run.set_tags(tags)
-    # At once: a run killed from here on can be resumed (or started over) from its params.
-    run.log_new_params(run_params(config, state, data))
-    return _train_in_run(run, config, data, pipeline, state, [], progress,
-                         resume_command(run.run_id, runner_run_id is not None), until)
+    runs = [run, *(other_run for _, other_run in stacked_with)]
+    for index, (member, state) in enumerate(zip(runs, states, strict=True)):
+        if index or not made_here:  # made before (SCHEDULED by a sweep, say): tag it now
+            own = dict(tags)
+            info = member.client.get_run(member.run_id).info
+            if info.status == "SCHEDULED":  # a sweep's child, waiting until now
+                own[QUEUED_TAG] = f"{max(0.0, time.time() - info.start_time / 1000):.1f}"
+            member.reopen()
+            member.set_tags(own)
+        # At once: a run killed from here on can be resumed (or started over) from its params.
+        member.log_new_params(run_params(configs[index], state, data))
+
+    def train(on_epoch: Callable[[int, EpochMetrics, TrainState], None],
+              on_fallback: Callable[[str], None]) -> None:
+        if stacked_with:
+            fit_stacked(stack, pipeline, on_epoch)
+        else:
+            fit(config, states[0], pipeline, progress=progress, until=until,
+                on_epoch=lambda metrics, trained: on_epoch(0, metrics, trained),
+                on_compile_fallback=on_fallback)
+
+    with contextlib.ExitStack() as folders:
+        recordings = [
+            _Recording(member, member_config, state, [],
+                       resume_command(member.run_id, runner_run_id is not None),
+                       Path(folders.enter_context(tempfile.TemporaryDirectory())))
+            for member, member_config, state in zip(runs, configs, states, strict=True)]
+        return _train_in_runs(recordings, data, pipeline, train)[0]
 
 
 def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object] | None = None,
@@ -421,79 +452,141 @@ def _log_missing_epochs(run: MlflowRun, history: list[EpochMetrics]) -> None:
             run.log_metrics(metrics.as_metrics(), step=metrics.epoch)
 
 
-def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline: Pipeline,
-                  state: TrainState, history: list[EpochMetrics], progress: bool,
-                  command: str, until: int = 0) -> RunResult:
-    """Train into `run` from `state` to the end, checkpointing every epoch; end the run."""
-    num_params = count_parameters(state.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        handler = logging.FileHandler(Path(tmp) / TRAINING_LOG)
+@dataclass
+class _Recording:
+    """One run being trained: what it records at its start, after each epoch, at its end."""
+
+    run: MlflowRun
+    config: TrainConfig
+    state: TrainState
+    history: list[EpochMetrics]
+    command: str  # resumes it
+    tmp: Path
+    ended: bool = False
+
+    @property
+    def num_params(self) -> int:
+        return count_parameters(self.state.model)
+
+    def start(self, data: MnistData) -> None:
+        self.run.hold_lease()
+        if not self.history:
+            _log_start(self.run, self.config, self.state, data, self.tmp)
+            log.info("run %s: training %s on %s (%d parameters)", self.run.run_id,
+                     self.config.run_name, self.state.runtime.describe(), self.num_params)
+        self.run.describe(describe(self.config, self.num_params, "Training."))
+
+    def epoch(self, metrics: EpochMetrics, trained: TrainState) -> None:
+        self.history.append(metrics)
+        # Held signals: a checkpoint is never half-written, and the checkpoint goes first,
+        # so a resume can log any epoch whose metrics were lost (never one twice).
+        with signals_deferred():
+            log_checkpoint(self.run, trained, self.history, self.tmp)
+            self.run.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
+            self.run.heartbeat()
+
+    def finish(self, data: MnistData, pipeline: Pipeline) -> None:
+        """The model, its records and pictures, the summary; FINISHED (signals held)."""
+        run, config = self.run, self.config
+        run.flush()
+        summary = summary_metrics(self.history)
+        finished = describe(config, self.num_params, (
+            f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
+            f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f})."
+            )) + figures(run.run_id)
+        model_id = _log_artifacts(run, config, self.state, data, pipeline, self.history,
+                                  self.tmp, finished)
+        # Once, after the model: they are its metrics too, with their datasets.
+        run.log_metrics(summary, step=SUMMARY_STEP, model_id=model_id,
+                        datasets=measured_on(data))
+        run.describe(finished)
+        run.end(RunStatus.FINISHED)
+        self.ended = True
+
+    def stop(self, status: int, reason: str, outcome: str) -> None:
+        """End the run KILLED or FAILED with `reason` (signals held), unless it ended."""
+        if not self.ended:
+            with signals_deferred(deliver=False):
+                _end(self.run, status, reason, describe(self.config, self.num_params, outcome))
+            self.ended = True
+
+
+# How the runs of one training are trained: given each epoch's callback (run index, metrics,
+# state) and the compile fallback's, trains them all to the end.
+Trainer = Callable[[Callable[[int, EpochMetrics, TrainState], None], Callable[[str], None]],
+                   object]
+
+
+def _train_in_runs(runs: list[_Recording], data: MnistData, pipeline: Pipeline,
+                   train: Trainer) -> list[RunResult]:
+    """Train into `runs` (one, or stacked seeds) from their states to the end, checkpointing
+    every epoch of each; end each run."""
+    handlers = []
+    for recording in runs:
+        handler = logging.FileHandler(recording.tmp / TRAINING_LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)  # training.log records every epoch, whatever the root level
+        handlers.append(handler)
+    log.setLevel(logging.INFO)  # training.log records every epoch, whatever the root level
 
-        def on_epoch(metrics: EpochMetrics, trained: TrainState) -> None:
-            history.append(metrics)
-            # Held signals: a checkpoint is never half-written, and the checkpoint goes first,
-            # so a resume can log any epoch whose metrics were lost (never one twice).
-            with signals_deferred():
-                log_checkpoint(run, trained, history, Path(tmp))
-                run.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
-                run.heartbeat()
+    def on_compile_fallback(reason: str) -> None:
+        for recording in runs:
+            recording.run.set_tags({"resolved_compile": "false", COMPILE_FALLBACK_TAG: reason})
 
-        def on_compile_fallback(reason: str) -> None:
-            run.set_tags({"resolved_compile": "false", COMPILE_FALLBACK_TAG: reason})
-
-        try:
-            run.hold_lease()
-            if not history:
-                _log_start(run, config, state, data, Path(tmp))
-                log.info("run %s: training %s on %s (%d parameters)", run.run_id,
-                         config.run_name, state.runtime.describe(), num_params)
-            run.describe(describe(config, num_params, "Training."))
-            fit(config, state, pipeline, on_epoch=on_epoch, progress=progress,
-                on_compile_fallback=on_compile_fallback, until=until)
-            # Training is done: finish with signals held, so that the run ends FINISHED with
-            # its model, never half-logged or RUNNING; a signal meanwhile is reported after.
-            with signals_deferred(deliver=False) as caught:
-                run.flush()
-                summary = summary_metrics(history)
+    first = runs[0]
+    try:
+        for recording in runs:
+            recording.start(data)
+        train(lambda index, metrics, state: runs[index].epoch(metrics, state),
+              on_compile_fallback)
+        # Training is done: finish with signals held, so that each run ends FINISHED with its
+        # model, never half-logged or RUNNING; a signal meanwhile is reported after.
+        with signals_deferred(deliver=False) as caught:
+            for handler in handlers:
                 handler.flush()
-                finished = describe(config, num_params, (
-                    f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
-                    f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f})."
-                    )) + figures(run.run_id)
-                model_id = _log_artifacts(run, config, state, data, pipeline, history,
-                                          Path(tmp), finished)
-                # Once, after the model: they are its metrics too, with their datasets.
-                run.log_metrics(summary, step=SUMMARY_STEP, model_id=model_id,
-                                datasets=measured_on(data))
-                run.describe(finished)
-                run.end(RunStatus.FINISHED)
-        except KeyboardInterrupt as err:
-            name = str(err) or "SIGINT"
-            reason = f"interrupted ({name}) after epoch {state.epoch} of {config.epochs}"
-            # A second signal (Ctrl-C twice; under `mlflow run`, Ctrl-C reaches the entry
-            # point and the runner's SIGTERM follows) must not cut the ending short.
-            with signals_deferred(deliver=False):
-                _end(run, RunStatus.KILLED, reason,
-                     describe(config, num_params, f"Killed: {reason}; resume with `{command}`."))
-            raise RunInterrupted(name, run.run_id, state.epoch, config.epochs, command,
-                                 getattr(err, "exit_code", 130)) from err
-        except BaseException as err:
-            reason = f"{type(err).__name__}: {err}"
-            with signals_deferred(deliver=False):
-                _end(run, RunStatus.FAILED, reason,
-                     describe(config, num_params, f"Failed: {reason}"))
-            raise
-        finally:
+            for recording in runs:
+                recording.finish(data, pipeline)
+    except KeyboardInterrupt as err:
+        name = str(err) or "SIGINT"
+        # A second signal (Ctrl-C twice; under `mlflow run`, Ctrl-C reaches the entry point
+        # and the runner's SIGTERM follows) must not cut the ending short.
+        with signals_deferred(deliver=False):
+            for recording in runs:
+                reason = (f"interrupted ({name}) after epoch {recording.state.epoch} of "
+                          f"{recording.config.epochs}")
+                recording.stop(RunStatus.KILLED, reason,
+                               f"Killed: {reason}; resume with `{recording.command}`.")
+        raise RunInterrupted(name, first.run.run_id, first.state.epoch, first.config.epochs,
+                             first.command, getattr(err, "exit_code", 130)) from err
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {err}"
+        with signals_deferred(deliver=False):
+            for recording in runs:
+                recording.stop(RunStatus.FAILED, reason, f"Failed: {reason}")
+        raise
+    finally:
+        for handler in handlers:
             log.removeHandler(handler)
             handler.close()
     if caught:
         name = signal.Signals(caught[0]).name
-        raise RunInterrupted(name, run.run_id, state.epoch, config.epochs, "", 128 + caught[0],
-                             finished=True)
-    return RunResult(run.run_id, history)
+        raise RunInterrupted(name, first.run.run_id, first.state.epoch, first.config.epochs,
+                             "", 128 + caught[0], finished=True)
+    return [RunResult(recording.run.run_id, recording.history) for recording in runs]
+
+
+def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline: Pipeline,
+                  state: TrainState, history: list[EpochMetrics], progress: bool,
+                  command: str, until: int = 0) -> RunResult:
+    """Train into `run` from `state` to the end, checkpointing every epoch; end the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        def train(on_epoch: Callable[[int, EpochMetrics, TrainState], None],
+                  on_fallback: Callable[[str], None]) -> None:
+            fit(config, state, pipeline, progress=progress, until=until,
+                on_epoch=lambda metrics, trained: on_epoch(0, metrics, trained),
+                on_compile_fallback=on_fallback)
+        recording = _Recording(run, config, state, history, command, Path(tmp))
+        return _train_in_runs([recording], data, pipeline, train)[0]
 
 
 @contextlib.contextmanager

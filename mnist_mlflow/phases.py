@@ -37,6 +37,13 @@ AFFINE_RECIPE: Settings = {
     "label_smoothing": 0.05, "translate": 0.1, "scale": 0.1,
 }
 
+# The fast recipe: gap8k in 8 epochs of OneCycle to 0.2 at batch 256 (a larger batch makes a
+# CPU epoch cheaper), for <= 90 s a run on 2 cores. Chosen on validation: the highest final
+# val_acc of seed 1 among the recipes tried (1 thread each): this one 99.44%; gap8k batch
+# 128, peak 0.1, 7 epochs 99.20%; gap5k batch 128, peak 0.1, 8 epochs 99.10% and 11 epochs
+# 99.24%; gap8k batch 512, peak 0.4, stopped after 5 epochs behind the others (98.8% test).
+FAST_RECIPE: Settings = {"epochs": 8, "batch_size": 256, "scheduler": "onecycle", "lr": 0.2}
+
 PHASES: dict[str, Phase] = {
     "seed": Phase("the seed's two runs: Opt-1 (no dropout) and Opt-2 (dropout 0.05), 20 epochs",
                   ({"model": "opt", "dropout": 0.0}, {"model": "opt", "dropout": 0.05}),
@@ -53,6 +60,11 @@ PHASES: dict[str, Phase] = {
                         ({**AFFINE_RECIPE, "model": "gap8k", "dropout": 0.05},
                          {**AFFINE_RECIPE, "model": "gap5k", "dropout": 0.0}),
                         "the first recipe tried, before any result: not chosen"),
+    "fast": Phase("one GAP net under 8k parameters aiming at >= 99.4% in <= 90 s a run on 2 "
+                  "CPU cores: 8 epochs of OneCycle to 0.2 at batch 256",
+                  ({**FAST_RECIPE, "model": "gap8k", "dropout": 0.0},),
+                  "on validation: the best final val_acc of seed 1 among 5 recipes tried "
+                  "(see phases.py)"),
 }
 DEFAULT_PHASE = "seed"
 

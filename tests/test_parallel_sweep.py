@@ -16,9 +16,9 @@ from mnist_mlflow.schema import ROLE_TAG
 from tests.helpers import children_of, runs_of
 from tests.test_interrupt import mnist_mlflow, wait_for_epoch
 
-# Epochs of about 3 s with two children on two cores: a signal after epoch 1 lands mid-run.
+# Epochs of about 2 s with two children on two cores: a signal after epoch 1 lands mid-run.
 ARGS = ["--variant", "opt:0,opt:0.05", "--workers", "2", "--epochs", "3", "--train-limit",
-        "6144", "--test-limit", "256", "--val-size", "256", "--device", "cpu"]
+        "4096", "--test-limit", "256", "--val-size", "256", "--device", "cpu"]
 
 
 def both_children_in_training(client: MlflowClient, process: subprocess.Popen[str],
@@ -98,7 +98,7 @@ def test_ctrl_c_stops_every_child_killed_and_resume_finishes_each_epoch_once(
 def test_a_worker_killed_ends_its_child_killed_and_the_sweep_goes_on(
         tracking_store: str, mnist_root: Path) -> None:
     client = MlflowClient(tracking_store)
-    args = [*ARGS[:2], "--seeds", "1,2", *ARGS[2:]]
+    args = [*ARGS[:2], "--seeds", "1,2", *ARGS[2:4], "--epochs", "2", *ARGS[6:]]
     process = mnist_mlflow(tracking_store, "sweep", *args, "--data-dir", str(mnist_root),
                            "--experiment", "worker-killed")
     try:

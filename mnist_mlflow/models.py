@@ -17,9 +17,10 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
-# Dropout masks drawn 16 random bits per element: 4 per int64 that torch's CPU generator
-# draws (its Bernoulli draws one double per element: 3x the cost of the whole mask here).
-MASK_BITS = 16
+# Dropout masks drawn from 8 random bits per element: 8 per int64 that torch's generator
+# draws (its Bernoulli draws one double per element: several times the cost of the whole
+# mask here).
+MASK_BITS = 8
 
 
 def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator | None = None,
@@ -28,32 +29,36 @@ def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator | None 
     independently from `generator` (torch's default one when None): the distribution of
     nn.Dropout's mask.
 
-    16 bits give a drop probability of `low`/65536, the grid point at or below p; the rest,
-    p - low/65536, drops by a second, independent and sparse draw (a binomial count of places,
+    8 bits give a drop probability of `low`/256, the grid point at or below p; the rest,
+    p - low/256, drops by a second, independent and sparse draw (a binomial count of places,
     uniformly chosen), so that each element drops with probability exactly p. Only float
     arithmetic touches the whole tensor: comparisons into bool are slow on the CPU.
     """
     count = math.prod(shape)
     levels = 1 << MASK_BITS
-    # All 64 bits: random_() alone leaves the sign bit 0, and with it one int16 in four.
-    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(
+    scale = 1.0 / (1.0 - p)
+    # All 64 bits: random_() alone leaves the sign bit 0, and with it one byte in eight.
+    bits = torch.empty((count + 7) // 8, dtype=torch.int64, device=device).random_(
         -(1 << 63), None, generator=generator)
-    uniform = bits.view(torch.int16)[:count].to(torch.float32)  # over [-32768, 32768)
     low = math.floor(p * levels)
-    # Below the threshold (never equal to it: it is halfway between two integers): dropped.
-    mask = uniform.sub_(low - levels // 2 - 0.5).sign_().add_(1.0).mul_(0.5 / (1.0 - p))
+    # Each byte less the threshold (halfway between two integers, never met), times a
+    # margin that rounding cannot cross, clamped: 0 below the threshold, exactly `scale`
+    # above. Three passes: uint8 times a float is already float32.
+    margin = 4.0 * scale
+    mask = torch.mul(bits.view(torch.uint8)[:count], margin).sub_(
+        (low - 0.5) * margin).clamp_(0.0, scale)
     rest = (p - low / levels) / (1.0 - low / levels)
     if rest > 0:
         extra = int(torch.binomial(torch.tensor(float(count), device=device),
                                    torch.tensor(rest, device=device),
                                    generator=generator).item())
-        if extra:
-            def draw() -> torch.Tensor:
-                return torch.randint(count, (extra,), generator=generator, device=device)
-            places = draw()
-            while places.unique().numel() < extra:  # a uniform subset: no place twice
-                places = draw()
-            mask[places] = 0.0
+        # Drawn with replacement until `extra` distinct: a uniform subset of that size.
+        places = torch.empty(0, dtype=torch.int64, device=device)
+        while places.numel() < extra:
+            more = torch.randint(count, (extra - places.numel(),), generator=generator,
+                                 device=device)
+            places = torch.cat([places, more]).unique()
+        mask[places] = 0.0
     return mask.view(shape)
 
 

@@ -80,9 +80,9 @@ def test_dropout_masks_drop_each_element_with_probability_p_and_scale_the_rest(
     values = masks.unique().tolist()
     assert values[0] == 0.0 and values[1:] == [pytest.approx(1 / (1 - p))]
     dropped = (masks == 0).double()
-    # Within 4 standard deviations of p, overall and in each of the 8 bytes drawn from one
-    # int64 (a byte with a constant bit would drop at another rate).
-    for part in (dropped.flatten(), *dropped.flatten().view(-1, 8).T):
+    # Within 4 standard deviations of p, overall and in each of the 4 lanes of 16 bits drawn
+    # from one int64 (a lane with a constant bit would drop at another rate).
+    for part in (dropped.flatten(), *dropped.flatten().view(-1, 4).T):
         sd = (p * (1 - p) / part.numel()) ** 0.5
         assert abs(part.mean().item() - p) < 4 * sd, (part.mean().item(), p)
     # Neighbours independent: both dropped as often as p * p.

@@ -427,7 +427,7 @@ def runs(stale: bool, mark_killed: bool) -> None:
 
     if mark_killed and not stale:
         raise UserError("--mark-killed needs --stale: only runs whose process is gone are ended")
-    open_store()
+    open_store(writes=mark_killed)
     rows = [["Run", "Name", "Experiment", "Process", "State"]]
     gone = []
     for run, lease in running_runs():

@@ -194,11 +194,16 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0,
         raise UserError(f"MNIST folder {raw_dir} cannot be written: the .gz files must be "
                         "extracted there once; make it writable, or point --data-dir at a "
                         "writable copy")
+    fix = "delete it, and it is extracted again from the verified .gz file"
     try:
         # Children of a parallel sweep start together: one extracts, the others wait, and
         # none reads a file another is still writing. (A read-only folder was extracted.)
         with (FileLock(raw_dir / EXTRACT_LOCK) if os.access(raw_dir, os.W_OK)
               else contextlib.nullcontext()):
+            # What training reads, checked before torchvision opens it: an extracted file
+            # altered since (the .gz files may be fine, or gone) is named, not parsed
+            # (torchvision asserts on a damaged header, or reads a cut file as missing).
+            checked = verify_files(raw_dir, EXTRACTED_FILES, fix)
             train = datasets.MNIST(root, train=True, download=True)
         test = datasets.MNIST(root, train=False)
     except (RuntimeError, OSError) as err:
@@ -209,10 +214,9 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0,
         raise UserError(f"{what} and could not be downloaded ({reason}); "
                         f"put the four original .gz files in {raw_dir}") from None
     md5s.update(verify_raw_files(raw_dir))
-    # What training reads, checked as read: extracted files altered after extraction (the
-    # .gz files may be fine, or gone) are named, not trained on.
-    verify_files(raw_dir, EXTRACTED_FILES, "delete it, and it is extracted again from the "
-                                           "verified .gz file")
+    # And those extracted just now.
+    verify_files(raw_dir, {name: expected for name, expected in EXTRACTED_FILES.items()
+                           if name not in checked}, fix)
     return MnistData(root, train, test, md5s, train_limit, test_limit, val_size)
 
 

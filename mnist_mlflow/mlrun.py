@@ -92,7 +92,7 @@ def _lost_insert_race(err: MlflowException) -> bool:
 
 # SQLite stores this process has made ready: a command opens its store once, however many
 # functions on its way ask for it (train, then register, say).
-_READY_STORES: set[str] = set()
+_READY_STORES: set[tuple[str, bool]] = set()  # (uri, ready for writes)
 
 
 def absolute_uri(uri: str) -> str:
@@ -103,7 +103,7 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def open_store() -> str:
+def open_store(writes: bool = True) -> str:
     """Make the tracking store ready before anything is loaded or created; its URI.
 
     An HTTP server that does not answer is a UserError at once (not minutes of retries). A
@@ -111,7 +111,9 @@ def open_store() -> str:
     a new one at once race (`table experiments already exists`, an alembic temp table left
     behind for good), so creation and migration happen under a file lock beside the
     database: the first process creates, the others wait, then find it ready. A store that
-    cannot be opened (damaged, read-only, not a database) is one line naming it.
+    cannot be opened (damaged, read-only, not a database) is one line naming it; so is a
+    read-only one, for a command that `writes` (MLflow would fail at its first write, after
+    two tracebacks of its own).
     """
     uri = mlflow.get_tracking_uri()
     parsed = urlparse(uri)
@@ -124,13 +126,26 @@ def open_store() -> str:
             raise UserError(f"tracking store {uri} cannot be reached ({err.strerror or err}); "
                             "start the server or set MLFLOW_TRACKING_URI") from None
         return uri
-    if parsed.scheme != "sqlite" or uri in _READY_STORES:
+    if parsed.scheme != "sqlite":
         return uri
     path = Path(unquote(uri.removeprefix("sqlite:///")))
     if not path.parent.is_dir():
         raise UserError(f"tracking store {uri}: folder {path.parent} does not exist")
+    # SQLite writes the database and a journal beside it. access() answers for root too:
+    # an immutable file or folder (chattr +i, as a backup tool leaves it) is not writable.
+    # Checked each time: a store may turn read-only while a process uses it.
+    unwritable = [p for p in (path, path.parent) if p.exists() and not os.access(p, os.W_OK)]
+    if writes and unwritable:
+        raise UserError(f"tracking store {uri} is read-only: {unwritable[0]} cannot be written "
+                        "(attempt to write a readonly database); this command records to it: "
+                        "make it writable, or set MLFLOW_TRACKING_URI to another store")
+    if (uri, True) in _READY_STORES or (uri, writes) in _READY_STORES:
+        return uri
+    # Reading a read-only store that exists: nothing to create, and no lock file to make.
+    lock = (contextlib.nullcontext() if unwritable and path.exists()
+            else FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S))
     try:
-        with FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S), _quiet(STORE_LOGGERS):
+        with lock, _quiet(STORE_LOGGERS):
             client = MlflowClient()
             client.search_experiments(max_results=1)  # creates and migrates the tables
             client.search_registered_models(max_results=1)
@@ -144,7 +159,7 @@ def open_store() -> str:
     except Exception as err:  # SQLAlchemy and MLflow say it in many ways
         raise UserError(f"tracking store {uri} cannot be opened: "
                         f"{store_error(err)}") from None
-    _READY_STORES.add(uri)
+    _READY_STORES.add((uri, writes))
     return uri
 
 
@@ -458,6 +473,12 @@ class MlflowRun:
         mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, run_id=self.run_id,
                                  step=step, **kwargs)
         return logged.model_id
+
+    def logged_models(self) -> list[Any]:
+        """The models logged from this run (MLflow's LoggedModel), any status."""
+        return mlflow.search_logged_models(
+            experiment_ids=[self.experiment_id], output_format="list",
+            filter_string=f"source_run_id = '{self.run_id}'")
 
     def end(self, status: int, reason: str = "") -> None:
         """End the run with `status`, recording why it did not finish; metrics stay."""

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.config import MAX_SEED, TrainConfig, UserError
 
 Settings = Mapping[str, object]
 
@@ -84,6 +84,9 @@ def parse_seeds(text: str) -> list[int]:
         raise UserError(f"invalid --seeds {text!r}: expected integers like 1,2,3") from None
     if len(set(seeds)) != len(seeds):
         raise UserError(f"invalid --seeds {text!r}: a seed is given twice")
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"invalid --seeds {text!r}: {seed} is not in [0, {MAX_SEED}]")
     return seeds
 
 
@@ -94,4 +97,5 @@ def phase_configs(name: str, given: Settings) -> list[TrainConfig]:
 
 def over_seeds(configs: Sequence[TrainConfig], seeds: Sequence[int]) -> list[TrainConfig]:
     """Each config once per seed, seed by seed, so an early stop still covers every variant."""
-    return [dataclasses.replace(config, seed=seed) for seed in seeds for config in configs]
+    return [dataclasses.replace(config, seed=seed).validate() for seed in seeds
+            for config in configs]

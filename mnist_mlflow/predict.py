@@ -40,7 +40,7 @@ class Prediction:
 def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """The model behind `model_uri`, on the CPU; UserError naming it when it cannot be loaded."""
     if model_uri.startswith(("models:/", "runs:/")):
-        open_store()
+        open_store(writes=False)
     try:
         return mlflow.pyfunc.load_model(model_uri, model_config={"device": PREDICTION_DEVICE})
     except (MlflowException, OSError) as err:

@@ -260,7 +260,7 @@ def _versions(client: MlflowClient, model_name: str) -> list[ModelVersion]:
 def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
     """Every version of `model_name` with its aliases, selection metric and source run."""
     check_model_name(model_name)
-    open_store()
+    open_store(writes=False)
     client = MlflowClient()
     versions = _versions(client, model_name)
     if not versions:

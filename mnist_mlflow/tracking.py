@@ -27,7 +27,7 @@ import torch
 import torchvision
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import LoggedModelStatus, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -462,6 +462,7 @@ class _Recording:
     history: list[EpochMetrics]
     command: str  # resumes it
     tmp: Path
+    resumed: bool = False  # goes on from a checkpoint: its finish may have begun before
     ended: bool = False
 
     @property
@@ -486,7 +487,12 @@ class _Recording:
             self.run.heartbeat()
 
     def finish(self, data: MnistData, pipeline: Pipeline) -> None:
-        """The model, its records and pictures, the summary; FINISHED (signals held)."""
+        """The model, its records and pictures, the summary; FINISHED (signals held).
+
+        A finish cut short (kill -9 while it logged, then `--resume`) is completed, not
+        repeated: a model it left READY is kept, one left PENDING is deleted, and summary
+        metrics it logged are not logged twice.
+        """
         run, config = self.run, self.config
         run.flush()
         summary = summary_metrics(self.history)
@@ -494,11 +500,17 @@ class _Recording:
             f"Finished: test accuracy {summary[FINAL_TEST_ACC]:.2f}% at the last epoch "
             f"(best {summary[BEST_TEST_ACC]:.2f}% at epoch {summary[BEST_EPOCH]:.0f})."
             )) + figures(run.run_id)
+        earlier = run.logged_models() if self.resumed else []
+        for model in earlier:
+            if model.status != LoggedModelStatus.READY:  # its logging was cut short
+                run.client.delete_logged_model(model.model_id)
+        ready = [m.model_id for m in earlier if m.status == LoggedModelStatus.READY]
         model_id = _log_artifacts(run, config, self.state, data, pipeline, self.history,
-                                  self.tmp, finished)
+                                  self.tmp, finished, model_id=ready[0] if ready else "")
+        logged = set(run.client.get_run(run.run_id).data.metrics) if self.resumed else set()
         # Once, after the model: they are its metrics too, with their datasets.
-        run.log_metrics(summary, step=SUMMARY_STEP, model_id=model_id,
-                        datasets=measured_on(data))
+        run.log_metrics({k: v for k, v in summary.items() if k not in logged},
+                        step=SUMMARY_STEP, model_id=model_id, datasets=measured_on(data))
         run.describe(finished)
         run.end(RunStatus.FINISHED)
         self.ended = True
@@ -585,7 +597,8 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
             fit(config, state, pipeline, progress=progress, until=until,
                 on_epoch=lambda metrics, trained: on_epoch(0, metrics, trained),
                 on_compile_fallback=on_fallback)
-        recording = _Recording(run, config, state, history, command, Path(tmp))
+        recording = _Recording(run, config, state, history, command, Path(tmp),
+                               resumed=bool(history))
         return _train_in_runs([recording], data, pipeline, train)[0]
 
 
@@ -711,9 +724,9 @@ def measured_on(data: MnistData) -> dict[str, tuple[str, str]]:
 
 def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data: MnistData,
                    pipeline: Pipeline, history: list[EpochMetrics], tmp: Path,
-                   description: str) -> str:
+                   description: str, model_id: str = "") -> str:
     """Curves, records and their pictures, summary, log; then the model (its id), logged as
-    made at the last epoch."""
+    made at the last epoch, unless `model_id` names the one already logged."""
     plot = plot_training_curves(history, tmp / CURVES_FILE, config.run_name)
     run.log_artifact(plot, CURVES_DIR)
     _log_records(run, config, image_records(state.model, pipeline, data), data, tmp)
@@ -723,6 +736,8 @@ def _log_artifacts(run: MlflowRun, config: TrainConfig, state: TrainState, data:
     summary.write_text(model_summary(state.model))
     run.log_artifact(summary)
     run.log_artifact(tmp / TRAINING_LOG)
+    if model_id:
+        return model_id
     # Served as plain NCHW: channels_last is a training-speed setting (and torch.export's
     # packaging warns about NHWC weights).
     net = copy.deepcopy(state.model).cpu().to(memory_format=torch.contiguous_format).eval()

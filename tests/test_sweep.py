@@ -81,6 +81,9 @@ def test_failing_children_are_recorded_and_the_others_still_run(
     (["--seeds", "1,x"], "invalid --seeds '1,x'"),
     (["--seeds", "1,1"], "a seed is given twice"),
     (["--seeds", "1,2", "--seed", "3"], "--seed and --seeds exclude each other"),
+    (["--seeds", "1,99999999999999999"], "invalid --seeds '1,99999999999999999': "
+                                          "99999999999999999 is not in [0, "),
+    (["--seeds", "-1"], "-1 is not in [0, "),
     (["--phase", "gap", "--scheduler", "cosine"], "invalid scheduler"),
 ])
 def test_bad_sweep_options_fail_in_one_line_before_any_run(

@@ -21,11 +21,20 @@ ARGS = ["--variant", "opt:0,opt:0.05", "--workers", "2", "--epochs", "3", "--tra
         "4096", "--test-limit", "256", "--val-size", "256", "--device", "cpu"]
 
 
-def both_children_in_training(client: MlflowClient, process: subprocess.Popen[str],
-                              experiment: str) -> set[str]:
-    first = wait_for_epoch(client, process, experiment, 1)
-    second = wait_for_epoch(client, process, experiment, 1, {first})
-    return {first, second}
+def sweep_in_training(store: str, mnist_root: Path, experiment: str
+                      ) -> tuple[MlflowClient, subprocess.Popen[str], set[str]]:
+    """A sweep of ARGS, started and waited for until both children have logged an epoch;
+    its client, process and the two children's run ids."""
+    client = MlflowClient(store)
+    process = mnist_mlflow(store, "sweep", *ARGS, "--data-dir", str(mnist_root),
+                           "--experiment", experiment)
+    try:
+        first = wait_for_epoch(client, process, experiment, 1)
+        second = wait_for_epoch(client, process, experiment, 1, {first})
+    except BaseException:
+        process.kill()
+        raise
+    return client, process, {first, second}
 
 
 def workers_of(pid: int) -> list[int]:
@@ -49,11 +58,8 @@ def alive(pids: list[int]) -> list[int]:
 
 def test_ctrl_c_stops_every_child_killed_and_resume_finishes_each_epoch_once(
         tracking_store: str, mnist_root: Path) -> None:
-    client = MlflowClient(tracking_store)
-    process = mnist_mlflow(tracking_store, "sweep", *ARGS, "--data-dir", str(mnist_root),
-                           "--experiment", "side-by-side")
+    client, process, training = sweep_in_training(tracking_store, mnist_root, "side-by-side")
     try:
-        training = both_children_in_training(client, process, "side-by-side")
         # Both trained at once: the second had begun before the first ended.
         runs = {r.info.run_id: r for r in runs_of("side-by-side")}
         assert all(runs[run_id].info.status == "RUNNING" for run_id in training)
@@ -124,11 +130,8 @@ def test_a_worker_killed_ends_its_child_killed_and_the_sweep_goes_on(
 
 def test_a_sweep_killed_outright_leaves_no_worker_and_no_child_running(
         tracking_store: str, mnist_root: Path) -> None:
-    client = MlflowClient(tracking_store)
-    process = mnist_mlflow(tracking_store, "sweep", *ARGS, "--data-dir", str(mnist_root),
-                           "--experiment", "sweep-killed")
+    client, process, training = sweep_in_training(tracking_store, mnist_root, "sweep-killed")
     try:
-        training = both_children_in_training(client, process, "sweep-killed")
         workers = workers_of(process.pid)
         process.send_signal(signal.SIGKILL)  # no chance to pass anything on
         process.communicate(timeout=60)

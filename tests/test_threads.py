@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,19 +23,25 @@ def test_auto_takes_the_free_cores_and_at_least_one(cores: int, busy: float,
     assert auto_threads(cores, busy) == threads
 
 
-def test_auto_leaves_a_core_that_another_process_keeps_busy(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def one_core_busy(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """The cores this process may use, while another process keeps one of them busy."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
     if cores < 2:
         pytest.skip("one core: auto always takes it")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(1.0)
-        count, why = resolve_threads("auto")
+        time.sleep(1.0)  # running, and counted by /proc/stat
+        yield cores
     finally:
         spinner.kill()
         spinner.wait()
+
+
+def test_auto_leaves_a_core_that_another_process_keeps_busy(one_core_busy: int) -> None:
+    cores = one_core_busy
+    count, why = resolve_threads("auto")
     assert 1 <= count <= cores - 1
     assert why.startswith(f"auto: {count} of {cores} cores free")
 
@@ -73,21 +80,10 @@ def test_a_sweep_plan_says_how_many_children_run_together_and_their_threads(
         assert got.threads == 0  # each child's own setting stands
 
 
-def test_auto_workers_leave_a_core_that_another_process_keeps_busy(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cores = len(os.sched_getaffinity(0))
-    if cores < 2:
-        pytest.skip("one core: a sweep runs one child at a time")
-    idle = plan_sweep(cores, "auto", 0)
-    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(1.0)
-        busy = plan_sweep(cores, "auto", 0)
-    finally:
-        spinner.kill()
-        spinner.wait()
-    assert busy.workers <= cores - 1 and busy.workers <= idle.workers
+def test_auto_workers_leave_a_core_that_another_process_keeps_busy(one_core_busy: int) -> None:
+    cores = one_core_busy
+    busy = plan_sweep(cores, "auto", 0)
+    assert 1 <= busy.workers <= cores - 1
     assert busy.reason.startswith("auto: ") and f"of {cores} cores free" in busy.reason
 
 

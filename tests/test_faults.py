@@ -16,8 +16,8 @@ from mnist_mlflow.schema import ROLE_TAG
 from tests.helpers import children_of, run_cli, runs_of
 from tests.test_interrupt import mnist_mlflow, wait_for_epoch
 
-# Two epochs of about 2 s each: long enough to damage a file while the first child trains.
-TRAIN_ARGS = ["--epochs", "2", "--train-limit", "6144", "--test-limit", "256", "--device",
+# Two epochs of about 1.5 s each: long enough to damage a file while the first child trains.
+TRAIN_ARGS = ["--epochs", "2", "--train-limit", "4096", "--test-limit", "256", "--device",
               "cpu", "--threads", "1"]
 
 TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--device", "cpu"]
@@ -120,7 +120,7 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     finally:
         process.kill()
     assert process.returncode == 1, err[-2000:]
-    assert "1 of 2 sweep children failed (s1 opt d0.05 e2 n6144 t256)" in (
+    assert "1 of 2 sweep children failed (s1 opt d0.05 e2 n4096 t256)" in (
         err.strip().splitlines()[-1])
     [parent] = [r for r in runs_of("faulty-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
     parent_id = parent.info.run_id
@@ -128,8 +128,8 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
         "1", "1", "0"]
     first, failed = children_of("faulty-sweep", parent_id)
-    assert (first.info.run_name, first.info.status) == ("s1 opt e2 n6144 t256", "FINISHED")
-    assert (failed.info.run_name, failed.info.status) == ("s1 opt d0.05 e2 n6144 t256", "FAILED")
+    assert (first.info.run_name, first.info.status) == ("s1 opt e2 n4096 t256", "FINISHED")
+    assert (failed.info.run_name, failed.info.status) == ("s1 opt d0.05 e2 n4096 t256", "FAILED")
     assert str(victim) in failed.data.tags["failure_reason"]
 
     victim.write_bytes(original)  # the file is fetched again
@@ -167,7 +167,7 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     assert client.get_run(failed.info.run_id).info.status == "FAILED"  # its record stays
     retrained = client.get_run(retrained_id)
     # The same configuration and seed again: told apart from the failed run by its name.
-    assert (retrained.info.run_name, retrained.info.status) == ("s1 opt d0.05 e2 n6144 t256 #2",
+    assert (retrained.info.run_name, retrained.info.status) == ("s1 opt d0.05 e2 n4096 t256 #2",
                                                                 "FINISHED")
     assert retrained.data.params["dropout"] == failed.data.params["dropout"] == "0.05"
     assert retrained.data.tags["resumed_after_epochs"] == "1"

@@ -104,7 +104,8 @@ def test_ctrl_c_stops_every_child_killed_and_resume_finishes_each_epoch_once(
 def test_a_worker_killed_ends_its_child_killed_and_the_sweep_goes_on(
         tracking_store: str, mnist_root: Path) -> None:
     client = MlflowClient(tracking_store)
-    args = [*ARGS[:2], "--seeds", "1,2", *ARGS[2:4], "--epochs", "2", *ARGS[6:]]
+    # Three children, two workers: one waits for a worker, and a new pool, to begin.
+    args = ["--variant", "opt:0,opt:0.05,opt:0.1", *ARGS[2:4], "--epochs", "2", *ARGS[6:]]
     process = mnist_mlflow(tracking_store, "sweep", *args, "--data-dir", str(mnist_root),
                            "--experiment", "worker-killed")
     try:
@@ -121,9 +122,9 @@ def test_a_worker_killed_ends_its_child_killed_and_the_sweep_goes_on(
     assert victim.data.tags["failure_reason"].startswith("its worker process died")
     [parent] = [r for r in runs_of("worker-killed") if r.data.tags.get(ROLE_TAG) == "sweep"]
     children = children_of("worker-killed", parent.info.run_id)
-    assert len(children) == 4 and not [c for c in children if c.info.status == "RUNNING"]
-    # The children that had not begun were trained all the same.
-    assert sum(c.info.status == "FINISHED" for c in children) >= 2
+    assert len(children) == 3 and not [c for c in children if c.info.status == "RUNNING"]
+    # The child that had not begun was trained all the same.
+    assert sum(c.info.status == "FINISHED" for c in children) >= 1
     assert err.strip().splitlines()[-1].endswith(
         f"train them again with: mnist-mlflow sweep --resume {parent.info.run_id}")
 

@@ -29,7 +29,7 @@ def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator | None 
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """Float32 `shape` of 0 (dropped, with probability p) or 1/(1-p), each element drawn
     independently from `generator` (torch's default one when None): the distribution of
-    nn.Dropout's mask.
+    nn.Dropout's mask. On a GPU, torch's Bernoulli draw; on the CPU, as follows.
 
     16 bits give a drop probability of `low`/65536, the grid point at or below p. The rest,
     p - low/65536 (under 1/65536), drops by a second, independent and sparse draw: a binomial
@@ -38,9 +38,14 @@ def dropout_mask(shape: torch.Size, p: float, generator: torch.Generator | None 
     tensor (comparisons into bool are slow on the CPU), and every random number comes from
     one draw: small ops cost more than the mask's arithmetic here.
     """
+    scale = 1.0 / (1.0 - p)
+    if torch.device(device).type != "cpu":
+        # A GPU draws Bernoulli masks fast, and the sparse draw below would read numbers
+        # back to the host: a sync per layer and seed.
+        return torch.empty(shape, device=device).bernoulli_(1.0 - p, generator=generator
+                                                            ).mul_(scale)
     count = math.prod(shape)
     levels = 1 << MASK_BITS
-    scale = 1.0 / (1.0 - p)
     lanes = (count + 3) // 4
     # All 64 bits: random_() alone leaves the sign bit 0, and with it one int16 in four.
     bits = torch.empty(lanes + SPARE_DRAWS, dtype=torch.int64, device=device).random_(

@@ -16,7 +16,6 @@ checkpoint and its logged model are those of a solo run, to float tolerance.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,19 +32,15 @@ from mnist_mlflow.runtime import Runtime, deterministic_algorithms, torch_thread
 from mnist_mlflow.schema import (
     EPOCH_SECONDS,
     LR,
-    TEST_ACC,
-    TEST_LOSS,
     TRAIN_ACC,
     TRAIN_LOSS,
-    VAL_ACC,
-    VAL_LOSS,
 )
 from mnist_mlflow.training import (
     SCHEDULER_BUILDERS,
     EpochMetrics,
     TrainState,
     create_state,
-    evaluate,
+    evaluated,
 )
 
 log = logging.getLogger("mnist_mlflow")
@@ -57,7 +52,7 @@ class StackedSeeds:
 
     def __init__(self, configs: Sequence[TrainConfig], runtime: Runtime,
                  steps_per_epoch: int) -> None:
-        if len({dataclasses.replace(c.what_it_learns(), seed=0) for c in configs}) != 1:
+        if len({c.config_group for c in configs}) != 1:
             raise UserError("stacked seeds must share everything but the seed")
         if runtime.compile:
             raise UserError("stacked seeds train eager: use --compile off (or auto on the CPU)")
@@ -195,13 +190,8 @@ def fit_stacked(stack: StackedSeeds, pipeline: Pipeline,
             stack.write_back()
             share = (time.perf_counter() - start) / len(stack.configs)
             for index, state in enumerate(stack.states):
-                values = {TRAIN_LOSS: train_loss[index], TRAIN_ACC: train_acc[index]}
-                if evaluate_seeds:
-                    if pipeline.num_val:
-                        values[VAL_LOSS], values[VAL_ACC] = evaluate(state.model,
-                                                                     pipeline.val_batches())
-                    values[TEST_LOSS], values[TEST_ACC] = evaluate(state.model,
-                                                                   pipeline.test_batches())
+                values = {TRAIN_LOSS: train_loss[index], TRAIN_ACC: train_acc[index],
+                          **(evaluated(state.model, pipeline) if evaluate_seeds else {})}
                 metrics = EpochMetrics(epoch, {**values, LR: lr, EPOCH_SECONDS: share})
                 log.info("seed %d: %s", stack.configs[index].seed,
                          metrics.log_line(config.epochs))

@@ -168,7 +168,7 @@ def stacks(jobs: Sequence[ChildJob]) -> list[list[ChildJob]]:
     resumes a run goes alone (it starts at its own epoch)."""
     groups: dict[object, list[ChildJob]] = {}
     for index, job in enumerate(jobs):
-        key = index if job.resume else dataclasses.replace(job.config.what_it_learns(), seed=0)
+        key = index if job.resume else job.config.config_group
         groups.setdefault(key, []).append(job)
     return list(groups.values())
 

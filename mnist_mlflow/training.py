@@ -311,6 +311,15 @@ def evaluate(model: nn.Module, batches: Iterable[Batch]) -> tuple[float, float]:
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
+def evaluated(model: nn.Module, pipeline: Pipeline) -> dict[str, float]:
+    """An epoch's validation (where held out) and test loss and accuracy of `model`."""
+    values = {}
+    if pipeline.num_val:
+        values[VAL_LOSS], values[VAL_ACC] = evaluate(model, pipeline.val_batches())
+    values[TEST_LOSS], values[TEST_ACC] = evaluate(model, pipeline.test_batches())
+    return values
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's predicted class and the probability given to it, in batch order (CPU).
@@ -367,10 +376,8 @@ def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
                 except TrainingDiverged as err:
                     err.epoch = epoch
                     raise
-            values = {TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc}
-            if pipeline.num_val:
-                values[VAL_LOSS], values[VAL_ACC] = evaluate(state.model, pipeline.val_batches())
-            values[TEST_LOSS], values[TEST_ACC] = evaluate(state.model, pipeline.test_batches())
+            values = {TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc,
+                      **evaluated(state.model, pipeline)}
             if not per_step:
                 state.scheduler.step()
             state.epoch = epoch

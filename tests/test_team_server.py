@@ -222,7 +222,7 @@ def test_a_server_restart_while_training_loses_no_epoch(
     as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     trainer = subprocess.Popen(
-        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "4", "--train-limit", "6144",
+        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "2", "--train-limit", "6144",
          "--test-limit", "256", "--val-size", "256", "--device", "cpu", "--threads", "1",
          "--data-dir", str(mnist_root), "--experiment", "restart"], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -245,7 +245,7 @@ def test_a_server_restart_while_training_loses_no_epoch(
     if trainer.returncode == 0:
         assert run.info.status == "FINISHED"
         for name in ("train_loss", "val_acc", "test_acc"):
-            assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2, 3, 4]
+            assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2]
     else:  # it could not go on: a clear reason, and a checkpoint to resume from
         assert run.info.status in ("FAILED", "KILLED"), run.info.status
         assert run.data.tags.get("failure_reason")

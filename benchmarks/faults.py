@@ -105,7 +105,7 @@ def checkpoint_seconds(config: TrainConfig, store: str, repeats: int) -> tuple[f
             with signals_deferred():
                 log_checkpoint(run, state, history, Path(tmp))
             times.append(time.perf_counter() - start)
-        size = (Path(tmp) / "last.pt").stat().st_size
+        size = max(a.file_size for a in run.client.list_artifacts(run.run_id, "checkpoints"))
     run.end(RunStatus.FINISHED)
     return sorted(times)[len(times) // 2], size
 
@@ -130,8 +130,7 @@ def resume_part(args: argparse.Namespace) -> None:
             process.send_signal(signum)
             process.communicate()
             epochs_logged = len(client.get_metric_history(run_id, "test_acc"))
-            has_checkpoint = "checkpoints/last.pt" in {
-                a.path for a in client.list_artifacts(run_id, "checkpoints")}
+            has_checkpoint = bool(client.list_artifacts(run_id, "checkpoints"))
             if process.returncode == 0:
                 outcome = "finished before the signal"
             elif not has_checkpoint:

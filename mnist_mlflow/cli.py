@@ -18,7 +18,13 @@ from typing import Any
 
 import click
 
-from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError, raise_terminated
+from mnist_mlflow.config import (
+    DiskFull,
+    TrainConfig,
+    TrainingDiverged,
+    UserError,
+    raise_terminated,
+)
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
 from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
 
@@ -512,6 +518,9 @@ def main() -> None:
         sys.exit(2)
     except TrainingDiverged as err:
         click.echo(f"Error: training diverged: {err}", err=True)
+        sys.exit(1)
+    except DiskFull as err:
+        click.echo(f"Error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt as err:
         _interrupted(err)

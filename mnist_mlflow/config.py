@@ -8,8 +8,11 @@ new setting is one field plus its check in `validate`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # The model variants (built by mnist_mlflow.models, which checks it builds exactly these).
@@ -51,6 +54,27 @@ SHORT_NAMES = {"epochs": "e", "lr": "lr", "batch_size": "b", "momentum": "m", "s
 
 class UserError(Exception):
     """A mistake the user can fix (bad option, missing data); shown as one line, no traceback."""
+
+
+class DiskFull(Exception):
+    """A disk filled while runs wrote a checkpoint, the model or its records: they ended
+    FAILED with the checkpoints of their earlier epochs intact; free space, then resume."""
+
+
+# What a full disk or quota raises.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def mount_of(path: Path | str) -> str:
+    """The mount point holding `path` (or the nearest folder of it that exists), and its free
+    space: which disk to clear."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = os.statvfs(folder)
+    while not os.path.ismount(folder) and folder != folder.parent:
+        folder = folder.parent
+    return f"{folder}, {free.f_bavail * free.f_frsize / 2**20:.1f} MiB free"
 
 
 class TrainingDiverged(Exception):

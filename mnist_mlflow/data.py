@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import calculate_md5
 
-from mnist_mlflow.config import MNIST_TRAIN_IMAGES, TrainConfig, UserError
+from mnist_mlflow.config import (
+    DISK_FULL_ERRNOS,
+    MNIST_TRAIN_IMAGES,
+    TrainConfig,
+    UserError,
+    mount_of,
+)
 from mnist_mlflow.models import MNIST_MEAN, MNIST_STD
 from mnist_mlflow.runtime import Runtime
 
@@ -48,6 +54,7 @@ EXTRACTED_FILES: dict[str, tuple[str, int]] = {
     "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 7840016),
     "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10008),
 }
+EXTRACTED_MIB = round(sum(size for _, size in EXTRACTED_FILES.values()) / 2**20)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -206,18 +213,35 @@ def load_mnist(root: Path | str, train_limit: int = 0, test_limit: int = 0,
             checked = verify_files(raw_dir, EXTRACTED_FILES, fix)
             train = datasets.MNIST(root, train=True, download=True)
         test = datasets.MNIST(root, train=False)
-    except (RuntimeError, OSError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        missing = [str(raw_dir / name) for name in RAW_FILES if not (raw_dir / name).is_file()]
-        what = f"MNIST file {', '.join(missing)} is missing" if missing else (
-            f"MNIST in {raw_dir} cannot be opened")
-        raise UserError(f"{what} and could not be downloaded ({reason}); "
-                        f"put the four original .gz files in {raw_dir}") from None
+    except OSError as err:
+        if err.errno not in DISK_FULL_ERRNOS:
+            raise _unopenable(raw_dir, err) from None
+        # Extraction stopped mid-file: remove what it wrote, so that the next try, with
+        # space, extracts it whole instead of finding it cut.
+        for name, (_, size) in EXTRACTED_FILES.items():
+            path = raw_dir / name
+            if path.is_file() and path.stat().st_size != size:
+                path.unlink()
+        raise UserError(f"no space left on device extracting MNIST in {raw_dir} (disk "
+                        f"{mount_of(raw_dir)}; the four files need {EXTRACTED_MIB} MiB): free "
+                        "space, or point --data-dir at another disk") from None
+    except RuntimeError as err:
+        raise _unopenable(raw_dir, err) from None
     md5s.update(verify_raw_files(raw_dir))
     # And those extracted just now.
     verify_files(raw_dir, {name: expected for name, expected in EXTRACTED_FILES.items()
                            if name not in checked}, fix)
     return MnistData(root, train, test, md5s, train_limit, test_limit, val_size)
+
+
+def _unopenable(raw_dir: Path, err: BaseException) -> UserError:
+    """What to say when torchvision can neither open nor download MNIST."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    missing = [str(raw_dir / name) for name in RAW_FILES if not (raw_dir / name).is_file()]
+    what = f"MNIST file {', '.join(missing)} is missing" if missing else (
+        f"MNIST in {raw_dir} cannot be opened")
+    return UserError(f"{what} and could not be downloaded ({reason}); "
+                     f"put the four original .gz files in {raw_dir}")
 
 
 def eval_batch_size(device: torch.device) -> int:

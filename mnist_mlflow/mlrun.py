@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from mlflow.utils.mlflow_tags import (
 )
 from mlflow.utils.time import get_current_time_millis
 
-from mnist_mlflow.config import UserError
+from mnist_mlflow.config import DISK_FULL_ERRNOS, UserError
 from mnist_mlflow.schema import (
     DESCRIPTION_TAG,
     FAILURE_REASON_TAG,
@@ -208,6 +209,24 @@ def store_error(err: BaseException) -> str:
                 "for EDIT (or MANAGE) on it")
     lines = text.splitlines()
     return (lines[0] if lines else type(err).__name__)[:300]
+
+
+# What a full disk or quota says through a server's error answer.
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def disk_full(err: BaseException) -> OSError | MlflowException | None:
+    """The error in `err`'s chain that says a disk (or quota) is full, if one does."""
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno in DISK_FULL_ERRNOS:
+            return found
+        if isinstance(found, MlflowException) and any(t in str(found) for t in DISK_FULL_TEXT):
+            return found  # the server's own disk, as its error answer says
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,
@@ -433,6 +452,23 @@ class MlflowRun:
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @functools.cached_property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def artifact_location(self) -> str:
+        """Where the run's artifacts are written: a local folder, or the server's URI."""
+        uri = self.artifact_uri
+        return unquote(urlparse(uri).path) if uri.startswith(("file:", "/")) else uri
+
+    def discard_artifact(self, artifact: str) -> None:
+        """Remove `artifact` if it is there: what a write cut short left. Best effort (the
+        store may be what failed): the caller is already reporting that failure."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with contextlib.suppress(Exception):
+            get_artifact_repository(self.artifact_uri).delete_artifacts(artifact)
 
     def log_inputs(self, datasets: Mapping[str, mlflow.data.dataset.Dataset]) -> None:
         """Datasets used by the run, by context (`train`, `test`): the UI's Dataset column.

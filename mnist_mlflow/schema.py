@@ -159,8 +159,26 @@ def higher_is_better(metric: str) -> bool:
 
 # --- artifacts --------------------------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+# Runs made before per-epoch checkpoints have one, replaced after each epoch; still resumed.
+LEGACY_CHECKPOINT = f"{CHECKPOINT_DIR}/last.pt"
+_CHECKPOINT_PREFIX, _CHECKPOINT_SUFFIX = "epoch-", ".pt"
+
+
+def checkpoint_artifact(epoch: int) -> str:
+    """The run artifact holding the whole training state after `epoch`. Each epoch has its
+    own: a write cut short (a full disk, a server gone) never damages the one before."""
+    return f"{CHECKPOINT_DIR}/{_CHECKPOINT_PREFIX}{epoch:03d}{_CHECKPOINT_SUFFIX}"
+
+
+def checkpoint_epoch(artifact: str) -> int | None:
+    """The epoch of a `checkpoint_artifact` path; None for any other path."""
+    name = artifact.removeprefix(f"{CHECKPOINT_DIR}/")
+    number = name.removeprefix(_CHECKPOINT_PREFIX).removesuffix(_CHECKPOINT_SUFFIX)
+    if name == artifact or not name.startswith(_CHECKPOINT_PREFIX) or not number.isdigit():
+        return None
+    return int(number)
+
+
 TRAINING_LOG = "training.log"
 CURVES_DIR = "plots"
 # Beside a figure, its small copy (THUMB_WIDTH pixels wide): what a description shows inline,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import logging
 import platform
 import signal
@@ -36,9 +37,22 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
 from mnist_mlflow import codestate
 from mnist_mlflow.codestate import CodeState
-from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
+from mnist_mlflow.config import (
+    RUNTIME_SETTINGS,
+    DiskFull,
+    TrainConfig,
+    UserError,
+    mount_of,
+)
 from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
-from mnist_mlflow.mlrun import MlflowRun, inline_figure, lease_of, open_store, saved_view
+from mnist_mlflow.mlrun import (
+    MlflowRun,
+    disk_full,
+    inline_figure,
+    lease_of,
+    open_store,
+    saved_view,
+)
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves, thumbnail
 from mnist_mlflow.records import Records
@@ -48,9 +62,7 @@ from mnist_mlflow.schema import (
     BEST_TEST_ACC,
     BEST_VAL_ACC,
     BEST_VAL_EPOCH,
-    CHECKPOINT_ARTIFACT,
     CHECKPOINT_DIR,
-    CHECKPOINT_FILE,
     CODE_DIRTY_TAG,
     CODE_SOURCE_TAG,
     CODE_VERSION_TAG,
@@ -69,6 +81,7 @@ from mnist_mlflow.schema import (
     FINAL_VAL_ACC,
     LAST3_METRIC,
     LAST_EPOCHS,
+    LEGACY_CHECKPOINT,
     MEAN_EPOCH_SECONDS,
     MISTAKES_FILE,
     MLFLOW_VERSION_TAG,
@@ -93,6 +106,8 @@ from mnist_mlflow.schema import (
     VAL_ACC,
     VAL_SPLIT_DIGEST,
     VARIANT_TAG,
+    checkpoint_artifact,
+    checkpoint_epoch,
     config_from_params,
     logged_model_name,
     params_from_config,
@@ -398,11 +413,11 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
                   **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS},
                   RESUMED_AFTER_TAG: ",".join(filter(None, [resumed_at, str(state.epoch)])),
                   RESUMED_ON_TAG: "; ".join(filter(None, [resumed_on, here]))})
-    _log_missing_epochs(run, history)
+    logged = _log_missing_epochs(run, history)
     log.info("run %s: resuming %s after epoch %d of %d", run_id, config.run_name, state.epoch,
              config.epochs)
     return _train_in_run(run, config, data, pipeline, state, history, progress,
-                         resume_command(run_id, runner_run_id is not None))
+                         resume_command(run_id, runner_run_id is not None), logged=logged)
 
 
 def resumable_run(client: MlflowClient, run_id: str) -> tuple[Run, bool]:
@@ -423,8 +438,7 @@ def resumable_run(client: MlflowClient, run_id: str) -> tuple[Run, bool]:
     if lease is not None and lease.alive:
         raise UserError(f"run {run_id} is being trained right now ({lease.describe()}); "
                         "one run has one trainer: stop that process first")
-    artifacts = client.list_artifacts(run_id, CHECKPOINT_DIR)
-    has_checkpoint = any(a.path == CHECKPOINT_ARTIFACT for a in artifacts)
+    has_checkpoint = bool(checkpoints(client, run_id))
     if not has_checkpoint and run.info.status == "FAILED":
         raise UserError(f"run {run_id} FAILED before its first checkpoint "
                         f"({run.data.tags.get(FAILURE_REASON_TAG, 'no reason recorded')}); "
@@ -432,24 +446,48 @@ def resumable_run(client: MlflowClient, run_id: str) -> tuple[Run, bool]:
     return run, has_checkpoint
 
 
+def checkpoints(client: MlflowClient, run_id: str) -> list[str]:
+    """The run's checkpoint artifacts, latest epoch first (a run from before per-epoch
+    checkpoints has its one `last.pt`)."""
+    found = {a.path: checkpoint_epoch(a.path)
+             for a in client.list_artifacts(run_id, CHECKPOINT_DIR) if not a.is_dir}
+    latest_first = sorted((path for path, epoch in found.items() if epoch is not None),
+                          key=lambda path: found[path], reverse=True)
+    return latest_first + [path for path in found if path == LEGACY_CHECKPOINT]
+
+
 def load_checkpoint(client: MlflowClient, run_id: str) -> dict[str, object]:
-    """The run's last checkpoint, loaded without unpickling anything but tensors and numbers."""
+    """The run's latest checkpoint that reads whole, loaded without unpickling anything but
+    tensors and numbers. One cut short (the disk filled, the server went away as it was
+    written) is passed over for the epoch before, which its writer never touched."""
+    unreadable = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tmp)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated or altered: torch says it in many ways
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise UserError(f"the checkpoint of run {run_id} cannot be read ({first}); the "
-                            "run cannot go on: start a new run") from None
+        for artifact in checkpoints(client, run_id):
+            path = client.download_artifacts(run_id, artifact, tmp)
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # truncated or altered: torch says it in many ways
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                unreadable.append(f"{artifact}: {first}")
+                continue
+            if unreadable:
+                log.warning("run %s: %s cannot be read; going on from %s", run_id,
+                            "; ".join(unreadable), artifact)
+            return loaded
+    if not unreadable:
+        raise UserError(f"run {run_id} has no checkpoint: it cannot go on; start a new run")
+    raise UserError(f"no checkpoint of run {run_id} can be read ({'; '.join(unreadable)}); the "
+                    "run cannot go on: start a new run")
 
 
-def _log_missing_epochs(run: MlflowRun, history: list[EpochMetrics]) -> None:
-    """Log the checkpointed epochs whose metrics never reached the store (checkpoint is first)."""
+def _log_missing_epochs(run: MlflowRun, history: list[EpochMetrics]) -> set[int]:
+    """Log the checkpointed epochs whose metrics never reached the store (checkpoint is
+    first); the epochs the run has metrics for."""
     logged = {m.step for m in run.client.get_metric_history(run.run_id, TEST_ACC)}
     for metrics in history:
         if metrics.epoch not in logged:
             run.log_metrics(metrics.as_metrics(), step=metrics.epoch)
+    return logged | {metrics.epoch for metrics in history}
 
 
 @dataclass
@@ -464,6 +502,11 @@ class _Recording:
     tmp: Path
     resumed: bool = False  # goes on from a checkpoint: its finish may have begun before
     ended: bool = False
+    writing: str = "its start"  # what it records now: a full disk names it
+    checkpointed: int = 0  # the epoch of its latest checkpoint
+    # Epochs whose metrics are in the store already: a resume that goes on from an earlier
+    # checkpoint (the latest could not be read) trains them again but logs them once.
+    logged: set[int] = dataclasses.field(default_factory=set)
 
     @property
     def num_params(self) -> int:
@@ -471,6 +514,7 @@ class _Recording:
 
     def start(self, data: MnistData) -> None:
         self.run.hold_lease()
+        self.checkpointed = self.state.epoch  # resumed: the checkpoint it goes on from
         if not self.history:
             _log_start(self.run, self.config, self.state, data, self.tmp)
             log.info("run %s: training %s on %s (%d parameters)", self.run.run_id,
@@ -482,8 +526,12 @@ class _Recording:
         # Held signals: a checkpoint is never half-written, and the checkpoint goes first,
         # so a resume can log any epoch whose metrics were lost (never one twice).
         with signals_deferred():
+            self.writing = checkpoint_artifact(metrics.epoch)
             log_checkpoint(self.run, trained, self.history, self.tmp)
-            self.run.log_metrics(metrics.as_metrics(), step=metrics.epoch, synchronous=False)
+            self.checkpointed = metrics.epoch
+            if metrics.epoch not in self.logged:
+                self.run.log_metrics(metrics.as_metrics(), step=metrics.epoch,
+                                     synchronous=False)
             self.run.heartbeat()
 
     def finish(self, data: MnistData, pipeline: Pipeline) -> None:
@@ -494,6 +542,7 @@ class _Recording:
         metrics it logged are not logged twice.
         """
         run, config = self.run, self.config
+        self.writing = "its model, records and pictures"
         run.flush()
         summary = summary_metrics(self.history)
         finished = describe(config, self.num_params, (
@@ -571,11 +620,22 @@ def _train_in_runs(runs: list[_Recording], data: MnistData, pipeline: Pipeline,
         raise RunInterrupted(name, first.run.run_id, first.state.epoch, first.config.epochs,
                              first.command, getattr(err, "exit_code", 130)) from err
     except BaseException as err:
-        reason = f"{type(err).__name__}: {err}"
+        full = disk_full(err)
+        reason = (_disk_full_reason(full, first) if full is not None
+                  else f"{type(err).__name__}: {err}")
         with signals_deferred(deliver=False):
             for recording in runs:
                 recording.stop(RunStatus.FAILED, reason, f"Failed: {reason}")
-        raise
+        if full is None:
+            raise
+        ended = f"run {', '.join(r.run.run_id for r in runs)} ended FAILED"
+        if not first.checkpointed:
+            raise DiskFull(f"{reason}; {ended} before its first checkpoint; free space, then "
+                           "start it again") from err
+        raise DiskFull(
+            f"{reason}; {ended}; its checkpoints up to epoch {first.checkpointed} of "
+            f"{first.config.epochs} are intact; free space, then resume it with: "
+            f"{first.command}") from err
     finally:
         for handler in handlers:
             log.removeHandler(handler)
@@ -587,10 +647,23 @@ def _train_in_runs(runs: list[_Recording], data: MnistData, pipeline: Pipeline,
     return [RunResult(recording.run.run_id, recording.history) for recording in runs]
 
 
+def _disk_full_reason(err: OSError | MlflowException, recording: _Recording) -> str:
+    """What filled and where: the file when the error names it, else the run's artifacts."""
+    if isinstance(err, OSError) and err.filename:
+        where = f"{err.filename} (disk {mount_of(err.filename)})"
+    elif isinstance(err, OSError) or recording.run.artifact_uri.startswith(("file:", "/")):
+        location = recording.run.artifact_location()
+        where = f"the run's artifacts in {location} (disk {mount_of(location)})"
+    else:
+        where = f"the tracking server's artifact store ({recording.run.artifact_uri})"
+    return f"no space left on device writing {recording.writing} to {where}"
+
+
 def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline: Pipeline,
                   state: TrainState, history: list[EpochMetrics], progress: bool,
-                  command: str, until: int = 0) -> RunResult:
-    """Train into `run` from `state` to the end, checkpointing every epoch; end the run."""
+                  command: str, until: int = 0, logged: set[int] | None = None) -> RunResult:
+    """Train into `run` from `state` to the end, checkpointing every epoch; end the run.
+    `logged`: the epochs whose metrics the run has already."""
     with tempfile.TemporaryDirectory() as tmp:
         def train(on_epoch: Callable[[int, EpochMetrics, TrainState], None],
                   on_fallback: Callable[[str], None]) -> None:
@@ -598,7 +671,7 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
                 on_epoch=lambda metrics, trained: on_epoch(0, metrics, trained),
                 on_compile_fallback=on_fallback)
         recording = _Recording(run, config, state, history, command, Path(tmp),
-                               resumed=bool(history))
+                               resumed=bool(history), logged=logged or set())
         return _train_in_runs([recording], data, pipeline, train)[0]
 
 
@@ -626,10 +699,28 @@ def signals_deferred(deliver: bool = True) -> Iterator[list[int]]:
 
 def log_checkpoint(run: MlflowRun, state: TrainState, history: list[EpochMetrics],
                    tmp: Path) -> None:
-    """Replace the run's `checkpoints/last.pt` with the state after the latest epoch."""
-    path = tmp / CHECKPOINT_FILE
-    torch.save({"state": state.state_dict(), "history": [m.to_record() for m in history]}, path)
-    run.log_artifact(path, CHECKPOINT_DIR)
+    """Log the state after the latest epoch as the run's `checkpoints/epoch-NNN.pt`.
+
+    A new file each epoch, so the one before is never touched; one cut short is removed
+    (a full disk leaves no half checkpoint behind). Serialised in memory first: a disk that
+    fills then says so (errno and file), where torch.save says "file write failed".
+    """
+    artifact = checkpoint_artifact(state.epoch)
+    buffer = io.BytesIO()
+    torch.save({"state": state.state_dict(), "history": [m.to_record() for m in history]},
+               buffer)
+    path = tmp / Path(artifact).name
+    try:
+        try:
+            path.write_bytes(buffer.getbuffer())
+        except OSError as err:  # says which file: the temporary folder's disk, not the store's
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        run.log_artifact(path, CHECKPOINT_DIR)
+    except BaseException:
+        run.discard_artifact(artifact)
+        raise
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def code_tags(code: CodeState) -> dict[str, str]:

@@ -27,7 +27,7 @@ from mnist_mlflow.data import MnistData, build_pipeline, load_mnist
 from mnist_mlflow.models import GlobalAvgPool, build_model
 from mnist_mlflow.predict import load_model
 from mnist_mlflow.runtime import resolve
-from mnist_mlflow.schema import CHECKPOINT_DIR, CHECKPOINT_FILE, rounded
+from mnist_mlflow.schema import CHECKPOINT_DIR, LEGACY_CHECKPOINT, rounded
 from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import create_state, evaluate, fit
 from tests.conftest import tiny_config, use_store
@@ -299,9 +299,11 @@ def test_a_run_recorded_on_cuda_resumes_on_this_cpu_with_device_cpu(
         client.create_experiment("cuda-ready"))
     run_id = client.create_run(experiment.experiment_id, run_name="on-a-gpu").info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in recorded.as_params().items()])
+    # As runs made before per-epoch checkpoints kept it: resumed all the same.
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
-        client.log_artifact(run_id, str(Path(tmp) / CHECKPOINT_FILE), CHECKPOINT_DIR)
+        path = Path(tmp) / Path(LEGACY_CHECKPOINT).name
+        torch.save(checkpoint, path)
+        client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
 
     code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],

@@ -103,8 +103,8 @@ def test_signal_in_epoch_2_ends_killed_and_resume_matches_the_uninterrupted_twin
     assert run.data.tags["failure_reason"] == (
         f"interrupted ({signal.Signals(signum).name}) after epoch 1 of {EPOCHS}")
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == [
-        "checkpoints/last.pt"]
-    checkpoint = torch.load(client.download_artifacts(run_id, "checkpoints/last.pt"),
+        "checkpoints/epoch-001.pt"]
+    checkpoint = torch.load(client.download_artifacts(run_id, "checkpoints/epoch-001.pt"),
                             weights_only=True)
     assert checkpoint["state"]["epoch"] == 1
     assert "Traceback" not in err

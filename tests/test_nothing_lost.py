@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from mnist_mlflow.mlrun import lease_of, lease_tags
 from mnist_mlflow.registry import PRODUCTION
-from mnist_mlflow.schema import CHECKPOINT_ARTIFACT, LEASE_TAG
+from mnist_mlflow.schema import LEASE_TAG, checkpoint_artifact
 from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
 from tests.helpers import run_cli, runs_of
@@ -141,8 +141,7 @@ def test_a_trainer_killed_before_its_first_checkpoint_starts_over_in_the_same_ru
     trainer.send_signal(signal.SIGKILL)
     trainer.communicate()
     assert run_id is not None
-    assert CHECKPOINT_ARTIFACT not in {a.path for a in client.list_artifacts(run_id,
-                                                                             "checkpoints")}
+    assert client.list_artifacts(run_id, "checkpoints") == []
     run_cli(["runs", "--stale", "--mark-killed"], capsys, monkeypatch)
 
     code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
@@ -222,26 +221,55 @@ def test_user_mistakes_are_one_line_exit_2_and_create_nothing(
     assert not Path("/nonexistent").exists()
 
 
-def test_a_truncated_checkpoint_is_one_line_and_the_run_is_left_as_it_was(
+def cut(client: MlflowClient, run_id: str, artifact: str, folder: Path) -> bytes:
+    """Replace the run's `artifact` with its first 1000 bytes; what it held."""
+    path = Path(client.download_artifacts(run_id, artifact, str(folder)))
+    whole = path.read_bytes()
+    path.write_bytes(whole[:1000])
+    client.log_artifact(run_id, str(path), "checkpoints")
+    return whole
+
+
+def test_a_cut_checkpoint_is_passed_over_for_the_epoch_before_and_no_epoch_is_logged_twice(
         tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
     client = MlflowClient()
     trainer = slow_trainer(tracking_store, mnist_root, "truncated")
-    run_id = wait_for_epoch(client, trainer, "truncated", 1)
+    run_id = wait_for_epoch(client, trainer, "truncated", 2)
     trainer.send_signal(signal.SIGINT)
     trainer.communicate(timeout=120)
-    path = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(tmp_path)))
-    path.write_bytes(path.read_bytes()[:1000])
-    client.log_artifact(run_id, str(path), "checkpoints")
+    first = cut(client, run_id, checkpoint_artifact(1), tmp_path / "1")
+    cut(client, run_id, checkpoint_artifact(2), tmp_path / "2")
 
     code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
                            capsys, monkeypatch)
 
-    # One error line (after MLflow's download progress bar) and no traceback.
+    # With no checkpoint that reads: one error line (after MLflow's download progress bar),
+    # no traceback, and the run is left as it was.
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
-    assert f"the checkpoint of run {run_id} cannot be read" in errors[0]
+    assert f"no checkpoint of run {run_id} can be read" in errors[0]
     assert client.get_run(run_id).info.status == "KILLED"
+
+    # The epoch before reads again: the resume goes on from it.
+    (tmp_path / "epoch-001.pt").write_bytes(first)
+    client.log_artifact(run_id, str(tmp_path / "epoch-001.pt"), "checkpoints")
+    code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
+                           capsys, monkeypatch)
+
+    assert code == 0, err
+    said = caplog.text  # the CLI's log goes to stderr
+    assert f"{checkpoint_artifact(2)}: " in said
+    assert f"going on from {checkpoint_artifact(1)}" in said
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for name in ("test_acc", "val_acc", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2, 3]
+    # Epoch 2 was trained again and its checkpoint written whole.
+    for epoch in (1, 2, 3):
+        torch.load(client.download_artifacts(run_id, checkpoint_artifact(epoch),
+                                             str(tmp_path / f"after-{epoch}")),
+                   weights_only=True)
 
 
 def test_resume_refuses_another_experiment(

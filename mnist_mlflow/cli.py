@@ -20,6 +20,7 @@ import click
 
 from mnist_mlflow.config import (
     DiskFull,
+    ServerAway,
     TrainConfig,
     TrainingDiverged,
     UserError,
@@ -519,7 +520,7 @@ def main() -> None:
     except TrainingDiverged as err:
         click.echo(f"Error: training diverged: {err}", err=True)
         sys.exit(1)
-    except DiskFull as err:
+    except (DiskFull, ServerAway) as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(1)
     except KeyboardInterrupt as err:

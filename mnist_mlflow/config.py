@@ -61,6 +61,20 @@ class DiskFull(Exception):
     FAILED with the checkpoints of their earlier epochs intact; free space, then resume."""
 
 
+class ServerAway(Exception):
+    """The tracking server did not answer through MLflow's retries: the runs being trained
+    stopped (KILLED, if the server could be told) and can be resumed once it is back.
+    `what` says what happened, `command` resumes (a sweep puts its own in place)."""
+
+    def __init__(self, what: str, command: str) -> None:
+        super().__init__(what, command)
+        self.what = what
+        self.command = command
+
+    def __str__(self) -> str:
+        return f"{self.what}; once the server is back, resume with: {self.command}"
+
+
 # What a full disk or quota raises.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 

@@ -104,6 +104,93 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+class ServerPatience(logging.Filter):
+    """A tracking server that does not answer, said once.
+
+    MLflow's HTTP client tries a request that finds no server again and again (up to
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES times, waiting longer each time), and urllib3 logs each
+    try, a long line each. The first becomes one line that says what happens and for how
+    long; the others are dropped; the next heartbeat that goes through says it is back.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.away_since: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Retrying ("):
+            return True
+        if self.away_since is None:
+            self.away_since = time.monotonic()
+            log.warning("tracking server %s does not answer (%s); trying again for up to %s",
+                        mlflow.get_tracking_uri(), _connection_error(message), retry_budget())
+        return False
+
+    def answered(self) -> None:
+        if self.away_since is not None:
+            log.warning("tracking server %s answers again after %.0f s; going on",
+                        mlflow.get_tracking_uri(), time.monotonic() - self.away_since)
+            self.away_since = None
+
+
+SERVER_PATIENCE = ServerPatience()
+# What MLflow's error says when its retries found no server.
+SERVER_AWAY_TEXT = ("Max retries exceeded", "Failed to establish a new connection",
+                    "Connection refused", "RemoteDisconnected", "Connection aborted")
+
+
+def _connection_error(text: str) -> str:
+    found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    return found.group(1).strip() if found else "no connection"
+
+
+def retry_budget() -> str:
+    """How long MLflow's retries of one request last, as urllib3 waits between them: none
+    before the second try, then backoff_factor * 2**(n-1), at most 120 s."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+    factor = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    seconds = sum(min(factor * 2 ** (n - 1), 120) for n in range(2, retries + 1))
+    return (f"about {seconds:.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, "
+            f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={factor})")
+
+
+def server_away(err: BaseException) -> str:
+    """What the connection error in `err`'s chain says when MLflow found no tracking server
+    (after its retries); empty for any other error."""
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if isinstance(found, MlflowException) and any(t in str(found) for t in SERVER_AWAY_TEXT):
+            return _connection_error(str(found))
+        found = found.__cause__ or found.__context__
+    return ""
+
+
+@contextlib.contextmanager
+def without_retries() -> Iterator[None]:
+    """MLflow's requests tried once, 10 s at most: for a last word to a server that was away
+    (minutes of retries already)."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                                     "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def open_store(writes: bool = True) -> str:
     """Make the tracking store ready before anything is loaded or created; its URI.
 
@@ -119,6 +206,9 @@ def open_store(writes: bool = True) -> str:
     uri = mlflow.get_tracking_uri()
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
+        retries = logging.getLogger("urllib3.connectionpool")
+        if SERVER_PATIENCE not in retries.filters:
+            retries.addFilter(SERVER_PATIENCE)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             socket.create_connection((parsed.hostname, port),
@@ -405,6 +495,7 @@ class MlflowRun:
 
     def heartbeat(self) -> None:
         self.set_tags(lease_tags())
+        SERVER_PATIENCE.answered()
 
     def log_new_params(self, params: Mapping[str, object]) -> None:
         """Log the params the run does not have yet.

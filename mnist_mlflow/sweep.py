@@ -24,7 +24,7 @@ from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from mnist_mlflow.config import RUNTIME_SETTINGS, TrainConfig, UserError
+from mnist_mlflow.config import RUNTIME_SETTINGS, ServerAway, TrainConfig, UserError
 from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
 from mnist_mlflow.schema import (
     COMMAND_TAG,
@@ -121,7 +121,7 @@ def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str,
             train_tracked(first.config, data_dir, run=MlflowRun(first.run_id),
                           progress=progress,
                           stacked_with=[(job.config, MlflowRun(job.run_id)) for job in jobs[1:]])
-    except RunInterrupted:
+    except (RunInterrupted, ServerAway):  # the sweep stops: the next child would find no server
         raise
     except KeyboardInterrupt:  # before training began: the runs never started
         for job in jobs:
@@ -376,6 +376,9 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
         if isinstance(err, RunInterrupted):
             err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
         raise err  # the executor's, which says which child stopped where
+    except ServerAway as err:  # the parent cannot be told either: it shows RUNNING till resumed
+        err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
+        raise
     result = SweepResult(parent.run_id, children)
     _end_parent(parent, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
     return result

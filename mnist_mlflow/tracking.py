@@ -40,6 +40,7 @@ from mnist_mlflow.codestate import CodeState
 from mnist_mlflow.config import (
     RUNTIME_SETTINGS,
     DiskFull,
+    ServerAway,
     TrainConfig,
     UserError,
     mount_of,
@@ -51,7 +52,10 @@ from mnist_mlflow.mlrun import (
     inline_figure,
     lease_of,
     open_store,
+    retry_budget,
     saved_view,
+    server_away,
+    without_retries,
 )
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves, thumbnail
@@ -620,6 +624,9 @@ def _train_in_runs(runs: list[_Recording], data: MnistData, pipeline: Pipeline,
         raise RunInterrupted(name, first.run.run_id, first.state.epoch, first.config.epochs,
                              first.command, getattr(err, "exit_code", 130)) from err
     except BaseException as err:
+        away = server_away(err)
+        if away:
+            raise _server_went_away(runs, away) from err
         full = disk_full(err)
         reason = (_disk_full_reason(full, first) if full is not None
                   else f"{type(err).__name__}: {err}")
@@ -645,6 +652,26 @@ def _train_in_runs(runs: list[_Recording], data: MnistData, pipeline: Pipeline,
         raise RunInterrupted(name, first.run.run_id, first.state.epoch, first.config.epochs,
                              "", 128 + caught[0], finished=True)
     return [RunResult(recording.run.run_id, recording.history) for recording in runs]
+
+
+def _server_went_away(runs: list[_Recording], error: str) -> ServerAway:
+    """Tell the server, if it is back, that the runs stopped (KILLED: nothing failed in
+    them); what to say."""
+    first = runs[0]
+    reason = (f"the tracking server {mlflow.get_tracking_uri()} did not answer ({error}) "
+              f"through MLflow's retries, {retry_budget()}")
+    told = True
+    with without_retries(), signals_deferred(deliver=False):
+        for recording in runs:
+            try:
+                recording.stop(RunStatus.KILLED, reason, f"Killed: {reason}.")
+            except Exception:  # still away: the run shows RUNNING until resumed
+                told = False
+    ids = ", ".join(r.run.run_id for r in runs)
+    kept = f"its checkpoints up to epoch {first.checkpointed} of {first.config.epochs} kept"
+    ended = (f"run {ids} ended KILLED, {kept}" if told else
+             f"run {ids} could not be marked KILLED and shows RUNNING until resumed, {kept}")
+    return ServerAway(f"{reason}; {ended}", first.command)
 
 
 def _disk_full_reason(err: OSError | MlflowException, recording: _Recording) -> str:

@@ -91,19 +91,3 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                               input_example=np.zeros((4, 1, 28, 28), np.float32))
     return folder
 
-
-# The slowest files, slowest first (seconds of work each on the 2-core machine, `pytest
-# --durations`: 144, 134, 126, ...). The two workers take whole files (`--dist loadfile`)
-# in this order (`--no-loadscope-reorder`; by default xdist orders files by their number of
-# tests, which put these few-test files last, one running alone at the end): the slowest
-# first, the many short files then fill in whichever worker is free.
-SLOWEST_FIRST = ("test_ray_sweep.py", "test_team_server.py", "test_parallel_sweep.py",
-                 "test_nothing_lost.py", "test_mlproject.py", "test_reproduce.py",
-                 "test_full_disk.py", "test_stacked.py", "test_ui.py", "test_faults.py",
-                 "test_registry.py", "test_pipeline.py", "test_interrupt.py",
-                 "test_verdicts.py", "test_phases.py", "test_serving.py", "test_cuda_ready.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within files

@@ -252,6 +252,56 @@ def test_a_server_restart_while_training_loses_no_epoch(
         assert "checkpoints" in {a.path for a in client.list_artifacts(run_id)}
 
 
+def test_a_server_away_longer_than_the_retries_is_one_line_and_the_run_resumes_after(
+        server: Server, production: str, mnist_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    # MLflow's retries made short (two tries, 2 s apart) instead of its four minutes.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "2", "--train-limit", "6144",
+         "--test-limit", "256", "--val-size", "256", "--device", "cpu", "--threads", "1",
+         "--data-dir", str(mnist_root), "--experiment", "away"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    run_id = ""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and trainer.poll() is None and not run_id:
+        found = client.get_experiment_by_name("away")
+        for run in client.search_runs([found.experiment_id]) if found else []:
+            if client.get_metric_history(run.info.run_id, "test_acc"):
+                run_id = run.info.run_id
+        time.sleep(0.2)
+    assert run_id, trainer.communicate()[1][-2000:]
+    server.stop()
+    try:
+        _, err = trainer.communicate(timeout=120)
+    finally:
+        server.start()
+
+    assert trainer.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "Retrying (" not in err, err[-3000:]
+    assert err.count("does not answer") == 1, err[-3000:]
+    assert f"tracking server {server.uri} does not answer (Connection refused); trying again " \
+           "for up to about 2 s (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, " in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"Error: the tracking server {server.uri} did not answer "
+                           "(Connection refused) through MLflow's retries"), last
+    assert last.endswith(f"run {run_id} could not be marked KILLED and shows RUNNING until "
+                         "resumed, its checkpoints up to epoch 1 of 2 kept; once the server "
+                         f"is back, resume with: mnist-mlflow train --resume {run_id}"), last
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    resumed = subprocess.run([sys.executable, "-m", "mnist_mlflow", "train", "--resume",
+                              run_id, "--data-dir", str(mnist_root)], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for name in ("train_loss", "val_acc", "test_acc"):
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2]
+
+
 def test_a_ray_sweep_logs_through_the_server_with_the_drivers_credentials(
         server: Server, production: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,382 @@
+"""Chaos: a team sweep on Ray against the Team setup server, with failures at random moments.
+
+    python benchmarks/chaos.py --postgres postgresql://USER:PASSWORD@127.0.0.1/postgres \
+        --data-dir data [--chaos-seeds 1,2,3] [--children 20]
+
+For each chaos seed: the README's Team setup server (PostgreSQL backend store and
+basic-auth users in new databases, proxied artifacts on a tmpfs of their own, so that the
+disk can fill) on 127.0.0.1, a registered `mnist-cnn@production`, then `mnist-mlflow sweep
+--executor ray` of `--children` children (two variants over seeds) as the admin user. At
+moments drawn from the seed it injects: `kill -9` of Ray workers while they train, `kill -9`
+of the sweep's driver, a server restart, and a full artifact disk for a while. Whenever the
+driver has ended (killed, or with children FAILED), `sweep --resume` starts again, until
+the sweep finishes or `--max-rounds`. Then it audits the store: children FINISHED, epochs
+logged once each (none missing, none twice, for every per-epoch metric), runs left RUNNING,
+checkpoints that do not load, registry aliases moved, and drivers that printed a traceback.
+
+Target (issue 25): 20 of 20 children FINISHED, 0 epochs lost or doubled, 0 RUNNING, over 3
+chaos seeds. Mounting the tmpfs needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, team_auth_config  # noqa: E402
+
+from mnist_mlflow.schema import (  # noqa: E402
+    CONFIG_GROUP_TAG,
+    EPOCH_METRICS,
+    ROLE_TAG,
+    checkpoint_epoch,
+)
+
+ADMIN_PASSWORD = "chaos-admin-password-1234"
+MODEL = "mnist-cnn"
+KINDS = ("kill -9 a Ray worker", "kill -9 the driver", "server restart", "artifact disk full")
+
+
+@dataclass
+class Server:
+    """The Team setup server: (re)started on the same port, databases and artifact disk."""
+
+    folder: Path
+    store: str
+    auth_store: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        config = self.folder / "basic_auth.ini"
+        config.write_text(team_auth_config(self.auth_store))
+        env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "chaos-secret",
+               "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+               "MLFLOW_AUTH_CONFIG_PATH": str(config)}
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                     "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store,
+             "--artifacts-destination", str(self.folder / "artifacts"), "--serve-artifacts",
+             "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "2"],
+            env=env, cwd=self.folder, stdout=(self.folder / "server.log").open("a"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.folder / "server.log").read_text()
+                sys.exit(f"mlflow server exited:\n{log[-3000:]}")
+            try:
+                requests.get(f"{self.uri}/health", timeout=2)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        sys.exit("mlflow server did not answer in 180 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+def new_database(postgres: str) -> str:
+    name = f"mnist_mlflow_chaos_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return postgres.rsplit("/", 1)[0] + f"/{name}"
+
+
+def mount_tmpfs(folder: Path, size: str) -> None:
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"cannot mount a tmpfs at {folder} ({done.stderr.strip()}): run as root")
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until `disk` has no byte left; the file."""
+    filler = disk / ".chaos-filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(descriptor, b"\0" * chunk)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(descriptor)
+    return filler
+
+
+def ray_workers() -> list[int]:
+    """Ray worker processes running one of our tasks (their title is `ray::<function>`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if title.startswith(b"ray::train_in_worker"):
+                found.append(int(entry.name))
+    return found
+
+
+def cli(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "mnist_mlflow", *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def schedule(rng: random.Random, window: float, worker_kills: int) -> list[tuple[float, str]]:
+    """(seconds after the sweep began, kind) of each failure, in time order."""
+    events = [(rng.uniform(5, window), KINDS[0]) for _ in range(worker_kills)]
+    events += [(rng.uniform(5, window), kind) for kind in KINDS[1:]]
+    return sorted(events)
+
+
+def production_model(env: dict[str, str], data_dir: str, folder: Path) -> dict[str, str]:
+    """A tiny trained run registered as mnist-cnn@production; the aliases."""
+    done = subprocess.run([sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "1",
+                           "--train-limit", "512", "--test-limit", "256", "--val-size", "256",
+                           "--device", "cpu", "--threads", "1", "--data-dir", data_dir,
+                           "--experiment", "chaos-production"], env=env, capture_output=True,
+                          text=True)
+    if done.returncode:
+        sys.exit(f"setup training failed:\n{done.stderr[-3000:]}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("chaos-production")
+    [run] = client.search_runs([experiment.experiment_id])
+    import mlflow
+
+    [model] = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id],
+                                          output_format="list")
+    version = mlflow.register_model(f"models:/{model.model_id}", MODEL).version
+    client.set_registered_model_alias(MODEL, "production", version)
+    return dict(client.get_registered_model(MODEL).aliases)
+
+
+@dataclass
+class Audit:
+    children: int = 0
+    finished: int = 0
+    lost: int = 0
+    doubled: int = 0
+    running: int = 0
+    unreadable: int = 0
+    aliases_moved: bool = False
+
+
+def audit(experiment: str, epochs: int, aliases: dict[str, str], folder: Path) -> Audit:
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    result = Audit()
+    result.running = sum(r.info.status == "RUNNING" for r in runs)
+    children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "train"]
+    # A child trained again as a new run (its first never began) replaces it: count the
+    # latest run of each configuration, as `sweep --resume` does.
+    latest: dict[tuple[str, str], object] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time):
+        latest[run.data.tags.get(CONFIG_GROUP_TAG, ""), run.data.params.get("seed", "")] = run
+    result.children = len(latest)
+    for run in latest.values():
+        run_id = run.info.run_id
+        result.finished += run.info.status == "FINISHED"
+        for name in EPOCH_METRICS:
+            steps = Counter(m.step for m in client.get_metric_history(run_id, name))
+            result.lost += sum(1 for epoch in range(1, epochs + 1) if epoch not in steps)
+            result.doubled += sum(count - 1 for count in steps.values())
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            for artifact in client.list_artifacts(run_id, "checkpoints"):
+                if checkpoint_epoch(artifact.path) is None:
+                    continue
+                try:
+                    torch.load(client.download_artifacts(run_id, artifact.path, tmp),
+                               weights_only=True)
+                except Exception:  # noqa: BLE001 - counted
+                    result.unreadable += 1
+    result.aliases_moved = dict(client.get_registered_model(MODEL).aliases) != aliases
+    return result
+
+
+def one_seed(args: argparse.Namespace, chaos_seed: int) -> tuple[Counter[str], Audit, int, int,
+                                                                   float]:
+    rng = random.Random(chaos_seed)
+    folder = Path(tempfile.mkdtemp(prefix=f"chaos-{chaos_seed}-"))
+    mount_tmpfs(folder / "artifacts", "512m")
+    server = Server(folder, new_database(args.postgres), new_database(args.postgres))
+    server.start()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_TRACKING_USERNAME": "admin",
+           "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD, "OMP_NUM_THREADS": "1"}
+    os.environ.update({k: env[k] for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                                           "MLFLOW_TRACKING_PASSWORD")})
+    import mlflow
+
+    mlflow.set_tracking_uri(server.uri)
+    injected: Counter[str] = Counter()
+    rounds = tracebacks = 0
+    disk_freed_at = 0.0
+    filler: Path | None = None
+    try:
+        aliases = production_model(env, args.data_dir, folder)
+        experiment = f"chaos-{chaos_seed}"
+        seeds = ",".join(str(s) for s in range(1, args.children // 2 + 1))
+        sweep = ["sweep", "--executor", "ray", "--variant", "opt:0,opt:0.05", "--seeds", seeds,
+                 "--epochs", str(args.epochs), "--train-limit", str(args.train_limit),
+                 "--test-limit", "256", "--val-size", "256", "--device", "cpu",
+                 "--data-dir", args.data_dir, "--experiment", experiment]
+        events = schedule(rng, args.window, args.worker_kills)
+        print(f"chaos seed {chaos_seed}: " + "; ".join(f"{t:.0f}s {k}" for t, k in events),
+              flush=True)
+        began = time.monotonic()
+        parent_id = ""
+        driver: subprocess.Popen[bytes] | None = None
+        while True:
+            now = time.monotonic() - began
+            if filler is not None and now >= disk_freed_at:
+                filler.unlink()
+                filler = None
+            parent_id = parent_id or sweep_parent(experiment)
+            if driver is None or driver.poll() is not None:
+                if driver is not None:
+                    log = (folder / f"round-{rounds}.log").read_text(errors="replace")
+                    tracebacks += "Traceback" in log
+                    if driver.returncode == 0:
+                        break
+                if rounds >= args.max_rounds:
+                    print(f"chaos seed {chaos_seed}: not finished after {rounds} rounds",
+                          flush=True)
+                    break
+                if filler is not None:  # resume once the disk has room again
+                    time.sleep(0.5)
+                    continue
+                rounds += 1
+                command = sweep if not parent_id else ["sweep", "--resume", parent_id,
+                                                       "--executor", "ray", "--data-dir",
+                                                       args.data_dir]
+                driver = cli(*command, env=env, log=folder / f"round-{rounds}.log")
+            if events and now >= events[0][0]:
+                kind = events[0][1]
+                # A driver killed before it made the parent would leave nothing to resume.
+                if (parent_id or kind != KINDS[1]) and apply(kind, driver, server, injected, rng):
+                    events.pop(0)
+                    if kind == KINDS[3]:
+                        filler = fill(folder / "artifacts")
+                        disk_freed_at = now + rng.uniform(10, 30)
+                else:
+                    events[0] = (now + 1.0, kind)  # nothing to hit yet: a moment later
+            time.sleep(0.5)
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        if filler is not None:
+            filler.unlink()
+        wall = time.monotonic() - began
+        result = audit(experiment, args.epochs, aliases, folder)
+        result_tracebacks = tracebacks
+    finally:
+        server.stop()
+        subprocess.run(["umount", "--lazy", str(folder / "artifacts")], check=False)
+    return injected, result, rounds, result_tracebacks, wall
+
+
+def sweep_parent(experiment: str) -> str:
+    """The parent run of the experiment's sweep, once it exists."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return ""
+    parents = [r for r in client.search_runs([found.experiment_id])
+               if r.data.tags.get(ROLE_TAG) == "sweep"]
+    return parents[0].info.run_id if parents else ""
+
+
+def apply(kind: str, driver: subprocess.Popen[bytes] | None, server: Server,
+          injected: Counter[str], rng: random.Random) -> bool:
+    """Inject one failure of `kind` now; False when there is nothing for it to hit yet."""
+    if kind == KINDS[0]:
+        workers = ray_workers()
+        if not workers:
+            return False
+        os.kill(rng.choice(workers), signal.SIGKILL)
+    elif kind == KINDS[1]:
+        if driver is None or driver.poll() is not None:
+            return False
+        driver.send_signal(signal.SIGKILL)
+    elif kind == KINDS[2]:
+        server.stop()
+        time.sleep(2)
+        server.start()
+    injected[kind] += 1
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres", required=True,
+                        help="a PostgreSQL role that may create databases")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--chaos-seeds", default="1,2,3")
+    parser.add_argument("--children", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-limit", type=int, default=2048)
+    parser.add_argument("--worker-kills", type=int, default=2)
+    parser.add_argument("--window", type=float, default=90.0,
+                        help="failures fall within this many seconds of the sweep's start")
+    parser.add_argument("--max-rounds", type=int, default=12)
+    args = parser.parse_args()
+    rows = []
+    for chaos_seed in (int(s) for s in args.chaos_seeds.split(",")):
+        injected, result, rounds, tracebacks, wall = one_seed(args, chaos_seed)
+        rows.append((chaos_seed, injected, result, rounds, tracebacks, wall))
+        print(f"chaos seed {chaos_seed}: injected "
+              + ", ".join(f"{injected[k]} {k}" for k in KINDS)
+              + f"; {rounds} rounds, {wall:.0f} s; children FINISHED {result.finished} of "
+              f"{result.children}; epochs lost {result.lost}, doubled {result.doubled}; "
+              f"RUNNING {result.running}; checkpoints unreadable {result.unreadable}; "
+              f"aliases moved {'yes' if result.aliases_moved else 'no'}; drivers with a "
+              f"traceback {tracebacks}", flush=True)
+    print("\n| chaos seed | worker kills | driver kills | server restarts | disk full "
+          "| rounds | wall s | children FINISHED | epochs lost / doubled | RUNNING "
+          "| checkpoints unreadable | aliases moved | tracebacks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for chaos_seed, injected, result, rounds, tracebacks, wall in rows:
+        print(f"| {chaos_seed} | {injected[KINDS[0]]} | {injected[KINDS[1]]} | "
+              f"{injected[KINDS[2]]} | {injected[KINDS[3]]} | {rounds} | {wall:.0f} | "
+              f"{result.finished} of {result.children} | {result.lost} / {result.doubled} | "
+              f"{result.running} | {result.unreadable} | "
+              f"{'yes' if result.aliases_moved else 'no'} | {tracebacks} |")
+    met = all(r.finished == r.children == args.children and not (r.lost or r.doubled or
+              r.running) for _, _, r, _, _, _ in rows)
+    print(f"\ntarget ({args.children} of {args.children} FINISHED, 0 epochs lost or doubled, "
+          f"0 RUNNING, every chaos seed): {'met' if met else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

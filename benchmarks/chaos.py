@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import free_port, team_auth_config  # noqa: E402
 
 from mnist_mlflow.schema import (  # noqa: E402
-    CONFIG_GROUP_TAG,
     EPOCH_METRICS,
     ROLE_TAG,
     checkpoint_epoch,
+    config_from_params,
+    settings_of,
 )
 
 ADMIN_PASSWORD = "chaos-admin-password-1234"
@@ -189,6 +190,7 @@ class Audit:
     lost: int = 0
     doubled: int = 0
     running: int = 0
+    replaced: int = 0  # children trained again as a new run (their first record kept)
     unreadable: int = 0
     aliases_moved: bool = False
 
@@ -202,10 +204,12 @@ def audit(experiment: str, epochs: int, aliases: dict[str, str], folder: Path) -
     children = [r for r in runs if r.data.tags.get(ROLE_TAG) == "train"]
     # A child trained again as a new run (its first never began) replaces it: count the
     # latest run of each configuration, as `sweep --resume` does.
-    latest: dict[tuple[str, str], object] = {}
+    # (What it learns, as `sweep --resume` matches them.)
+    latest: dict[object, object] = {}
     for run in sorted(children, key=lambda r: r.info.start_time):
-        latest[run.data.tags.get(CONFIG_GROUP_TAG, ""), run.data.params.get("seed", "")] = run
+        latest[config_from_params(run.info.run_id, settings_of(run), {}).what_it_learns()] = run
     result.children = len(latest)
+    result.replaced = len(children) - len(latest)
     for run in latest.values():
         run_id = run.info.run_id
         result.finished += run.info.status == "FINISHED"
@@ -351,6 +355,7 @@ def main() -> None:
                         help="failures fall within this many seconds of the sweep's start")
     parser.add_argument("--max-rounds", type=int, default=12)
     args = parser.parse_args()
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the audit downloads many
     rows = []
     for chaos_seed in (int(s) for s in args.chaos_seeds.split(",")):
         injected, result, rounds, tracebacks, wall = one_seed(args, chaos_seed)
@@ -359,18 +364,19 @@ def main() -> None:
               + ", ".join(f"{injected[k]} {k}" for k in KINDS)
               + f"; {rounds} rounds, {wall:.0f} s; children FINISHED {result.finished} of "
               f"{result.children}; epochs lost {result.lost}, doubled {result.doubled}; "
-              f"RUNNING {result.running}; checkpoints unreadable {result.unreadable}; "
+              f"RUNNING {result.running}; children retrained as new runs "
+              f"{result.replaced}; checkpoints unreadable {result.unreadable}; "
               f"aliases moved {'yes' if result.aliases_moved else 'no'}; drivers with a "
               f"traceback {tracebacks}", flush=True)
     print("\n| chaos seed | worker kills | driver kills | server restarts | disk full "
           "| rounds | wall s | children FINISHED | epochs lost / doubled | RUNNING "
-          "| checkpoints unreadable | aliases moved | tracebacks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| retrained as new runs | checkpoints unreadable | aliases moved | tracebacks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for chaos_seed, injected, result, rounds, tracebacks, wall in rows:
         print(f"| {chaos_seed} | {injected[KINDS[0]]} | {injected[KINDS[1]]} | "
               f"{injected[KINDS[2]]} | {injected[KINDS[3]]} | {rounds} | {wall:.0f} | "
               f"{result.finished} of {result.children} | {result.lost} / {result.doubled} | "
-              f"{result.running} | {result.unreadable} | "
+              f"{result.running} | {result.replaced} | {result.unreadable} | "
               f"{'yes' if result.aliases_moved else 'no'} | {tracebacks} |")
     met = all(r.finished == r.children == args.children and not (r.lost or r.doubled or
               r.running) for _, _, r, _, _, _ in rows)

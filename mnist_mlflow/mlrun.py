@@ -145,7 +145,7 @@ def _connection_error(text: str) -> str:
     return found.group(1).strip() if found else "no connection"
 
 
-def retry_budget() -> str:
+def retry_seconds() -> float:
     """How long MLflow's retries of one request last, as urllib3 waits between them: none
     before the second try, then backoff_factor * 2**(n-1), at most 120 s."""
     from mlflow.environment_variables import (
@@ -155,9 +155,19 @@ def retry_budget() -> str:
 
     retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
     factor = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
-    seconds = sum(min(factor * 2 ** (n - 1), 120) for n in range(2, retries + 1))
-    return (f"about {seconds:.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, "
-            f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={factor})")
+    return sum(min(factor * 2 ** (n - 1), 120) for n in range(2, retries + 1))
+
+
+def retry_budget() -> str:
+    """`retry_seconds`, and the settings it comes from."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    return (f"about {retry_seconds():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES="
+            f"{MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()}, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="
+            f"{MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()})")
 
 
 def server_away(err: BaseException) -> str:
@@ -191,7 +201,7 @@ def without_retries() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def open_store(writes: bool = True) -> str:
+def open_store(writes: bool = True, patient: bool = False) -> str:
     """Make the tracking store ready before anything is loaded or created; its URI.
 
     An HTTP server that does not answer is a UserError at once (not minutes of retries). A
@@ -210,12 +220,25 @@ def open_store(writes: bool = True) -> str:
         if SERVER_PATIENCE not in retries.filters:
             retries.addFilter(SERVER_PATIENCE)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname, port),
-                                     timeout=STORE_CONNECT_TIMEOUT_S).close()
-        except OSError as err:
-            raise UserError(f"tracking store {uri} cannot be reached ({err.strerror or err}); "
-                            "start the server or set MLFLOW_TRACKING_URI") from None
+        # `patient`: a sweep's child, whose sweep reached the server: one restarting is
+        # waited for as MLflow's retries would wait (said once), not a failed child.
+        deadline = time.monotonic() + (retry_seconds() if patient else 0)
+        while True:
+            try:
+                socket.create_connection((parsed.hostname, port),
+                                         timeout=STORE_CONNECT_TIMEOUT_S).close()
+                SERVER_PATIENCE.answered()
+                break
+            except OSError as err:
+                if time.monotonic() >= deadline:
+                    raise UserError(f"tracking store {uri} cannot be reached "
+                                    f"({err.strerror or err}); start the server or set "
+                                    "MLFLOW_TRACKING_URI") from None
+                if SERVER_PATIENCE.away_since is None:
+                    SERVER_PATIENCE.away_since = time.monotonic()
+                    log.warning("tracking server %s does not answer (%s); trying again for "
+                                "up to %s", uri, err.strerror or err, retry_budget())
+                time.sleep(2)
         return uri
     if parsed.scheme != "sqlite":
         return uri

@@ -39,6 +39,7 @@ from mnist_mlflow.mlrun import MlflowRun, absolute_uri
 from mnist_mlflow.runtime import SweepPlan, plan_sweep, use_share
 from mnist_mlflow.sweep import (
     SCHEDULED,
+    WORKER_DIED,
     ChildJob,
     ChildOutcome,
     LocalExecutor,
@@ -56,8 +57,6 @@ MAX_BROKEN_POOLS = 3
 # Set in a worker: the file by which the sweep asks it to begin no new child; the sweep's pid.
 _stop: Path | None = None
 _parent_pid = 0
-WORKER_DIED = ("its worker process died (killed, or out of memory); its checkpoint is kept for "
-               "`mnist-mlflow sweep --resume`")
 
 
 class ProcessExecutor:

@@ -27,7 +27,14 @@ from mnist_mlflow.config import UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
 from mnist_mlflow.mlrun import absolute_uri
 from mnist_mlflow.runtime import use_share
-from mnist_mlflow.sweep import TERMINAL, ChildJob, ChildOutcome, end_unless_ended, train_child
+from mnist_mlflow.sweep import (
+    TERMINAL,
+    WORKER_DIED,
+    ChildJob,
+    ChildOutcome,
+    end_unless_ended,
+    train_child,
+)
 
 log = logging.getLogger("mnist_mlflow")
 
@@ -141,10 +148,19 @@ class RayExecutor:
                 ray.shutdown()
 
     def _outcome(self, ray, ref, job: ChildJob) -> ChildOutcome:  # noqa: ANN001 - Ray types
-        """The task's outcome; a task that raised or whose worker died ends its run FAILED
-        with the reason (its lease, if it began, names a process that is gone)."""
+        """The task's outcome. A task whose worker died (kill -9, out of memory, its node
+        gone) ends its run KILLED, resumable from its checkpoint by `sweep --resume`, as in a
+        local sweep; one that raised otherwise ends FAILED with the reason."""
+        died = tuple(getattr(ray.exceptions, name) for name in (
+            "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError", "OutOfMemoryError")
+            if hasattr(ray.exceptions, name))
         try:
             return ray.get(ref)
+        except died:
+            log.error("child %s: %s", job.config.run_name, WORKER_DIED)
+            end_unless_ended(job.run_id, RunStatus.KILLED, WORKER_DIED, keep_scheduled=True)
+            status = MlflowClient().get_run(job.run_id).info.status
+            return ChildOutcome(job.config, job.run_id, status, WORKER_DIED)
         except ray.exceptions.RayError as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
             reason = f"{type(err).__name__}: {first}"

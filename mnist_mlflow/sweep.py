@@ -99,6 +99,13 @@ class SweepResult:
         return sum(1 for c in self.children if c.status == status)
 
 
+# Why a child ended KILLED when the process training it died (kill -9, the out-of-memory
+# killer): a pool's worker or a Ray worker. KILLED, not FAILED: nothing in the child failed,
+# and `sweep --resume` goes on from its checkpoint in the same run.
+WORKER_DIED = ("its worker process died (killed, or out of memory); its checkpoint is kept for "
+               "`mnist-mlflow sweep --resume`")
+
+
 def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True) -> ChildOutcome:
     """Train one job into its run, wherever this runs; a failure is recorded, not raised.
 
@@ -116,7 +123,7 @@ def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str,
         if first.resume:
             # How it runs comes from this sweep's command line, as for the new children.
             runtime = {name: getattr(first.config, name) for name in RUNTIME_SETTINGS}
-            resume_tracked(first.run_id, data_dir, runtime, progress=progress)
+            resume_tracked(first.run_id, data_dir, runtime, progress=progress, patient=True)
         else:
             train_tracked(first.config, data_dir, run=MlflowRun(first.run_id),
                           progress=progress,

@@ -319,7 +319,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
     """
     configs = [config.validate(), *(other.validate() for other, _ in stacked_with)]
     runtime = resolve(config)
-    open_store()
+    open_store(patient=run is not None)  # a run made before: a sweep's child (or reproduce)
     data = load_mnist(data_dir, config.train_limit, config.test_limit, config.val_size)
     pipeline = build_pipeline(config, data, runtime)
     tags = {ROLE_TAG: TRAIN_ROLE, **(tags or {})}
@@ -369,7 +369,7 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
 
 def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object] | None = None,
                    progress: bool = True, runner_run_id: str | None = None,
-                   experiment: str | None = None) -> RunResult:
+                   experiment: str | None = None, patient: bool = False) -> RunResult:
     """Reopen run `run_id`, restore its checkpoint and train the epochs it has left.
 
     Settings come from the run's params; `given` (options the user set) must agree with them,
@@ -378,8 +378,9 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
     touched: a refused resume changes nothing. `runner_run_id` is the run `mlflow run` made
     for this command, which only records that it resumed `run_id`; `experiment`, when given,
     must be the run's. A run that never reached a checkpoint starts over in the same run.
+    `patient`: a sweep's child, which waits for a server restarting (`open_store`).
     """
-    open_store()
+    open_store(patient=patient)
     client = MlflowClient()
     found, has_checkpoint = resumable_run(client, run_id)
     if experiment is not None:

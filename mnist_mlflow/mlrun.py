@@ -140,9 +140,17 @@ SERVER_AWAY_TEXT = ("Max retries exceeded", "Failed to establish a new connectio
                     "Connection refused", "RemoteDisconnected", "Connection aborted")
 
 
+# How urllib3 and requests say what broke a connection, and how we say it.
+CONNECTION_BREAKS = (("RemoteDisconnected", "the server closed the connection"),
+                     ("Read timed out", "no answer in time"),
+                     ("Connection aborted", "connection aborted"))
+
+
 def _connection_error(text: str) -> str:
     found = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    return found.group(1).strip() if found else "no connection"
+    if found:
+        return found.group(1).strip()
+    return next((said for phrase, said in CONNECTION_BREAKS if phrase in text), "no connection")
 
 
 def retry_seconds() -> float:

@@ -106,6 +106,10 @@ WORKER_DIED = ("its worker process died (killed, or out of memory); its checkpoi
                "`mnist-mlflow sweep --resume`")
 
 
+ORPHAN_CHILD = ("the sweep stopped while it created this child, before the child had its "
+                "settings; `sweep --resume` trained the configuration in a new child")
+
+
 def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True) -> ChildOutcome:
     """Train one job into its run, wherever this runs; a failure is recorded, not raised.
 
@@ -341,8 +345,16 @@ def _latest_children(client: MlflowClient, parent: Run) -> dict[TrainConfig, Run
                               f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent.info.run_id}'",
                               max_results=SEARCH_MAX_RESULTS_THRESHOLD,
                               order_by=["attributes.start_time ASC"])
-    return {config_from_params(run.info.run_id, settings_of(run), {}).what_it_learns(): run
-            for run in runs}
+    latest = {}
+    for run in runs:
+        if not run.data.params:
+            # The sweep was killed (kill -9) between creating this child and logging its
+            # settings: it never trained. Ended, so it is not left RUNNING; a new child
+            # takes its place.
+            end_unless_ended(run.info.run_id, RunStatus.KILLED, ORPHAN_CHILD)
+            continue
+        latest[config_from_params(run.info.run_id, settings_of(run), {}).what_it_learns()] = run
+    return latest
 
 
 def _resumable(client: MlflowClient, run_id: str) -> bool:

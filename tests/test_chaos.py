@@ -113,3 +113,37 @@ def test_killed_while_logging_its_model_a_resumed_run_leaves_no_pending_model(
                             str(mnist_root)], capsys, monkeypatch)
     assert code == 0, err
     assert_finished_once(client, run.info.run_id)
+
+
+def test_a_sweep_killed_while_creating_a_child_resumes_and_ends_the_orphan(
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill -9 of the sweep between creating a child run and logging its settings (found by
+    benchmarks/chaos.py: every `sweep --resume` then stopped on the child without params)."""
+    from mlflow.entities import RunStatus
+
+    from mnist_mlflow.mlrun import MlflowRun
+    from mnist_mlflow.schema import ROLE_TAG, TRAIN_ROLE
+    from mnist_mlflow.sweep import ORPHAN_CHILD, create_child, start_parent, sweep_configs
+    from tests.conftest import tiny_config
+
+    configs = sweep_configs(tiny_config(epochs=1, threads=1), [("opt", 0.0), ("opt", 0.05)])
+    parent = start_parent("orphan", configs)
+    create_child(parent, configs[0])
+    orphan = MlflowRun.create("orphan", configs[1].run_name, parent_run_id=parent.run_id,
+                              tags={ROLE_TAG: TRAIN_ROLE})  # then the kill: no params
+    parent.end(RunStatus.KILLED, "process gone")  # as `runs --stale --mark-killed` leaves it
+
+    code, _, err = run_cli(["sweep", "--resume", parent.run_id, "--data-dir",
+                            str(mnist_root)], capsys, monkeypatch)
+
+    assert code == 0, err
+    client = MlflowClient()
+    ended = client.get_run(orphan.run_id)
+    assert ended.info.status == "KILLED"
+    assert ended.data.tags["failure_reason"] == ORPHAN_CHILD
+    trained = [r for r in runs_of("orphan") if r.data.tags.get(ROLE_TAG) == TRAIN_ROLE
+               and r.info.run_id != orphan.run_id]
+    assert sorted(r.data.params["dropout"] for r in trained) == ["0.0", "0.05"]
+    assert all(r.info.status == "FINISHED" for r in trained)
+    assert client.get_run(parent.run_id).info.status == "FINISHED"

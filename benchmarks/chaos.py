@@ -21,7 +21,6 @@ chaos seeds. Mounting the tmpfs needs root.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import random
 import signal
@@ -40,7 +39,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, team_auth_config  # noqa: E402
+from common import fill, free_port, team_auth_config  # noqa: E402
 
 from mnist_mlflow.schema import (  # noqa: E402
     EPOCH_METRICS,
@@ -116,23 +115,6 @@ def mount_tmpfs(folder: Path, size: str) -> None:
                           capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"cannot mount a tmpfs at {folder} ({done.stderr.strip()}): run as root")
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until `disk` has no byte left; the file."""
-    filler = disk / ".chaos-filler"
-    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(descriptor, b"\0" * chunk)
-            except OSError as err:
-                if err.errno != errno.ENOSPC:
-                    raise
-    finally:
-        os.close(descriptor)
-    return filler
 
 
 def ray_workers() -> list[int]:

@@ -1,8 +1,10 @@
-"""What several benchmarks (and the team-server tests) need: a free port for the servers they
-start, and the README's Team setup auth config."""
+"""What several benchmarks (and the tests) need: a free port for the servers they start, the
+README's Team setup auth config, and a disk filled to its last byte."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import socket
 from pathlib import Path
@@ -30,3 +32,20 @@ def team_auth_config(database_uri: str, cache_seconds: int = 60) -> str:
         if found != 1:
             raise ValueError(f"README's basic_auth.ini has no single {key} line")
     return config
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until `disk` has no byte left; the file (delete it to free the disk)."""
+    filler = disk / ".filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):  # down to the last byte
+            try:
+                while True:
+                    os.write(descriptor, b"\0" * chunk)
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(descriptor)
+    return filler

@@ -4,8 +4,6 @@ and while MNIST is extracted. On a real, small tmpfs (mounting needs root: skipp
 
 from __future__ import annotations
 
-import errno
-import os
 import shutil
 import signal
 import subprocess
@@ -16,6 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from benchmarks.common import fill
 from mnist_mlflow.schema import checkpoint_artifact
 from tests.conftest import SHARED_MNIST
 from tests.helpers import run_cli, runs_of
@@ -44,22 +43,6 @@ def small_disk(folder: Path, size: str) -> Iterator[Path]:
 @pytest.fixture
 def artifact_disk(tmp_path: Path) -> Iterator[Path]:
     yield from small_disk(tmp_path / "disk", "16m")
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until `disk` has no byte left; the file."""
-    filler = disk / "filler"
-    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(descriptor, b"\0" * chunk)
-            except OSError as err:
-                assert err.errno == errno.ENOSPC
-    finally:
-        os.close(descriptor)
-    return filler
 
 
 def train_until_the_disk_fills(store: str, disk: Path, mnist_root: Path, epochs: int,
@@ -107,7 +90,7 @@ def test_a_disk_full_at_a_checkpoint_fails_the_run_keeps_the_last_and_resume_fin
                weights_only=True)
     assert [m.step for m in client.get_metric_history(run_id, "test_acc")] == [1]
 
-    (artifact_disk / "filler").unlink()
+    (artifact_disk / ".filler").unlink()
     code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
                            capsys, monkeypatch)
 
@@ -131,7 +114,7 @@ def test_a_disk_full_while_the_model_and_records_are_logged_then_resume_logs_the
                          f"resume it with: mnist-mlflow train --resume {run_id}")
     assert client.get_run(run_id).info.status == "FAILED"
 
-    (artifact_disk / "filler").unlink()
+    (artifact_disk / ".filler").unlink()
     code, _, err = run_cli(["train", "--resume", run_id, "--data-dir", str(mnist_root)],
                            capsys, monkeypatch)
 

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.common import free_port, team_auth_config
 from tests.helpers import run_cli
+from tests.test_interrupt import wait_for_epoch
 
 POSTGRES = os.environ.get("MNIST_TEST_POSTGRES_URI", "")
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="MNIST_TEST_POSTGRES_URI is not set")
@@ -216,26 +217,25 @@ def test_concurrent_trainings_lose_nothing(server: Server, production: str,
         assert {"training.log", "model_summary.txt", "plots", "checkpoints"} <= artifacts
 
 
+def train_through_epoch_1(mnist_root: Path, experiment: str, env: dict[str, str]
+                          ) -> tuple[MlflowClient, subprocess.Popen[str], str]:
+    """`train` of two 2-second epochs in a subprocess, once it has logged its first: the
+    client, the process and its run."""
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "2", "--train-limit", "6144",
+         "--test-limit", "256", "--val-size", "256", "--device", "cpu", "--threads", "1",
+         "--data-dir", str(mnist_root), "--experiment", experiment], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient()
+    return client, trainer, wait_for_epoch(client, trainer, experiment, 1)
+
+
 def test_a_server_restart_while_training_loses_no_epoch(
         server: Server, production: str, mnist_root: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "2", "--train-limit", "6144",
-         "--test-limit", "256", "--val-size", "256", "--device", "cpu", "--threads", "1",
-         "--data-dir", str(mnist_root), "--experiment", "restart"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient()
-    deadline = time.monotonic() + 300
-    run_id = ""
-    while time.monotonic() < deadline and trainer.poll() is None and not run_id:
-        found = client.get_experiment_by_name("restart")
-        for run in client.search_runs([found.experiment_id]) if found else []:
-            if client.get_metric_history(run.info.run_id, "test_acc"):
-                run_id = run.info.run_id
-        time.sleep(0.2)
-    assert run_id, trainer.communicate()[1][-2000:]
+    client, trainer, run_id = train_through_epoch_1(mnist_root, "restart", env)
     server.stop()
     time.sleep(2)  # down about 10 s in all: starting again takes the rest
     server.start()
@@ -259,21 +259,7 @@ def test_a_server_away_longer_than_the_retries_is_one_line_and_the_run_resumes_a
     # MLflow's retries made short (two tries, 2 s apart) instead of its four minutes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-    trainer = subprocess.Popen(
-        [sys.executable, "-m", "mnist_mlflow", "train", "--epochs", "2", "--train-limit", "6144",
-         "--test-limit", "256", "--val-size", "256", "--device", "cpu", "--threads", "1",
-         "--data-dir", str(mnist_root), "--experiment", "away"], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    client = MlflowClient()
-    run_id = ""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and trainer.poll() is None and not run_id:
-        found = client.get_experiment_by_name("away")
-        for run in client.search_runs([found.experiment_id]) if found else []:
-            if client.get_metric_history(run.info.run_id, "test_acc"):
-                run_id = run.info.run_id
-        time.sleep(0.2)
-    assert run_id, trainer.communicate()[1][-2000:]
+    client, trainer, run_id = train_through_epoch_1(mnist_root, "away", env)
     server.stop()
     try:
         _, err = trainer.communicate(timeout=120)

@@ -121,11 +121,15 @@ class ServerPatience(logging.Filter):
         message = record.getMessage()
         if not message.startswith("Retrying ("):
             return True
+        self.away(_connection_error(message))
+        return False
+
+    def away(self, reason: str) -> None:
+        """Say, once until it answers again, that the server does not answer and why."""
         if self.away_since is None:
             self.away_since = time.monotonic()
             log.warning("tracking server %s does not answer (%s); trying again for up to %s",
-                        mlflow.get_tracking_uri(), _connection_error(message), retry_budget())
-        return False
+                        mlflow.get_tracking_uri(), reason, retry_budget())
 
     def answered(self) -> None:
         if self.away_since is not None:
@@ -153,42 +157,48 @@ def _connection_error(text: str) -> str:
     return next((said for phrase, said in CONNECTION_BREAKS if phrase in text), "no connection")
 
 
-def retry_seconds() -> float:
-    """How long MLflow's retries of one request last, as urllib3 waits between them: none
-    before the second try, then backoff_factor * 2**(n-1), at most 120 s."""
+def _retry_settings() -> tuple[int, int]:
+    """MLflow's MLFLOW_HTTP_REQUEST_MAX_RETRIES and MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR now."""
     from mlflow.environment_variables import (
         MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
         MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     )
 
-    retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
-    factor = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    return MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+
+
+def retry_seconds() -> float:
+    """How long MLflow's retries of one request last, as urllib3 waits between them: none
+    before the second try, then backoff_factor * 2**(n-1), at most 120 s."""
+    retries, factor = _retry_settings()
     return sum(min(factor * 2 ** (n - 1), 120) for n in range(2, retries + 1))
 
 
 def retry_budget() -> str:
     """`retry_seconds`, and the settings it comes from."""
-    from mlflow.environment_variables import (
-        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
-        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
-    )
+    retries, factor = _retry_settings()
+    return (f"about {retry_seconds():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, "
+            f"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR={factor})")
 
-    return (f"about {retry_seconds():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES="
-            f"{MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()}, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="
-            f"{MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()})")
+
+def _in_chain(err: BaseException, says: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first error in `err`'s chain (its causes and contexts) of which `says` is true."""
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if says(found):
+            return found
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def server_away(err: BaseException) -> str:
     """What the connection error in `err`'s chain says when MLflow found no tracking server
     (after its retries); empty for any other error."""
-    seen: set[int] = set()
-    found: BaseException | None = err
-    while found is not None and id(found) not in seen:
-        seen.add(id(found))
-        if isinstance(found, MlflowException) and any(t in str(found) for t in SERVER_AWAY_TEXT):
-            return _connection_error(str(found))
-        found = found.__cause__ or found.__context__
-    return ""
+    found = _in_chain(err, lambda e: isinstance(e, MlflowException)
+                      and any(t in str(e) for t in SERVER_AWAY_TEXT))
+    return _connection_error(str(found)) if found is not None else ""
 
 
 @contextlib.contextmanager
@@ -242,10 +252,7 @@ def open_store(writes: bool = True, patient: bool = False) -> str:
                     raise UserError(f"tracking store {uri} cannot be reached "
                                     f"({err.strerror or err}); start the server or set "
                                     "MLFLOW_TRACKING_URI") from None
-                if SERVER_PATIENCE.away_since is None:
-                    SERVER_PATIENCE.away_since = time.monotonic()
-                    log.warning("tracking server %s does not answer (%s); trying again for "
-                                "up to %s", uri, err.strerror or err, retry_budget())
+                SERVER_PATIENCE.away(str(err.strerror or err))
                 time.sleep(2)
         return uri
     if parsed.scheme != "sqlite":
@@ -336,18 +343,12 @@ def store_error(err: BaseException) -> str:
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
-def disk_full(err: BaseException) -> OSError | MlflowException | None:
-    """The error in `err`'s chain that says a disk (or quota) is full, if one does."""
-    seen: set[int] = set()
-    found: BaseException | None = err
-    while found is not None and id(found) not in seen:
-        seen.add(id(found))
-        if isinstance(found, OSError) and found.errno in DISK_FULL_ERRNOS:
-            return found
-        if isinstance(found, MlflowException) and any(t in str(found) for t in DISK_FULL_TEXT):
-            return found  # the server's own disk, as its error answer says
-        found = found.__cause__ or found.__context__
-    return None
+def disk_full(err: BaseException) -> BaseException | None:
+    """The error in `err`'s chain that says a disk (or quota) is full, if one does: an
+    OSError here, or the server's answer about its own disk."""
+    return _in_chain(err, lambda e: (isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+                     or (isinstance(e, MlflowException)
+                         and any(t in str(e) for t in DISK_FULL_TEXT)))
 
 
 def experiment_id(name: str, client: MlflowClient | None = None, create: bool = False,

@@ -675,7 +675,7 @@ def _server_went_away(runs: list[_Recording], error: str) -> ServerAway:
     return ServerAway(f"{reason}; {ended}", first.command)
 
 
-def _disk_full_reason(err: OSError | MlflowException, recording: _Recording) -> str:
+def _disk_full_reason(err: BaseException, recording: _Recording) -> str:
     """What filled and where: the file when the error names it, else the run's artifacts."""
     if isinstance(err, OSError) and err.filename:
         where = f"{err.filename} (disk {mount_of(err.filename)})"

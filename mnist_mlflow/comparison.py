@@ -88,6 +88,9 @@ class Comparison:
     comparison_run_id: str = ""
     report: str = ""
     histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+    # One moment for the run's name, its report and its description: each rendering asking
+    # the clock could cross a minute between them.
+    compared_at: datetime = field(default_factory=datetime.now)
 
     @property
     def ranked(self) -> list[RunSummary]:
@@ -307,7 +310,7 @@ def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunS
     with the report once the registry is done, or FAILED with the reason if that fails."""
     c = comparison
     run = MlflowRun.create_or_adopt(
-        runner_run_id, c.experiment, f"comparison-{datetime.now():%Y-%m-%d-%H%M}",
+        runner_run_id, c.experiment, f"comparison-{c.compared_at:%Y-%m-%d-%H%M}",
         tags={ROLE_TAG: COMPARISON_ROLE, CHOSEN_RUN_TAG: c.chosen.run_id,
               "chosen_run_name": c.chosen.name, "chosen_group": c.chosen_group.name,
               "selected_on": "test" if on_test_set(c.rule.metric) else "validation"},

@@ -5,7 +5,6 @@ registry's version page opens with it. Text only; comparison.py decides what goe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 from tabulate import tabulate
@@ -156,7 +155,7 @@ def render_report(comparison: Comparison, shown: Sequence[Group],
     lines = [headline(c.rule), "", f"# Run comparison: experiment `{c.experiment}`", "",
              f"{len(c.ranked)} FINISHED training runs{matching} in {len(c.groups)} groups "
              "(one configuration over its seeds, tag `config_group`), compared by "
-             f"`mnist-mlflow compare` on {datetime.now():%Y-%m-%d %H:%M}.", "",
+             f"`mnist-mlflow compare` on {c.compared_at:%Y-%m-%d %H:%M}.", "",
              f"Method: {METHOD}.", ""]
     if verdict is not None:
         lines += ["## Verdict", "", *verdict_lines(c), ""]

@@ -167,6 +167,12 @@ def _retry_settings() -> tuple[int, int]:
     return MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
 
 
+# The environment that sets MLflow's patience with a tracking server: a process that trains
+# for a sweep elsewhere (a Ray worker) takes the driver's.
+RETRY_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
 def retry_seconds() -> float:
     """How long MLflow's retries of one request last, as urllib3 waits between them: none
     before the second try, then backoff_factor * 2**(n-1), at most 120 s."""
@@ -199,6 +205,13 @@ def server_away(err: BaseException) -> str:
     found = _in_chain(err, lambda e: isinstance(e, MlflowException)
                       and any(t in str(e) for t in SERVER_AWAY_TEXT))
     return _connection_error(str(found)) if found is not None else ""
+
+
+def server_away_reason(error: str) -> str:
+    """What to say once MLflow's retries ran out: which server, its error, how long it was
+    tried."""
+    return (f"the tracking server {mlflow.get_tracking_uri()} did not answer ({error}) "
+            f"through MLflow's retries, {retry_budget()}")
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import RunStatus
 
-from mnist_mlflow.config import Terminated, raise_terminated
+from mnist_mlflow.config import ServerAway, Terminated, raise_terminated
 from mnist_mlflow.mlrun import MlflowRun, absolute_uri
 from mnist_mlflow.runtime import SweepPlan, plan_sweep, use_share
 from mnist_mlflow.sweep import (
@@ -44,6 +44,7 @@ from mnist_mlflow.sweep import (
     ChildOutcome,
     LocalExecutor,
     end_unless_ended,
+    stop_unfinished,
     train_child,
 )
 from mnist_mlflow.tracking import RunInterrupted, signals_deferred
@@ -126,6 +127,13 @@ class ProcessExecutor:
             if interrupted is not None:
                 raise interrupted from err
             raise
+        except ServerAway as err:
+            # A child's server did not answer through MLflow's retries; the other children
+            # would each wait as long for it. Stop them at once: each keeps the checkpoints
+            # of its finished epochs, as a worker that died would.
+            _kill_workers(pool, stop)
+            stop_unfinished(pending.values(), err)
+            raise
         except BaseException:  # this sweep failed, or stopped reading: no orphan workers
             _stop_workers(pool, stop, pending, Terminated("SIGTERM"))
             raise
@@ -179,6 +187,18 @@ def _stop_workers(pool: ProcessPoolExecutor, stop: Path,
         except Exception as failure:  # noqa: BLE001 - the child's run records it
             log.error("child %s: %s", job.config.run_name, failure)
     return first
+
+
+def _kill_workers(pool: ProcessPoolExecutor, stop: Path) -> None:
+    """Stop every worker now (SIGKILL): its child's run keeps RUNNING with a lease naming a
+    process that is gone, which `sweep --resume` takes."""
+    stop.touch()  # a worker about to take a child begins none
+    for process in multiprocessing.active_children():
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _start_worker(tracking_uri: str, registry_uri: str, parent_pid: int, stop: str) -> None:

@@ -23,9 +23,9 @@ from pathlib import Path
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from mnist_mlflow.config import UserError
+from mnist_mlflow.config import ServerAway, UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
-from mnist_mlflow.mlrun import absolute_uri
+from mnist_mlflow.mlrun import RETRY_SETTINGS, absolute_uri
 from mnist_mlflow.runtime import use_share
 from mnist_mlflow.sweep import (
     TERMINAL,
@@ -33,15 +33,16 @@ from mnist_mlflow.sweep import (
     ChildJob,
     ChildOutcome,
     end_unless_ended,
+    stop_unfinished,
     train_child,
 )
 
 log = logging.getLogger("mnist_mlflow")
 
-# What a task needs to reach the tracking store the driver uses.
+# What a task needs to reach the tracking store the driver uses, and as patiently.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                  "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_INSECURE_TLS",
-                 "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_REGISTRY_URI")
+                 "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_REGISTRY_URI", *RETRY_SETTINGS)
 
 
 def import_ray():  # noqa: ANN201 - the ray module
@@ -131,17 +132,14 @@ class RayExecutor:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 job = pending.pop(done[0])
                 yield self._outcome(ray, done[0], job)
-        except BaseException:
-            # Ctrl-C (or the driver failing): stop every task still running; their runs end
-            # KILLED with the checkpoint of their last epoch, resumable; unstarted ones stay
-            # SCHEDULED.
+        except BaseException as err:
+            # Ctrl-C, the driver failing, or a child's server gone past MLflow's retries (the
+            # other children would wait as long for it, each): stop every task still running;
+            # their runs end KILLED with the checkpoint of their last epoch, resumable;
+            # unstarted ones stay SCHEDULED.
             for ref in pending:
                 ray.cancel(ref, force=True)
-            for job in pending.values():
-                end_unless_ended(job.run_id, RunStatus.KILLED,
-                                 "the sweep was interrupted; resume it with "
-                                 "`mnist-mlflow sweep --resume PARENT_RUN_ID`",
-                                 keep_scheduled=True)
+            stop_unfinished(pending.values(), err)
             raise
         finally:
             if started_here:
@@ -156,6 +154,8 @@ class RayExecutor:
             if hasattr(ray.exceptions, name))
         try:
             return ray.get(ref)
+        except ServerAway as err:  # Ray's error is the child's too: say the child's words
+            raise getattr(err, "cause", err) from None
         except died:
             log.error("child %s: %s", job.config.run_name, WORKER_DIED)
             end_unless_ended(job.run_id, RunStatus.KILLED, WORKER_DIED, keep_scheduled=True)

@@ -25,7 +25,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.config import RUNTIME_SETTINGS, ServerAway, TrainConfig, UserError
-from mnist_mlflow.mlrun import MlflowRun, lease_of, open_store
+from mnist_mlflow.mlrun import (
+    MlflowRun,
+    lease_of,
+    open_store,
+    server_away,
+    server_away_reason,
+    without_retries,
+)
 from mnist_mlflow.schema import (
     COMMAND_TAG,
     CONFIG_GROUP_TAG,
@@ -159,6 +166,42 @@ def end_unless_ended(run_id: str, status: int, reason: str,
     if current in TERMINAL or (keep_scheduled and current == SCHEDULED):
         return
     run.end(status, reason)
+
+
+# Why a child that a stopping sweep cut short ended KILLED.
+SWEEP_INTERRUPTED = ("the sweep was interrupted; resume it with "
+                     "`mnist-mlflow sweep --resume PARENT_RUN_ID`")
+SERVER_AWAY_STOP = ("the sweep stopped: its tracking server did not answer another child "
+                    "through MLflow's retries; resume it with "
+                    "`mnist-mlflow sweep --resume PARENT_RUN_ID`")
+
+
+def stop_unfinished(jobs: Iterable[ChildJob], err: BaseException) -> None:
+    """End KILLED the runs of `jobs` that a sweep stopping for `err` cut short (one that never
+    began stays SCHEDULED: resume trains it in its own run).
+
+    When the sweep stops because its server is away, each run gets one untried request:
+    minutes more of MLflow's retries per run would tell a server that is not there. A run it
+    cannot tell shows RUNNING, its lease naming a process that is gone: `sweep --resume`
+    takes it as it takes a KILLED one.
+    """
+    jobs = list(jobs)
+    if not isinstance(err, ServerAway):
+        for job in jobs:
+            end_unless_ended(job.run_id, RunStatus.KILLED, SWEEP_INTERRUPTED,
+                             keep_scheduled=True)
+        return
+    if jobs:
+        err.what += (f"; the sweep stopped its {len(jobs)} unfinished "
+                     f"child{'ren' if len(jobs) > 1 else ''}, each with the checkpoints of its "
+                     "finished epochs")
+    with without_retries():
+        for job in jobs:
+            try:
+                end_unless_ended(job.run_id, RunStatus.KILLED, SERVER_AWAY_STOP,
+                                 keep_scheduled=True)
+            except MlflowException:  # still away: the others would not be told either
+                return
 
 
 class LocalExecutor:
@@ -395,12 +438,35 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
         if isinstance(err, RunInterrupted):
             err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
         raise err  # the executor's, which says which child stopped where
-    except ServerAway as err:  # the parent cannot be told either: it shows RUNNING till resumed
-        err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
-        raise
+    except Exception as err:
+        away = _server_away(err, outcomes)
+        if away is None:
+            raise
+        # The parent cannot be told either: it shows RUNNING until resumed.
+        away.command = f"mnist-mlflow sweep --resume {parent.run_id}"
+        if away is err:
+            raise
+        raise away from err
     result = SweepResult(parent.run_id, children)
     _end_parent(parent, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
     return result
+
+
+def _server_away(err: Exception, outcomes: Iterator[ChildOutcome]) -> ServerAway | None:
+    """`err` as a ServerAway if it says the tracking server did not answer through MLflow's
+    retries: a child's (its executor has stopped the others), or this process's own request,
+    after which the executor stops its children as for a child's; else None."""
+    if isinstance(err, ServerAway):
+        return err
+    error = server_away(err)
+    if not error:
+        return None
+    away = ServerAway(server_away_reason(error), "")
+    try:
+        outcomes.throw(away)  # type: ignore[attr-defined] - the executor's generator
+    except ServerAway:
+        pass
+    return away
 
 
 def _status(parent: MlflowRun, run_id: str) -> str:

@@ -52,9 +52,9 @@ from mnist_mlflow.mlrun import (
     inline_figure,
     lease_of,
     open_store,
-    retry_budget,
     saved_view,
     server_away,
+    server_away_reason,
     without_retries,
 )
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
@@ -659,8 +659,7 @@ def _server_went_away(runs: list[_Recording], error: str) -> ServerAway:
     """Tell the server, if it is back, that the runs stopped (KILLED: nothing failed in
     them); what to say."""
     first = runs[0]
-    reason = (f"the tracking server {mlflow.get_tracking_uri()} did not answer ({error}) "
-              f"through MLflow's retries, {retry_budget()}")
+    reason = server_away_reason(error)
     told = True
     with without_retries(), signals_deferred(deliver=False):
         for recording in runs:
@@ -669,7 +668,8 @@ def _server_went_away(runs: list[_Recording], error: str) -> ServerAway:
             except Exception:  # still away: the run shows RUNNING until resumed
                 told = False
     ids = ", ".join(r.run.run_id for r in runs)
-    kept = f"its checkpoints up to epoch {first.checkpointed} of {first.config.epochs} kept"
+    kept = (f"its checkpoints up to epoch {first.checkpointed} of {first.config.epochs} kept"
+            if first.checkpointed else "it had no checkpoint yet (resume starts it over)")
     ended = (f"run {ids} ended KILLED, {kept}" if told else
              f"run {ids} could not be marked KILLED and shows RUNNING until resumed, {kept}")
     return ServerAway(f"{reason}; {ended}", first.command)

@@ -288,6 +288,60 @@ def test_a_server_away_longer_than_the_retries_is_one_line_and_the_run_resumes_a
         assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2]
 
 
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_a_parallel_sweep_whose_server_stays_away_stops_in_one_line_and_resumes_after(
+        executor: str, server: Server, production: str, mnist_root: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Children side by side (worker processes, Ray tasks) when the server is gone for longer
+    than MLflow's retries: the sweep stops them all and says so in one line, and resumes."""
+    if executor == "ray":
+        pytest.importorskip("ray", reason="the ray extra is not installed")
+    as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    experiment = f"away-{executor}"
+    side_by_side = ["--workers", "2"] if executor == "process" else ["--executor", "ray"]
+    sweeper = subprocess.Popen(
+        [sys.executable, "-m", "mnist_mlflow", "sweep", "--variant", "opt:0,opt:0.05",
+         "--epochs", "2", "--train-limit", "6144", "--test-limit", "256", "--val-size", "256",
+         "--device", "cpu", "--threads", "1", "--data-dir", str(mnist_root), "--experiment",
+         experiment, *side_by_side], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    client = MlflowClient()
+    wait_for_epoch(client, sweeper, experiment, 1)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parent_id = next(r.info.run_id for r in runs if r.data.tags["mnist_mlflow.role"] == "sweep")
+    server.stop()
+    try:
+        _, err = sweeper.communicate(timeout=180)
+    finally:
+        server.start()
+
+    assert sweeper.returncode == 1, err[-3000:]
+    assert "Traceback" not in err and "Retrying (" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"Error: the tracking server {server.uri} did not answer "), last
+    assert last.endswith("once the server is back, resume with: mnist-mlflow sweep --resume "
+                         f"{parent_id}"), last
+    children = [r for r in client.search_runs([runs[0].info.experiment_id])
+                if r.data.tags.get("mnist_mlflow.role") == "train"]
+    assert len(children) == 2
+    assert "FAILED" not in {child.info.status for child in children}
+
+    resumed = subprocess.run([sys.executable, "-m", "mnist_mlflow", "sweep", "--resume",
+                              parent_id, "--data-dir", str(mnist_root), *side_by_side],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = [r for r in client.search_runs([runs[0].info.experiment_id])
+             if r.data.tags.get("mnist_mlflow.role") == "train"]
+    assert {r.info.run_id for r in after} == {r.info.run_id for r in children}  # resumed
+    for child in after:
+        assert child.info.status == "FINISHED"
+        for name in ("train_loss", "val_acc", "test_acc"):
+            assert [m.step for m in client.get_metric_history(child.info.run_id, name)] == [
+                1, 2]
+
+
 def test_a_ray_sweep_logs_through_the_server_with_the_drivers_credentials(
         server: Server, production: str, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

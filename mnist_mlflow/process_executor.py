@@ -168,11 +168,14 @@ def _stop_workers(pool: ProcessPoolExecutor, stop: Path,
     """Signal each worker once, wait for their children to end; the first child's
     RunInterrupted (which names its run and epoch), if one was in training."""
     with signals_deferred(deliver=False):  # a second Ctrl-C must not cut this short
-        stop.touch()  # a worker between two children takes no new one
-        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        # A worker between two children takes no new one; the file names the sweep's signal.
+        stop.write_text("SIGTERM" if isinstance(err, Terminated) else "SIGINT")
+        # Passed on as SIGINT whatever it was: a worker between two children ignores that,
+        # where SIGTERM would end it, maybe while it holds the pool's queue lock; Python
+        # 3.11's pool then waits forever for the worker that next needs the lock.
         for process in multiprocessing.active_children():
             try:
-                os.kill(process.pid, signum)
+                os.kill(process.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
         pool.shutdown(wait=True, cancel_futures=True)
@@ -222,6 +225,14 @@ def _watch_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _stopped_by_sweep(signum: int, frame: object) -> None:
+    """The sweep's stop, which always comes as SIGINT: raised as the signal the sweep got
+    (its stop file says which), so the child's run says what stopped it."""
+    if _stop is not None and _stop.exists() and _stop.read_text() == "SIGTERM":
+        raise_terminated(signum, frame)
+    signal.default_int_handler(signum, frame)
+
+
 def _train_in_worker(job: ChildJob, data_dir: str, threads: int,
                      reason: str) -> ChildOutcome:
     """One child in this worker, with its share of the cores; its lines carry its name."""
@@ -229,7 +240,7 @@ def _train_in_worker(job: ChildJob, data_dir: str, threads: int,
         use_share(threads, reason)
     handler = logging.getLogger().handlers[0]
     handler.setFormatter(logging.Formatter(f"[{job.config.run_name}] %(message)s"))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, _stopped_by_sweep)
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         if _stop is not None and _stop.exists():  # the sweep stopped before this one began

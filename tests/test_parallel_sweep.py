@@ -148,3 +148,41 @@ def test_a_sweep_killed_outright_leaves_no_worker_and_no_child_running(
         assert run.info.status == "KILLED"
         assert run.data.tags["failure_reason"].startswith("interrupted (SIGTERM) after epoch")
     assert len(workers) == 2 and alive(workers) == []
+
+
+def test_sigterm_while_one_worker_waits_for_work_ends_the_sweep(
+        tracking_store: str, mnist_root: Path) -> None:
+    """Three children on two workers: once two have finished, one worker trains the third and
+    the other waits for work, holding the pool's queue lock. SIGTERM then (as `mlflow run`
+    sends on Ctrl-C) used to kill the waiting worker with that lock held, and the sweep waited
+    forever for the other."""
+    args = ["--variant", "opt:0,opt:0.05,opt:0.1", *ARGS[2:]]
+    process = mnist_mlflow(tracking_store, "sweep", *args, "--data-dir", str(mnist_root),
+                           "--experiment", "end-phase")
+    try:
+        deadline = time.monotonic() + 240
+        statuses: list[str] = []
+        while time.monotonic() < deadline and process.poll() is None:
+            statuses = sorted(r.info.status for r in runs_of("end-phase")
+                              if r.data.tags.get(ROLE_TAG) == "train")
+            if statuses == ["FINISHED", "FINISHED", "RUNNING"]:
+                break
+            time.sleep(0.2)
+        assert statuses == ["FINISHED", "FINISHED", "RUNNING"], statuses
+        workers = workers_of(process.pid)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Interrupted SIGTERM"), last
+    [parent] = [r for r in runs_of("end-phase") if r.data.tags.get(ROLE_TAG) == "sweep"]
+    third = [c for c in children_of("end-phase", parent.info.run_id)
+             if c.info.status != "FINISHED"]
+    if third:  # else the signal came while it finished: it ended FINISHED, and said so
+        [child] = third
+        assert child.info.status == "KILLED"
+        assert child.data.tags["failure_reason"].startswith("interrupted (SIGTERM) after epoch")
+    assert alive(workers) == []

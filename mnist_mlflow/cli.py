@@ -266,10 +266,11 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
     if result.failed:
+        # KILLED (a worker died) is not FAILED: resume goes on from its checkpoint.
         raise click.ClickException(
-            f"{len(result.failed)} of {len(result.children)} sweep children failed "
-            f"({', '.join(c.config.run_name for c in result.failed)}); "
-            f"parent run {result.parent_run_id} ended FAILED; train them again with: "
+            f"{len(result.failed)} of {len(result.children)} sweep children did not finish "
+            f"({', '.join(f'{c.config.run_name} {c.status}' for c in result.failed)}); "
+            f"parent run {result.parent_run_id} ended FAILED; finish them with: "
             f"mnist-mlflow sweep --resume {result.parent_run_id}")
     click.echo(f"sweep {result.parent_run_id}: all {len(result.children)} children finished")
 

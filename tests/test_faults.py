@@ -120,7 +120,7 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     finally:
         process.kill()
     assert process.returncode == 1, err[-2000:]
-    assert "1 of 2 sweep children failed (s1 opt d0.05 e2 n4096 t256)" in (
+    assert "1 of 2 sweep children did not finish (s1 opt d0.05 e2 n4096 t256 FAILED)" in (
         err.strip().splitlines()[-1])
     [parent] = [r for r in runs_of("faulty-sweep") if r.data.tags.get(ROLE_TAG) == "sweep"]
     parent_id = parent.info.run_id

@@ -126,7 +126,7 @@ def test_a_worker_killed_ends_its_child_killed_and_the_sweep_goes_on(
     # The child that had not begun was trained all the same.
     assert sum(c.info.status == "FINISHED" for c in children) >= 1
     assert err.strip().splitlines()[-1].endswith(
-        f"train them again with: mnist-mlflow sweep --resume {parent.info.run_id}")
+        f"finish them with: mnist-mlflow sweep --resume {parent.info.run_id}")
 
 
 def test_a_sweep_killed_outright_leaves_no_worker_and_no_child_running(

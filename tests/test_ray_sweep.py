@@ -93,7 +93,8 @@ def test_a_worker_that_dies_leaves_its_child_killed_and_the_others_finish(
                               "--experiment", "dying"], capsys, monkeypatch)
     killer.join()
     assert code == 1
-    assert "1 of 2 sweep children failed" in err.strip().splitlines()[-1]
+    last = err.strip().splitlines()[-1]
+    assert "1 of 2 sweep children did not finish" in last and " KILLED)" in last, last
     children = {c.data.params["seed"]: c for c in runs_of("dying")
                 if c.data.tags.get(ROLE_TAG) == "train"}
     assert children["2"].info.status == "FINISHED"

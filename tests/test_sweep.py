@@ -56,7 +56,7 @@ def test_failing_children_are_recorded_and_the_others_still_run(
                             "--variant", "opt:0.1", "--data-dir", str(mnist_root),
                             "--experiment", "diverging-sweep"], capsys, monkeypatch)
     assert code == 1
-    assert "2 of 2 sweep children failed" in err.strip().splitlines()[-1]
+    assert "2 of 2 sweep children did not finish" in err.strip().splitlines()[-1]
     parent = next(r for r in runs_of("diverging-sweep") if r.data.tags.get(ROLE_TAG) == "sweep")
     assert parent.info.status == "FAILED"
     assert parent.data.tags["children_failed"] == "2"

@@ -192,9 +192,10 @@ def stop_unfinished(jobs: Iterable[ChildJob], err: BaseException) -> None:
                              keep_scheduled=True)
         return
     if jobs:
-        err.what += (f"; the sweep stopped its {len(jobs)} unfinished "
-                     f"child{'ren' if len(jobs) > 1 else ''}, each with the checkpoints of its "
-                     "finished epochs")
+        many = len(jobs) > 1
+        err.what += (f"; the sweep stopped {len(jobs)} more unfinished "
+                     f"child{'ren, each' if many else ''} with the checkpoints of its finished "
+                     "epochs")
     with without_retries():
         for job in jobs:
             try:

@@ -173,11 +173,7 @@ def _stop_workers(pool: ProcessPoolExecutor, stop: Path,
         # Passed on as SIGINT whatever it was: a worker between two children ignores that,
         # where SIGTERM would end it, maybe while it holds the pool's queue lock; Python
         # 3.11's pool then waits forever for the worker that next needs the lock.
-        for process in multiprocessing.active_children():
-            try:
-                os.kill(process.pid, signal.SIGINT)
-            except ProcessLookupError:
-                pass
+        _signal_workers(signal.SIGINT)
         pool.shutdown(wait=True, cancel_futures=True)
     first = None
     for future, job in pending.items():
@@ -196,12 +192,16 @@ def _kill_workers(pool: ProcessPoolExecutor, stop: Path) -> None:
     """Stop every worker now (SIGKILL): its child's run keeps RUNNING with a lease naming a
     process that is gone, which `sweep --resume` takes."""
     stop.touch()  # a worker about to take a child begins none
+    _signal_workers(signal.SIGKILL)
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _signal_workers(signum: int) -> None:
     for process in multiprocessing.active_children():
         try:
-            os.kill(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:  # it had just ended
             pass
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _start_worker(tracking_uri: str, registry_uri: str, parent_pid: int, stop: str) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from mnist_mlflow.schema import ROLE_TAG
@@ -37,6 +38,18 @@ def sweep_in_training(store: str, mnist_root: Path, experiment: str
     return client, process, {first, second}
 
 
+def stop_sweep(process: subprocess.Popen[str], signum: int) -> tuple[list[int], str]:
+    """Send the sweep `signum` and wait for it to end: its workers (listed before) and what
+    it wrote on stderr."""
+    try:
+        workers = workers_of(process.pid)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    return workers, err
+
+
 def workers_of(pid: int) -> list[int]:
     """The worker processes sweep `pid` started (not multiprocessing's resource tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
@@ -59,15 +72,12 @@ def alive(pids: list[int]) -> list[int]:
 def test_ctrl_c_stops_every_child_killed_and_resume_finishes_each_epoch_once(
         tracking_store: str, mnist_root: Path) -> None:
     client, process, training = sweep_in_training(tracking_store, mnist_root, "side-by-side")
-    try:
-        # Both trained at once: the second had begun before the first ended.
-        runs = {r.info.run_id: r for r in runs_of("side-by-side")}
-        assert all(runs[run_id].info.status == "RUNNING" for run_id in training)
-        workers = workers_of(process.pid)
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=120)
-    finally:
+    # Both trained at once: the second had begun before the first ended.
+    runs = {r.info.run_id: r for r in runs_of("side-by-side")}
+    if not all(runs[run_id].info.status == "RUNNING" for run_id in training):
         process.kill()
+        pytest.fail(f"not both RUNNING: {[runs[run_id].info.status for run_id in training]}")
+    workers, err = stop_sweep(process, signal.SIGINT)
     assert process.returncode == 130, err[-2000:]
     assert "Traceback" not in err
     [parent] = [r for r in runs_of("side-by-side") if r.data.tags.get(ROLE_TAG) == "sweep"]
@@ -159,21 +169,18 @@ def test_sigterm_while_one_worker_waits_for_work_ends_the_sweep(
     args = ["--variant", "opt:0,opt:0.05,opt:0.1", *ARGS[2:]]
     process = mnist_mlflow(tracking_store, "sweep", *args, "--data-dir", str(mnist_root),
                            "--experiment", "end-phase")
-    try:
-        deadline = time.monotonic() + 240
-        statuses: list[str] = []
-        while time.monotonic() < deadline and process.poll() is None:
-            statuses = sorted(r.info.status for r in runs_of("end-phase")
-                              if r.data.tags.get(ROLE_TAG) == "train")
-            if statuses == ["FINISHED", "FINISHED", "RUNNING"]:
-                break
-            time.sleep(0.2)
-        assert statuses == ["FINISHED", "FINISHED", "RUNNING"], statuses
-        workers = workers_of(process.pid)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
-    finally:
+    deadline = time.monotonic() + 240
+    statuses: list[str] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        statuses = sorted(r.info.status for r in runs_of("end-phase")
+                          if r.data.tags.get(ROLE_TAG) == "train")
+        if statuses == ["FINISHED", "FINISHED", "RUNNING"]:
+            break
+        time.sleep(0.2)
+    else:
         process.kill()
+        pytest.fail(f"never two children finished and one training: {statuses}")
+    workers, err = stop_sweep(process, signal.SIGTERM)
     assert process.returncode == 143, err[-2000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]

@@ -169,11 +169,10 @@ def end_unless_ended(run_id: str, status: int, reason: str,
 
 
 # Why a child that a stopping sweep cut short ended KILLED.
-SWEEP_INTERRUPTED = ("the sweep was interrupted; resume it with "
-                     "`mnist-mlflow sweep --resume PARENT_RUN_ID`")
+_RESUME_IT = "resume it with `mnist-mlflow sweep --resume PARENT_RUN_ID`"
+SWEEP_INTERRUPTED = f"the sweep was interrupted; {_RESUME_IT}"
 SERVER_AWAY_STOP = ("the sweep stopped: its tracking server did not answer another child "
-                    "through MLflow's retries; resume it with "
-                    "`mnist-mlflow sweep --resume PARENT_RUN_ID`")
+                    f"through MLflow's retries; {_RESUME_IT}")
 
 
 def stop_unfinished(jobs: Iterable[ChildJob], err: BaseException) -> None:
@@ -183,7 +182,7 @@ def stop_unfinished(jobs: Iterable[ChildJob], err: BaseException) -> None:
     When the sweep stops because its server is away, each run gets one untried request:
     minutes more of MLflow's retries per run would tell a server that is not there. A run it
     cannot tell shows RUNNING, its lease naming a process that is gone: `sweep --resume`
-    takes it as it takes a KILLED one.
+    takes it as it takes a KILLED one. `err`'s message then counts the children stopped.
     """
     jobs = list(jobs)
     if not isinstance(err, ServerAway):
@@ -417,6 +416,7 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
     children = list(finished)
     started = {job.run_id: job for job in jobs}
     outcomes = executor.run(jobs, data_dir, progress)
+    resume = f"mnist-mlflow sweep --resume {parent.run_id}"
     try:
         for outcome in outcomes:
             children.append(outcome)
@@ -437,14 +437,14 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
                      for job in started.values()]
         _end_parent(parent, SweepResult(parent.run_id, children), RunStatus.KILLED)
         if isinstance(err, RunInterrupted):
-            err.command = f"mnist-mlflow sweep --resume {parent.run_id}"
+            err.command = resume
         raise err  # the executor's, which says which child stopped where
     except Exception as err:
         away = _server_away(err, outcomes)
         if away is None:
             raise
         # The parent cannot be told either: it shows RUNNING until resumed.
-        away.command = f"mnist-mlflow sweep --resume {parent.run_id}"
+        away.command = resume
         if away is err:
             raise
         raise away from err
@@ -464,7 +464,7 @@ def _server_away(err: Exception, outcomes: Iterator[ChildOutcome]) -> ServerAway
         return None
     away = ServerAway(server_away_reason(error), "")
     try:
-        outcomes.throw(away)  # type: ignore[attr-defined] - the executor's generator
+        outcomes.throw(away)  # the executor's generator stops its children
     except ServerAway:
         pass
     return away

@@ -31,6 +31,9 @@ pytestmark = pytest.mark.skipif(not POSTGRES, reason="MNIST_TEST_POSTGRES_URI is
 ADMIN_PASSWORD = "admin-password-1234"
 READER, READER_PASSWORD = "reader", "reader-password-1234"
 START_LIMIT_S = 120
+# MLflow's retries made short (two tries, 2 s apart) instead of its four minutes, one thread.
+SHORT_RETRIES = {"OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 TINY = ["--epochs", "2", "--train-limit", "512", "--test-limit", "256", "--val-size", "256",
         "--device", "cpu", "--threads", "1"]
 
@@ -252,19 +255,23 @@ def test_a_server_restart_while_training_loses_no_epoch(
         assert "checkpoints" in {a.path for a in client.list_artifacts(run_id)}
 
 
+def stderr_while_away(server: Server, process: subprocess.Popen[str]) -> str:
+    """Stop the server until `process` has ended (it must, within 180 s), then start it
+    again; what the process wrote on stderr."""
+    server.stop()
+    try:
+        return process.communicate(timeout=180)[1]
+    finally:
+        server.start()
+
+
 def test_a_server_away_longer_than_the_retries_is_one_line_and_the_run_resumes_after(
         server: Server, production: str, mnist_root: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
-    # MLflow's retries made short (two tries, 2 s apart) instead of its four minutes.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    env = {**os.environ, **SHORT_RETRIES}
     client, trainer, run_id = train_through_epoch_1(mnist_root, "away", env)
-    server.stop()
-    try:
-        _, err = trainer.communicate(timeout=120)
-    finally:
-        server.start()
+    err = stderr_while_away(server, trainer)
 
     assert trainer.returncode == 1, err[-3000:]
     assert "Traceback" not in err and "Retrying (" not in err, err[-3000:]
@@ -297,8 +304,7 @@ def test_a_parallel_sweep_whose_server_stays_away_stops_in_one_line_and_resumes_
     if executor == "ray":
         pytest.importorskip("ray", reason="the ray extra is not installed")
     as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    env = {**os.environ, **SHORT_RETRIES}
     experiment = f"away-{executor}"
     side_by_side = ["--workers", "2"] if executor == "process" else ["--executor", "ray"]
     sweeper = subprocess.Popen(
@@ -311,11 +317,7 @@ def test_a_parallel_sweep_whose_server_stays_away_stops_in_one_line_and_resumes_
     wait_for_epoch(client, sweeper, experiment, 1)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parent_id = next(r.info.run_id for r in runs if r.data.tags["mnist_mlflow.role"] == "sweep")
-    server.stop()
-    try:
-        _, err = sweeper.communicate(timeout=180)
-    finally:
-        server.start()
+    err = stderr_while_away(server, sweeper)
 
     assert sweeper.returncode == 1, err[-3000:]
     assert "Traceback" not in err and "Retrying (" not in err, err[-3000:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.comparison import compare
+from mnist_mlflow.schema import DESCRIPTION_TAG
 from mnist_mlflow.sweep import run_sweep
 from mnist_mlflow.tracking import BEST_FIRST_VIEW, BY_CONFIGURATION_VIEW
 from tests.conftest import REPO, tiny_config, use_store
@@ -42,6 +44,8 @@ from common import free_port  # noqa: E402
 EXPERIMENT = "ui"
 MODEL = "ui-cnn"
 FAILURES = REPO / "tests" / "ui-failures"
+# The GenAI mode's tip over the whole page (it blocks every click until dismissed).
+GOT_IT = "//button[normalize-space(.)='Got it']"
 # The UI is a single-page app that loads its data after the page: how long to wait for it.
 WAIT_S = 60
 
@@ -122,7 +126,9 @@ def wait_for(driver: webdriver.Chrome, what: str, found: Callable[[], bool],
         FAILURES.mkdir(exist_ok=True)
         shot = FAILURES / f"{name}.png"
         driver.save_screenshot(str(shot))
-        pytest.fail(f"{what} (screenshot: {shot.relative_to(REPO)})")
+        # CI keeps the log, not the screenshot: say what the page showed too.
+        shown = " | ".join(page_text(driver).splitlines()[:40])
+        pytest.fail(f"{what} (screenshot: {shot.relative_to(REPO)}; the page showed: {shown})")
 
 
 def open_page(driver: webdriver.Chrome, url: str) -> None:
@@ -133,7 +139,14 @@ def open_page(driver: webdriver.Chrome, url: str) -> None:
 
 def click_now(driver: webdriver.Chrome, xpath: str) -> bool:
     """Click the first shown element `xpath` finds, unless something covers it (the app
-    shows a moment's overlays while it loads); whether it did."""
+    shows a moment's overlays while it loads); whether it did. A guidance tip that darkens
+    the whole page ("Got it") is dismissed first, as a user would: it comes once the page's
+    data has loaded, which on a busy machine can be long after the page itself."""
+    for tip in driver.find_elements(By.XPATH, GOT_IT):
+        if tip.is_displayed():
+            with contextlib.suppress(ElementClickInterceptedException):
+                tip.click()
+            return False
     for element in driver.find_elements(By.XPATH, xpath):
         if element.is_displayed():
             try:
@@ -161,11 +174,6 @@ def open_view(driver: webdriver.Chrome, url: str, experiment: str, view: str) ->
     """As the README says: open the experiment (a fresh browser shows it in the GenAI mode,
     with a tip over the page: "Got it"), switch to "Model training", pick `view` in Views."""
     open_page(driver, f"{url}/#/experiments/{experiment}")
-    if not getattr(driver, "tip_seen", False):  # shown once per browser profile
-        with contextlib.suppress(TimeoutException):
-            WebDriverWait(driver, 8, poll_frequency=0.5).until(
-                lambda _: click_now(driver, "//button[normalize-space(.)='Got it']"))
-        driver.tip_seen = True
     click(driver, "//*[normalize-space(.)='Model training']", "'Model training' switch",
           "model-training")
     click(driver, "//button[@data-testid='saved-views-trigger']", "Views menu", "views")
@@ -188,6 +196,25 @@ def test_a_saved_view_shows_the_training_runs_flat_in_table_and_charts(
     wait_for(browser, "the chart view does not list every training run",
              lambda: all(n in page_text(browser) for n in names.values())
              and "Model metrics" in page_text(browser), "flat-charts")
+    assert "sweep opt" not in page_text(browser)
+
+
+def test_the_descriptions_link_opens_its_view_in_a_fresh_browser(
+        ui: tuple[str, dict[str, str]], browser: webdriver.Chrome) -> None:
+    """The experiment description's first link, followed by someone whose browser never
+    switched to "Model training" (the mode is kept in the browser's local storage)."""
+    url, ids = ui
+    names = training_run_names(ui)
+    description = MlflowClient(tracking_uri=ids["uri"]).get_experiment(
+        ids["experiment"]).tags[DESCRIPTION_TAG]
+    link = re.search(rf"\[{re.escape(BEST_FIRST_VIEW)}\]\((#[^)]+)\)", description)
+    assert link, description
+    browser.get(f"{url}/")
+    browser.execute_script("window.localStorage.clear()")
+    open_page(browser, f"{url}/{link.group(1)}")
+    wait_for(browser, "the link does not open the training runs, best first",
+             lambda: all(n in page_text(browser) for n in names.values())
+             and f"{len(names)} matching runs" in page_text(browser), "view-link")
     assert "sweep opt" not in page_text(browser)
 
 

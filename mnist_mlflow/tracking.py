@@ -133,8 +133,10 @@ _TRAINING_RUNS = {"searchFilter": f"tags.{ROLE_TAG} = '{TRAIN_ROLE}'",
                                       f"params.`{NUM_PARAMS}`", "attributes.`Models`",
                                       "attributes.`Dataset`"]}
 BEST_FIRST_ID, BY_CONFIGURATION_ID = "mnist_mlflow_best_first", "mnist_mlflow_by_configuration"
-# The UI opens a saved view from its address too (what a description's link can do).
-VIEW_LINK = "#/experiments/{experiment_id}/runs?viewStateShareKey="
+# The UI opens a saved view from its address too (what a description's link can do). It also
+# takes the mode from there: a fresh browser would otherwise open the runs in its GenAI mode.
+VIEW_LINK = ("#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+             "&viewStateShareKey=")
 BEST_FIRST_VIEW = "Training runs, best first"
 BY_CONFIGURATION_VIEW = "Training runs by configuration"
 EXPERIMENT_TAGS = {

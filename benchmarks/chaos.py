@@ -39,7 +39,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fill, free_port, team_auth_config  # noqa: E402
+from common import fill, free_port, team_auth_config, team_server_env  # noqa: E402
 
 from mnist_mlflow.schema import (  # noqa: E402
     EPOCH_METRICS,
@@ -71,7 +71,7 @@ class Server:
     def start(self) -> None:
         config = self.folder / "basic_auth.ini"
         config.write_text(team_auth_config(self.auth_store))
-        env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "chaos-secret",
+        env = {**os.environ, **team_server_env(), "MLFLOW_FLASK_SERVER_SECRET_KEY": "chaos-secret",
                "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
                "MLFLOW_AUTH_CONFIG_PATH": str(config)}
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",

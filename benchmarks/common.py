@@ -34,6 +34,15 @@ def team_auth_config(database_uri: str, cache_seconds: int = 60) -> str:
     return config
 
 
+def team_server_env() -> dict[str, str]:
+    """The settings the README's Team setup exports for `mlflow server` besides its secrets
+    and auth config (read from the README, as `team_auth_config`)."""
+    settings = dict(re.findall(r"(?m)^export (MLFLOW_SERVER_[A-Z_]+)=(\S+)", README.read_text()))
+    if "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" not in settings:
+        raise ValueError("README's Team setup no longer sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION")
+    return settings
+
+
 def fill(disk: Path) -> Path:
     """Write a file until `disk` has no byte left; the file (delete it to free the disk)."""
     filler = disk / ".filler"

@@ -37,7 +37,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, team_auth_config  # noqa: E402
+from common import free_port, team_auth_config, team_server_env  # noqa: E402
 from compare_runs import EXPERIMENT, create_runs  # noqa: E402
 
 from mnist_mlflow.mlrun import lease_tags  # noqa: E402
@@ -73,7 +73,7 @@ def start_server(store: str, folder: Path,
     """The Team setup server on `store` (basic-auth unless `cache_seconds` is None); its
     process and URI."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+    env = {**os.environ, **team_server_env(), "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}
     auth = cache_seconds is not None
     if auth:

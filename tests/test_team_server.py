@@ -22,7 +22,7 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from benchmarks.common import free_port, team_auth_config
+from benchmarks.common import free_port, team_auth_config, team_server_env
 from tests.helpers import run_cli
 from tests.test_interrupt import wait_for_epoch
 
@@ -94,7 +94,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # As the README's Team setup: users and grants in PostgreSQL too, credentials cached.
     config = folder / "basic_auth.ini"
     config.write_text(team_auth_config(fresh_database()))
-    env = {**os.environ, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
+    env = {**os.environ, **team_server_env(), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",
            "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_AUTH_CONFIG_PATH": str(config)}
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)

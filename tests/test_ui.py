@@ -39,7 +39,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from common import free_port  # noqa: E402
+from common import free_port, team_server_env  # noqa: E402
 
 EXPERIMENT = "ui"
 MODEL = "ui-cnn"
@@ -75,8 +75,9 @@ def ui(store_dir: Path, mnist_root: Path) -> Iterator[tuple[str, dict[str, str]]
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
                                uri, "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=store_dir, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                              cwd=store_dir, env={**os.environ, **team_server_env()},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

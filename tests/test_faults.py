@@ -102,7 +102,8 @@ def test_unreachable_tracking_store_fails_at_once_in_one_line(
 
 
 def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_checkpoint(
-        tracking_store: str, mnist_root: Path, tmp_path: Path) -> None:
+        tracking_store: str, mnist_root: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"
     shutil.copytree(mnist_root / "MNIST", data / "MNIST")
     victim = data / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
@@ -150,11 +151,11 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     assert [parent.data.tags[f"children_{s}"] for s in ("finished", "failed", "killed")] == [
         "1", "0", "1"]
 
-    # ...and once more: the killed child goes on from its checkpoint, in the same run.
-    resumed = mnist_mlflow(tracking_store, "sweep", "--resume", parent_id, "--data-dir",
-                           str(data))
-    out, err = resumed.communicate(timeout=240)
-    assert resumed.returncode == 0, err[-2000:]
+    # ...and once more (no signal to send: in this process): the killed child goes on from
+    # its checkpoint, in the same run.
+    code, out, err = run_cli(["sweep", "--resume", parent_id, "--data-dir", str(data)], capsys,
+                             monkeypatch)
+    assert code == 0, err[-2000:]
     assert f"sweep {parent_id}: all 2 children finished" in out
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"

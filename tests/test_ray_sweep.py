@@ -105,7 +105,8 @@ def test_a_worker_that_dies_leaves_its_child_killed_and_the_others_finish(
 
 
 def test_ctrl_c_on_the_driver_kills_the_tasks_and_resume_finishes_on_ray(
-        tracking_store: str, mnist_root: Path) -> None:
+        tracking_store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_store, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "mnist_mlflow", "sweep", *SLOW, "--seeds", "1,2,3",
             "--variant", "opt:0", "--executor", "ray", "--data-dir", str(mnist_root),
@@ -137,11 +138,10 @@ def test_ctrl_c_on_the_driver_kills_the_tasks_and_resume_finishes_on_ray(
     # Two tasks ran (2 CPUs, 1 each) and were killed; the third never began.
     assert sorted(c.info.status for c in children) == ["KILLED", "KILLED", "SCHEDULED"]
 
-    resumed = subprocess.run([sys.executable, "-m", "mnist_mlflow", "sweep", "--resume",
-                              parent.info.run_id, "--executor", "ray", "--data-dir",
-                              str(mnist_root)], env=env, capture_output=True, text=True,
-                             timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # The resume from this process, as the other tests here start Ray.
+    code, _, err = run_cli(["sweep", "--resume", parent.info.run_id, "--executor", "ray",
+                            "--data-dir", str(mnist_root)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     children = children_of("ctrl-c", parent.info.run_id)
     assert [c.info.status for c in children] == ["FINISHED"] * 3

@@ -31,20 +31,36 @@ from mnist_mlflow.report import (
 )
 from mnist_mlflow.schema import (
     CHOSEN_CONFUSION,
+    CHOSEN_GROUP_TAG,
     CHOSEN_MISTAKES,
+    CHOSEN_RUN_NAME_TAG,
     CHOSEN_RUN_TAG,
+    COMPARISON_PARAMS,
     COMPARISON_ROLE,
+    COMPARISON_RUN_TAG,
     CONFUSION_FILE,
     CURVES_DIR,
     FINAL_TEST_ACC,
+    MCNEMAR_NEW_TAG,
+    MCNEMAR_P_TAG,
+    MCNEMAR_PRODUCTION_TAG,
     MISTAKES_FILE,
+    PRODUCTION_ALIAS_TAG,
     RECORDED_METRICS,
+    REGISTERED_MODEL_TAG,
+    REGISTERED_VERSION_TAG,
     REPORT_DISAGREEMENTS,
     REPORT_FILE,
     REPORT_PARETO,
     REPORT_PLOT,
     ROLE_TAG,
+    RUN_VERDICT_TAG,
+    SELECTED_ON_TAG,
     THUMBS_DIR,
+    VERSION_GROUP_INTERVAL_TAG,
+    VERSION_GROUP_MEAN_TAG,
+    VERSION_GROUP_TAG,
+    VERSION_VERDICT_TAG,
 )
 from mnist_mlflow.selection import (
     Group,
@@ -312,15 +328,14 @@ def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunS
     run = MlflowRun.create_or_adopt(
         runner_run_id, c.experiment, f"comparison-{c.compared_at:%Y-%m-%d-%H%M}",
         tags={ROLE_TAG: COMPARISON_ROLE, CHOSEN_RUN_TAG: c.chosen.run_id,
-              "chosen_run_name": c.chosen.name, "chosen_group": c.chosen_group.name,
-              "selected_on": "test" if on_test_set(c.rule.metric) else "validation"},
+              CHOSEN_RUN_NAME_TAG: c.chosen.name, CHOSEN_GROUP_TAG: c.chosen_group.name,
+              SELECTED_ON_TAG: "test" if on_test_set(c.rule.metric) else "validation"},
         description="Comparing; the report follows when it is done.")
     c.comparison_run_id = run.run_id
     try:
-        run.log_new_params({"metric": c.rule.metric, "max_params": c.rule.max_params,
-                            "higher_is_better": c.rule.higher_is_better,
-                            "filter": c.filter_string, "candidates": len(c.ranked),
-                            "groups": len(c.groups), "register": register})
+        run.log_new_params(dict(zip(COMPARISON_PARAMS, (
+            c.rule.metric, c.rule.max_params, c.rule.higher_is_better, c.filter_string,
+            len(c.ranked), len(c.groups), register), strict=True)))
         if register:
             _act(c)
         with tempfile.TemporaryDirectory() as tmp:
@@ -361,16 +376,16 @@ def _act(comparison: Comparison) -> None:
     the looks and the verdict where the registry's readers see them."""
     c, verdict, metric = comparison, comparison.verdict, comparison.rule.metric
     found = c.interval(verdict.group, metric)
-    tags = {registry.GROUP_TAG: verdict.group.name,
-            registry.GROUP_MEAN_TAG: f"{verdict.group.mean(metric):.2f}",
-            registry.GROUP_INTERVAL_TAG: found.format() if found else "",
-            registry.VERDICT_TAG: ("production: " if verdict.moves
-                                   or verdict.kind == promotion.ALREADY else "not production: ")
-            + verdict.kind, "comparison_run": c.comparison_run_id}
+    tags = {VERSION_GROUP_TAG: verdict.group.name,
+            VERSION_GROUP_MEAN_TAG: f"{verdict.group.mean(metric):.2f}",
+            VERSION_GROUP_INTERVAL_TAG: found.format() if found else "",
+            VERSION_VERDICT_TAG: ("production: " if verdict.moves
+                                  or verdict.kind == promotion.ALREADY else "not production: ")
+            + verdict.kind, COMPARISON_RUN_TAG: c.comparison_run_id}
     if verdict.mcnemar is not None:
-        tags |= {"mcnemar_new": str(verdict.mcnemar.new_only),
-                 "mcnemar_production": str(verdict.mcnemar.old_only),
-                 "mcnemar_p": f"{verdict.mcnemar.p:.4g}"}
+        tags |= {MCNEMAR_NEW_TAG: str(verdict.mcnemar.new_only),
+                 MCNEMAR_PRODUCTION_TAG: str(verdict.mcnemar.old_only),
+                 MCNEMAR_P_TAG: f"{verdict.mcnemar.p:.4g}"}
     version = registry.register_run(verdict.run.run_id, c.model_name, metric,
                                     "Registered by `mnist-mlflow compare`; the verdict follows.",
                                     tags)
@@ -404,10 +419,10 @@ def _chosen_pictures(run_id: str, folder: Path) -> list[str]:
 
 def _outcome_tags(comparison: Comparison) -> dict[str, str]:
     c = comparison
-    tags = {"verdict": " ".join(verdict_lines(c))}
+    tags = {RUN_VERDICT_TAG: " ".join(verdict_lines(c))}
     if c.registered_version:
-        tags |= {"registered_model": c.model_name, "registered_version": c.registered_version,
-                 "production_alias": c.promotion}
+        tags |= {REGISTERED_MODEL_TAG: c.model_name,
+                 REGISTERED_VERSION_TAG: c.registered_version, PRODUCTION_ALIAS_TAG: c.promotion}
     return tags
 
 

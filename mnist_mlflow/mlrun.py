@@ -48,6 +48,7 @@ from mnist_mlflow.schema import (
     FAILURE_REASON_TAG,
     LEASE_TAG,
     OLD_LEASE_TAGS,
+    SHARED_VIEW_TAG_PREFIX,
     THUMBS_DIR,
     param_text,
 )
@@ -403,7 +404,7 @@ def tag_experiment(client: MlflowClient, experiment_id: str, tags: Mapping[str, 
 
 # The UI's saved views ("Views", top right of an experiment's runs) are experiment tags:
 # this prefix and an id, the value a name and the page's state, deflated JSON in base64.
-SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
+SAVED_VIEW_PREFIX = SHARED_VIEW_TAG_PREFIX
 # The state the UI 3.17 saves for its default runs page; a view changes what it needs.
 _VIEW_DEFAULTS = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False,
                   "startTime": "ALL", "lifecycleFilter": "Active", "datasetsFilter": [],

@@ -18,7 +18,16 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.config import UserError
 from mnist_mlflow.mlrun import open_store, store_error
-from mnist_mlflow.schema import DEFAULT_MODEL_NAME, REPRODUCED_AT_TAG, REPRODUCED_TAG
+from mnist_mlflow.schema import (
+    DEFAULT_MODEL_NAME,
+    LOOKS_TAG,
+    REPRODUCED_AT_TAG,
+    REPRODUCED_VERSION_TAG,
+    SEEN_TAG,
+    VERSION_GROUP_INTERVAL_TAG,
+    VERSION_GROUP_MEAN_TAG,
+    VERSION_VERDICT_TAG,
+)
 from mnist_mlflow.stats import Looks
 
 PRODUCTION = "production"
@@ -46,11 +55,6 @@ class VersionRow:
     created: str
 
 
-# Tags on a version: the group promotion judged, and (on a production version) the looks at
-# challengers so far, which set the level of the next one (stats.Looks).
-GROUP_TAG, GROUP_MEAN_TAG, GROUP_INTERVAL_TAG, VERDICT_TAG = (
-    "group", "group_mean", "group_interval", "verdict")
-LOOKS_TAG, SEEN_TAG = "challenger_looks", "challengers_seen"
 # A version tag holds what the SQL stores allow; past it, older fingerprints are dropped, so
 # that their groups count as new evidence again: stricter, never looser.
 SEEN_LIMIT = 5000
@@ -273,13 +277,13 @@ def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
     rows = []
     for v in versions:
         metric = v.tags.get("selection_metric", "")
-        judged = v.tags.get(GROUP_INTERVAL_TAG) or v.tags.get(GROUP_MEAN_TAG, "")
-        if judged and VERDICT_TAG in v.tags:
-            judged += f"; {v.tags[VERDICT_TAG]}"
+        judged = v.tags.get(VERSION_GROUP_INTERVAL_TAG) or v.tags.get(VERSION_GROUP_MEAN_TAG, "")
+        if judged and VERSION_VERDICT_TAG in v.tags:
+            judged += f"; {v.tags[VERSION_VERDICT_TAG]}"
         rows.append(VersionRow(str(v.version), sorted(aliases.get(str(v.version), [])),
                                f"{metric} {v.tags.get(metric, '?')}" if metric else "",
                                judged, " ".join(filter(None, [
-                                   v.tags.get(REPRODUCED_TAG, ""),
+                                   v.tags.get(REPRODUCED_VERSION_TAG, ""),
                                    f"({v.tags[REPRODUCED_AT_TAG]})"
                                    if REPRODUCED_AT_TAG in v.tags else ""])),
                                v.tags.get("run_name", ""), v.run_id or "",

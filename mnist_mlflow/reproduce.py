@@ -32,20 +32,30 @@ from mnist_mlflow.schema import (
     CODE_DIRTY_TAG,
     CODE_SOURCE_TAG,
     CODE_VERSION_TAG,
+    COMPILED_TAG,
     CONFIG_GROUP_TAG,
     CPU_TAG,
     DESCRIPTION_TAG,
+    DEVICE_TAG,
     EPOCH_METRICS,
     EPOCH_SECONDS,
     MLFLOW_VERSION_TAG,
     MNIST_MD5_TAG_PREFIX,
     PATCH_ARTIFACT,
+    PRECISION_TAG,
     REPRODUCED_AT_TAG,
     REPRODUCED_TAG,
+    REPRODUCED_VERSION_TAG,
     REPRODUCES_TAG,
+    REPRODUCTION_ENVIRONMENT_TAG,
+    REPRODUCTION_LARGEST_TAG,
+    REPRODUCTION_MEASURE_TAG,
     REPRODUCTION_ROLE,
     ROLE_TAG,
+    THREADS_TAG,
     TORCH_THREADS_TAG,
+    TORCH_VERSION_TAG,
+    TORCHVISION_VERSION_TAG,
     TRAIN_ROLE,
     config_from_params,
     settings_of,
@@ -58,8 +68,8 @@ NOISE_SDS = 2.0
 # Compared per epoch: everything the loop measures but its duration.
 COMPARED = [name for name in EPOCH_METRICS if name != EPOCH_SECONDS]
 # What a run must have recorded to be rebuilt from its record (besides every setting).
-RECORD_TAGS = (CODE_SOURCE_TAG, "torch_version", "resolved_device", "resolved_precision",
-               "resolved_compile", "threads")
+RECORD_TAGS = (CODE_SOURCE_TAG, TORCH_VERSION_TAG, DEVICE_TAG, PRECISION_TAG, COMPILED_TAG,
+               THREADS_TAG)
 
 
 @dataclass(frozen=True)
@@ -130,9 +140,9 @@ def recorded_config(run: Run) -> TrainConfig:
     # The count torch had: `auto` may find other cores free today.
     threads = tags.get(TORCH_THREADS_TAG) or tags.get("threads", "0")
     return dataclasses.replace(
-        config, device=tags["resolved_device"].split(":")[0],
-        precision=tags["resolved_precision"],
-        compile="on" if tags["resolved_compile"] == "true" else "off", threads=threads)
+        config, device=tags[DEVICE_TAG].split(":")[0],
+        precision=tags[PRECISION_TAG],
+        compile="on" if tags[COMPILED_TAG] == "true" else "off", threads=threads)
 
 
 def check_data(run: Run, md5s: Mapping[str, str]) -> None:
@@ -148,12 +158,12 @@ def check_data(run: Run, md5s: Mapping[str, str]) -> None:
 
 def environment(tags: Mapping[str, str]) -> dict[str, str]:
     """What could make a rerun's numbers differ, as a run recorded it."""
-    found = {"torch": tags.get("torch_version", "?"),
-             "torchvision": tags.get("torchvision_version", "?"),
-             "mlflow": tags.get(MLFLOW_VERSION_TAG, "?"), "device": tags.get("resolved_device",
+    found = {"torch": tags.get(TORCH_VERSION_TAG, "?"),
+             "torchvision": tags.get(TORCHVISION_VERSION_TAG, "?"),
+             "mlflow": tags.get(MLFLOW_VERSION_TAG, "?"), "device": tags.get(DEVICE_TAG,
                                                                             "?"),
-             "precision": tags.get("resolved_precision", "?"),
-             "compiled": tags.get("resolved_compile", "?"),
+             "precision": tags.get(PRECISION_TAG, "?"),
+             "compiled": tags.get(COMPILED_TAG, "?"),
              "threads": tags.get(TORCH_THREADS_TAG, tags.get("threads", "?")),
              "CPU": tags.get(CPU_TAG, "?"),
              "commit": tags.get(MLFLOW_GIT_COMMIT, tags.get(CODE_VERSION_TAG, "?")),
@@ -397,9 +407,9 @@ def _record(client: MlflowClient, target: Target, run: MlflowRun, verdict: Verdi
     when = f"{datetime.now():%Y-%m-%d %H:%M}"
     largest = "; ".join(f"{name} {diff:+.4g} (epoch {epoch})"
                         for name, (epoch, diff) in verdict.largest.items() if diff)
-    run.set_tags({REPRODUCED_TAG: verdict.kind, "reproduction_measure": verdict.measure,
-                  "reproduction_largest": largest or "none",
-                  "reproduction_environment": "; ".join(verdict.environment) or "the same"})
+    run.set_tags({REPRODUCED_TAG: verdict.kind, REPRODUCTION_MEASURE_TAG: verdict.measure,
+                  REPRODUCTION_LARGEST_TAG: largest or "none",
+                  REPRODUCTION_ENVIRONMENT_TAG: "; ".join(verdict.environment) or "the same"})
     original = target.run
     run.set_tags({DESCRIPTION_TAG: (
         f"Reproduction of {_link(original)} ({target.describe()}), its first "
@@ -408,7 +418,7 @@ def _record(client: MlflowClient, target: Target, run: MlflowRun, verdict: Verdi
         + ("Environment differences: " + "; ".join(verdict.environment) + "."
            if verdict.environment else "Environment: the same in every recorded respect."))})
     if target.version:
-        client.set_model_version_tag(target.model_name, target.version, REPRODUCED_TAG,
+        client.set_model_version_tag(target.model_name, target.version, REPRODUCED_VERSION_TAG,
                                      verdict.kind)
         client.set_model_version_tag(target.model_name, target.version, REPRODUCED_AT_TAG,
                                      f"{when}, run {run.run_id}")

@@ -28,6 +28,7 @@ from mnist_mlflow.schema import (
     CHOSEN_CONFUSION,
     CHOSEN_MISTAKES,
     COMMAND_TAG,
+    DEVICE_TAG,
     FINAL_TEST_ACC,
     FINAL_VAL_ACC,
     LAST3_METRIC,
@@ -58,7 +59,7 @@ def how_run(run: Run) -> str:
     """Device and torch threads, like `cpu, 1 thread`."""
     settings = settings_of(run)
     # A tag since runs record how they ran as tags; a param in runs made before.
-    device = run.data.tags.get("resolved_device") or settings.get("resolved_device", "?")
+    device = run.data.tags.get(DEVICE_TAG) or settings.get(DEVICE_TAG, "?")
     # The count torch had (`auto` or 0 say only how it was chosen); what runs made before
     # that tag asked for.
     counted = run.data.tags.get(TORCH_THREADS_TAG) or str(settings.get("threads", "0"))

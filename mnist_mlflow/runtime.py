@@ -20,6 +20,15 @@ from pathlib import Path
 import torch
 
 from mnist_mlflow.config import AUTO_THREADS, TrainConfig, UserError
+from mnist_mlflow.schema import (
+    CHANNELS_LAST_TAG,
+    COMPILE_REASON_TAG,
+    COMPILED_TAG,
+    DEVICE_TAG,
+    PRECISION_REASON_TAG,
+    PRECISION_TAG,
+    THREADS_REASON_TAG,
+)
 
 # Inductor's Triton kernels need Volta or newer; bf16 tensor cores need Ampere or newer.
 # Below these, torch still "supports" both by emulation, slowly.
@@ -61,11 +70,12 @@ class Runtime:
 
     def tags(self) -> dict[str, str]:
         """What the run records of how it ran (tags: a resumed run may run otherwise)."""
-        return {"resolved_device": str(self.device), "resolved_precision": self.precision,
-                "resolved_compile": str(self.compile).lower(),
-                "resolved_channels_last": str(self.channels_last).lower(),
-                "compile_reason": self.compile_reason, "precision_reason": self.precision_reason,
-                "threads_reason": self.threads_reason}
+        return {DEVICE_TAG: str(self.device), PRECISION_TAG: self.precision,
+                COMPILED_TAG: str(self.compile).lower(),
+                CHANNELS_LAST_TAG: str(self.channels_last).lower(),
+                COMPILE_REASON_TAG: self.compile_reason,
+                PRECISION_REASON_TAG: self.precision_reason,
+                THREADS_REASON_TAG: self.threads_reason}
 
 
 def capability(device: torch.device) -> tuple[int, int]:
@@ -136,7 +146,7 @@ def _compile(config: TrainConfig, device: torch.device) -> tuple[bool, str]:
         return True, "--compile on"
     if device.type != "cuda":
         # A first compile costs ~35 s here and needs a C++ compiler at run time; a 20-epoch
-        # run only breaks even (263.9 s eager, 266.6 s cold, 233.0 s warm: README, Speed).
+        # run only breaks even (263.9 s eager, 266.6 s cold, 233.0 s warm: benchmarks/README.md).
         return False, "auto: eager on the CPU"
     if config.deterministic:
         return False, "auto: eager, --deterministic (Inductor's kernels are not checked for it)"

@@ -8,6 +8,7 @@ training curves and the comparison tables take it from here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,60 +21,186 @@ if TYPE_CHECKING:
 DEFAULT_EXPERIMENT = "mnist-optimization"
 DEFAULT_MODEL_NAME = "mnist-cnn"
 
+# --- the run record ---------------------------------------------------------------------------
+# Every key below is declared with where it is recorded and what it means: the docs' run record
+# reference (docs/run-record.md) is generated from RECORD, so it cannot drift from the code.
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One key of what the store records: a tag, param, metric or artifact, and on what."""
+
+    kind: str  # "tag", "param", "metric", "artifact"
+    key: str
+    on: str  # which records carry it (one of RECORDS)
+    meaning: str
+
+
+# What carries a key: the runs by role, a registered model version, the experiment.
+RECORDS = ("every run", "training run", "sweep parent", "comparison run", "reproduction run",
+           "model version", "experiment")
+RECORD: list[Recorded] = []
+
+
+def _recorded(kind: str, key: str, on: str, meaning: str) -> str:
+    assert on in RECORDS, on
+    RECORD.append(Recorded(kind, key, on, meaning))
+    return key
+
+
+def tag(key: str, on: str, meaning: str) -> str:
+    return _recorded("tag", key, on, meaning)
+
+
+def param(key: str, on: str, meaning: str) -> str:
+    return _recorded("param", key, on, meaning)
+
+
+def metric(key: str, on: str, meaning: str) -> str:
+    return _recorded("metric", key, on, meaning)
+
+
+def artifact(key: str, on: str, meaning: str) -> str:
+    return _recorded("artifact", key, on, meaning)
+
+
 # --- tags -------------------------------------------------------------------------------------
 # What a run is: training runs are the candidates; sweep parents and comparisons hold no
 # training metrics. Filter the UI with `tags.mnist_mlflow.role = 'train'`.
-ROLE_TAG = "mnist_mlflow.role"
+ROLE_TAG = tag("mnist_mlflow.role", "every run",
+               "what the run is: `train`, `sweep`, `comparison` or `reproduction`")
 TRAIN_ROLE = "train"
 SWEEP_ROLE = "sweep"
 COMPARISON_ROLE = "comparison"
 # A rerun made by `reproduce`: a check of another run, never a candidate.
 REPRODUCTION_ROLE = "reproduction"
-# On a sweep's parent and every child: the phase the sweep trained (empty for --variant sweeps).
-PHASE_TAG = "mnist_mlflow.phase"
-# On a sweep's parent: the command that started it, quoted in RESULTS.md.
-COMMAND_TAG = "mnist_mlflow.command"
+# MLflow's own: the description shown on run, experiment and model pages.
+DESCRIPTION_TAG = tag("mlflow.note.content", "every run",
+                      "the description the UI shows: what the run is and how it ended")
 # Why a run ended FAILED or KILLED; deleted when a resume goes on with it.
-FAILURE_REASON_TAG = "failure_reason"
-RESUMED_AFTER_TAG = "resumed_after_epochs"
-RESUMED_ON_TAG = "resumed_on"
-# On the run `mlflow run -e main -P resume=ID` creates: the run it resumed.
-RESUMES_RUN_TAG = "resumes_run_id"
-COMPILE_FALLBACK_TAG = "compile_fallback"
-# Which code a training process ran (codestate.py): "git" or "package", whether tracked
-# files had uncommitted changes (their patch is the artifact PATCH_ARTIFACT), the package's
-# version. The commit is MLflow's own tag, mlflow.source.git.commit.
-CODE_SOURCE_TAG = "mnist_mlflow.code.source"
-CODE_DIRTY_TAG = "mnist_mlflow.code.dirty"
-CODE_VERSION_TAG = "mnist_mlflow.code.version"
-# Where it ran, beside the torch versions and the resolved_* tags: what reproduce compares.
-MLFLOW_VERSION_TAG, CPU_TAG, TORCH_THREADS_TAG = "mlflow_version", "cpu_model", "torch_threads"
-# On a run `reproduce` made: the run it reproduces, the epochs compared, and the verdict.
-REPRODUCES_TAG = "mnist_mlflow.reproduces"
-# On the rerun and on a registered version reproduced: the verdict, and when (with the run).
-REPRODUCED_TAG, REPRODUCED_AT_TAG = "reproduced", "reproduced_at"
-VARIANT_TAG = "variant"
-# On a sweep's child: the seconds it waited SCHEDULED before it began. The UI's Duration
-# counts from a run's creation (the sweep creates every child first, and MLflow cannot move a
-# run's start), so a child's training time is its Duration less this.
-QUEUED_TAG = "queued_seconds"
-# On each child of `sweep --stack-seeds`: the seeds trained with it in the same passes.
-STACKED_TAG = "stacked_seeds"
+FAILURE_REASON_TAG = tag("failure_reason", "every run",
+                         "why the run ended FAILED or KILLED; removed when a resume goes on")
+# The lease of a RUNNING run, one tag: `pid 4242 on devbox, heartbeat 1764650000` (Unix
+# seconds), rewritten after every epoch.
+LEASE_TAG = tag("mnist_mlflow.lease", "every run",
+                "while the run trains: `pid P on HOST, heartbeat T`, renewed every epoch; one "
+                "run has one trainer")
+# Leases written as three tags (host, pid, heartbeat) by older versions: still read, so that
+# runs they left RUNNING are found stale.
+OLD_LEASE_TAGS = ("mnist_mlflow.lease.host", "mnist_mlflow.lease.pid",
+                  "mnist_mlflow.lease.heartbeat")
+# On a sweep's parent and every child: the phase the sweep trained (none for --variant sweeps).
+PHASE_TAG = tag("mnist_mlflow.phase", "training run",
+                "the phase its sweep trained (on the sweep parent too); empty for `--variant` "
+                "sweeps")
+VARIANT_TAG = tag("variant", "training run", "the model variant: `opt`, `gap8k`, `gap5k`")
 # The run's configuration without its seed, readable (`opt-dropout0.05`, or
 # `gap8k-dropout0 lr=0.05 scheduler=onecycle`): the UI's "Group by" puts its seeds together,
 # and `compare` aggregates over it.
-CONFIG_GROUP_TAG = "config_group"
-MNIST_MD5_TAG_PREFIX = "mnist_md5."
-CHOSEN_RUN_TAG = "chosen_run_id"
-# The lease of a RUNNING run, one tag (three came first in the UI's tag list):
-# `pid 4242 on devbox, heartbeat 1764650000` (Unix seconds), rewritten after every epoch.
-LEASE_TAG = "mnist_mlflow.lease"
-# The three tags it replaced (host, pid, heartbeat): still read, for runs left RUNNING by
-# code from before.
-OLD_LEASE_TAGS = ("mnist_mlflow.lease.host", "mnist_mlflow.lease.pid",
-                  "mnist_mlflow.lease.heartbeat")
-# MLflow's own: the description shown on run, experiment and model pages.
-DESCRIPTION_TAG = "mlflow.note.content"
+CONFIG_GROUP_TAG = tag("config_group", "training run",
+                       "the configuration without its seed: the UI's Group by, and the group "
+                       "`compare` judges")
+DROPOUT_ENABLED_TAG = tag("dropout_enabled", "training run", "`true` when dropout > 0")
+MNIST_MD5_TAG_PREFIX = tag("mnist_md5.", "training run",
+                           "`mnist_md5.<file>`: the MD5 of each MNIST file it read")
+RESUMED_AFTER_TAG = tag("resumed_after_epochs", "training run",
+                        "the epochs it had when it was last resumed")
+RESUMED_ON_TAG = tag("resumed_on", "training run",
+                     "where each resumption ran (`after epoch 3: cpu, fp32, eager`)")
+COMPILE_FALLBACK_TAG = tag("compile_fallback", "training run",
+                           "why compiling failed, when the run went on eager")
+# How it ran here: what `--device`, `--precision`, `--compile` and `--threads` resolved to,
+# and why. A resumed run may go on elsewhere, so these are tags, not params.
+DEVICE_TAG = tag("resolved_device", "training run", "the device it trained on")
+PRECISION_TAG = tag("resolved_precision", "training run", "`fp32` or `bf16`")
+COMPILED_TAG = tag("resolved_compile", "training run", "whether the model was compiled")
+CHANNELS_LAST_TAG = tag("resolved_channels_last", "training run",
+                        "whether its tensors were channels_last")
+COMPILE_REASON_TAG = tag("compile_reason", "training run", "why `--compile` chose as it did")
+PRECISION_REASON_TAG = tag("precision_reason", "training run",
+                           "why `--precision` chose as it did")
+THREADS_TAG = tag("threads", "training run", "the `--threads` asked for: `auto` or a count")
+TORCH_THREADS_TAG = tag("torch_threads", "training run", "the torch threads it used")
+THREADS_REASON_TAG = tag("threads_reason", "training run",
+                         "why that count (`auto: 1 of 2 cores free ...`)")
+TORCH_VERSION_TAG = tag("torch_version", "training run", "torch's version")
+TORCHVISION_VERSION_TAG = tag("torchvision_version", "training run", "torchvision's version")
+MLFLOW_VERSION_TAG = tag("mlflow_version", "training run", "MLflow's version")
+CPU_TAG = tag("cpu_model", "training run", "the CPU's model name")
+# Which code a training process ran (codestate.py): "git" or "package", whether tracked
+# files had uncommitted changes (their patch is the artifact PATCH_ARTIFACT), the package's
+# version. The commit is MLflow's own tag, mlflow.source.git.commit.
+CODE_SOURCE_TAG = tag("mnist_mlflow.code.source", "training run",
+                      "`git` (the commit is MLflow's `mlflow.source.git.commit`) or `package`")
+CODE_DIRTY_TAG = tag("mnist_mlflow.code.dirty", "training run",
+                     "`true` when tracked files had uncommitted changes (their patch is an "
+                     "artifact)")
+CODE_VERSION_TAG = tag("mnist_mlflow.code.version", "training run",
+                       "the package's version, when it ran from an installed package")
+# On a sweep's child: the seconds it waited SCHEDULED before it began. The UI's Duration
+# counts from a run's creation (the sweep creates every child first, and MLflow cannot move a
+# run's start), so a child's training time is its Duration less this.
+QUEUED_TAG = tag("queued_seconds", "training run",
+                 "a sweep child's wait, SCHEDULED, before it began (Duration counts it)")
+# On each child of `sweep --stack-seeds`: the seeds trained with it in the same passes.
+STACKED_TAG = tag("stacked_seeds", "training run",
+                  "the seeds trained with it as one stacked model (`--stack-seeds`)")
+# On the run `mlflow run -e main -P resume=ID` creates: the run it resumed.
+RESUMES_RUN_TAG = tag("resumes_run_id", "training run",
+                      "on the run `mlflow run -P resume=ID` creates: the run it resumed")
+# On a sweep's parent: the command that started it, quoted in RESULTS.md.
+COMMAND_TAG = tag("mnist_mlflow.command", "sweep parent", "the command that started the sweep")
+# On a sweep's parent: how its children ended, by status.
+CHILDREN_TAGS = {status: tag(f"children_{status.lower()}", "sweep parent",
+                             f"how many children ended {status}")
+                 for status in ("FINISHED", "FAILED", "KILLED", "SCHEDULED")}
+# On a comparison run: what it chose and did.
+CHOSEN_RUN_TAG = tag("chosen_run_id", "comparison run", "the run it chose")
+CHOSEN_RUN_NAME_TAG = tag("chosen_run_name", "comparison run", "that run's name")
+CHOSEN_GROUP_TAG = tag("chosen_group", "comparison run", "the group it chose")
+SELECTED_ON_TAG = tag("selected_on", "comparison run", "`validation` or `test`")
+RUN_VERDICT_TAG = tag("verdict", "comparison run", "what it decided, in words")
+REGISTERED_MODEL_TAG = tag("registered_model", "comparison run", "the registered model's name")
+REGISTERED_VERSION_TAG = tag("registered_version", "comparison run", "the version it registered")
+PRODUCTION_ALIAS_TAG = tag("production_alias", "comparison run",
+                           "what became of the `production` alias")
+# On a run `reproduce` made: the run it reproduces, and the verdict.
+REPRODUCES_TAG = tag("mnist_mlflow.reproduces", "reproduction run", "the run it reproduces")
+REPRODUCED_TAG = tag("reproduced", "reproduction run",
+                     "the verdict: `identical`, `within-noise` or `differs`")
+REPRODUCTION_MEASURE_TAG = tag("reproduction_measure", "reproduction run",
+                               "what the verdict measured")
+REPRODUCTION_LARGEST_TAG = tag("reproduction_largest", "reproduction run",
+                               "the largest difference of each metric, with its epoch")
+REPRODUCTION_ENVIRONMENT_TAG = tag("reproduction_environment", "reproduction run",
+                                   "how this machine differs from the original's record")
+# On a registered version: the verdict that put it there, and what `reproduce` found.
+VERSION_GROUP_TAG = tag("group", "model version", "the group promotion judged")
+VERSION_GROUP_MEAN_TAG = tag("group_mean", "model version", "that group's mean")
+VERSION_GROUP_INTERVAL_TAG = tag("group_interval", "model version",
+                                 "its 95% interval over seeds and images")
+VERSION_VERDICT_TAG = tag(RUN_VERDICT_TAG, "model version",
+                          "`production: ...` or `not production: ...` and why")
+COMPARISON_RUN_TAG = tag("comparison_run", "model version", "the comparison run that registered it")
+MCNEMAR_NEW_TAG = tag("mcnemar_new", "model version",
+                      "validation images only it gets right, against production's model")
+MCNEMAR_PRODUCTION_TAG = tag("mcnemar_production", "model version",
+                             "validation images only production's model gets right")
+MCNEMAR_P_TAG = tag("mcnemar_p", "model version", "McNemar's exact p-value on those images")
+# On a production version: the looks at challengers so far, which set the level of the next
+# one (stats.Looks).
+LOOKS_TAG = tag("challenger_looks", "model version",
+                "on production: how many compares brought new challengers")
+SEEN_TAG = tag("challengers_seen", "model version",
+               "on production: the evidence already judged (a rerun is judged as before)")
+REPRODUCED_VERSION_TAG = tag(REPRODUCED_TAG, "model version", "what `reproduce` found")
+REPRODUCED_AT_TAG = tag("reproduced_at", "model version", "when, and the run it made")
+# The experiment's description and the saved views of the runs table (the UI's own kind).
+EXPERIMENT_DESCRIPTION_TAG = tag(DESCRIPTION_TAG, "experiment",
+                                 "how to see the training runs, with links to the saved views")
+SHARED_VIEW_TAG_PREFIX = tag("mlflow.sharedViewState.", "experiment",
+                             "the saved views *Training runs, best first* and *Training runs "
+                             "by configuration*")
 
 # --- metrics ----------------------------------------------------------------------------------
 
@@ -140,7 +267,18 @@ SUMMARY_METRICS: dict[str, MetricSpec] = {
     MEAN_EPOCH_SECONDS: MetricSpec("Mean seconds per epoch", "seconds", 2),
 }
 METRICS = {**EPOCH_METRICS, **SUMMARY_METRICS}
+# The step of the metrics logged once per run (summaries, a sweep parent's counts).
 SUMMARY_STEP = 0
+for _name, _spec in EPOCH_METRICS.items():
+    metric(_name, "training run", f"{_spec.label}: one value per epoch, at step = epoch")
+for _name, _spec in SUMMARY_METRICS.items():
+    metric(_name, "training run", f"{_spec.label}: one value, logged with the model")
+# On a sweep's parent when it ends: how its children did.
+CHILDREN_FINISHED = metric("children_finished", "sweep parent", "children that FINISHED")
+CHILDREN_NOT_FINISHED = metric("children_not_finished", "sweep parent",
+                               "children that FAILED, were KILLED or never began")
+BEST_GROUP_VAL_ACC = metric(f"best_group_{FINAL_VAL_ACC}", "sweep parent",
+                            f"the best group's mean {FINAL_VAL_ACC} among the finished children")
 
 
 def rounded(name: str, value: float) -> float:
@@ -210,6 +348,34 @@ def records_artifact(scored: str) -> str:
     return f"{PREDICTIONS_DIR}/{scored}.parquet"
 
 
+artifact(f"{CHECKPOINT_DIR}/{_CHECKPOINT_PREFIX}NNN{_CHECKPOINT_SUFFIX}", "training run",
+         "the whole training state after epoch NNN (model, optimizer, scheduler, RNG states), "
+         "one file per epoch; `torch.load(path, weights_only=True)`")
+artifact(TRAINING_LOG, "training run", "the run's log lines")
+artifact(MODEL_SUMMARY, "training run", "the network's layers and parameter counts")
+artifact(PATCH_ARTIFACT, "training run", "the uncommitted changes of tracked files, when any")
+for _scored in RECORD_SETS:
+    artifact(records_artifact(_scored), "training run",
+             f"one row per {_scored} image scored by the logged model: `index`, `label`, "
+             "`predicted`, `p_predicted`")
+artifact(f"{CURVES_DIR}/{CURVES_FILE}", "training run", "the per-epoch curves")
+artifact(f"{CURVES_DIR}/{CONFUSION_FILE}", "training run", "the validation confusion matrix")
+artifact(f"{CURVES_DIR}/{MISTAKES_FILE}", "training run",
+         "the 24 most confident wrong answers on validation")
+artifact(f"{CURVES_DIR}/{THUMBS_DIR}/", "training run",
+         f"{THUMB_WIDTH}-pixel copies of the figures, shown in the description")
+artifact(PLAN_ARTIFACT, "sweep parent",
+         "every child's whole configuration, read by `sweep --resume`")
+artifact(REPORT_FILE, "comparison run", "the report: tables, differences, verdict")
+artifact(REPORT_PLOT, "comparison run", "per-epoch curves, mean over each group's seeds")
+artifact(REPORT_PARETO, "comparison run", "test accuracy against parameters, one point a group")
+artifact(REPORT_DISAGREEMENTS, "comparison run",
+         "validation images the new and production models answer differently")
+artifact(CHOSEN_CONFUSION, "comparison run", "the chosen run's confusion matrix")
+artifact(CHOSEN_MISTAKES, "comparison run", "the chosen run's most confident mistakes")
+artifact(f"{THUMBS_DIR}/", "comparison run", f"{THUMB_WIDTH}-pixel copies of its figures")
+
+
 # --- params -----------------------------------------------------------------------------------
 NUM_PARAMS = "num_params"
 # SHA-256 (16 hex digits) of the held-out training indices: equal on runs that validated on
@@ -217,6 +383,21 @@ NUM_PARAMS = "num_params"
 VAL_SPLIT_DIGEST = "val_split_digest"
 # Settings recorded as tags, not params: how a run ran, which a resumption may change.
 PLUMBING_SETTINGS = ("threads",)
+for _field in dataclasses.fields(TrainConfig):
+    if _field.name not in PLUMBING_SETTINGS:
+        param(_field.name, "training run", _field.metadata["help"])
+param(NUM_PARAMS, "training run", "the network's parameter count")
+param(VAL_SPLIT_DIGEST, "training run",
+      "which training images were held out for validation (runs with equal digests "
+      "validated on the same images)")
+# A comparison's rule, as params of its run.
+COMPARISON_PARAMS = {
+    "metric": "the selection metric", "max_params": "the largest network eligible",
+    "higher_is_better": "the metric's direction", "filter": "the `--filter` over the runs",
+    "candidates": "training runs read", "groups": "groups formed",
+    "register": "whether it registered and promoted"}
+for _name, _meaning in COMPARISON_PARAMS.items():
+    param(_name, "comparison run", _meaning)
 
 
 def logged_model_name(run_name: str) -> str:

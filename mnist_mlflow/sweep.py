@@ -34,6 +34,10 @@ from mnist_mlflow.mlrun import (
     without_retries,
 )
 from mnist_mlflow.schema import (
+    BEST_GROUP_VAL_ACC,
+    CHILDREN_FINISHED,
+    CHILDREN_NOT_FINISHED,
+    CHILDREN_TAGS,
     COMMAND_TAG,
     CONFIG_GROUP_TAG,
     DEFAULT_EXPERIMENT,
@@ -479,20 +483,20 @@ def _end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
     group of the finished ones (the parent's description says it, its metrics count it);
     end the parent."""
     counts = {name: result.count(name) for name in (*TERMINAL, SCHEDULED)}
-    parent.set_tags({f"children_{name.lower()}": str(count) for name, count in counts.items()})
+    parent.set_tags({CHILDREN_TAGS[name]: str(count) for name, count in counts.items()})
     outcome = (f"{counts['FINISHED']} of {len(result.children)} children finished"
                + "".join(f", {count} {name}" for name, count in counts.items()
                          if count and name != "FINISHED") + ".")
     best = _best_group(parent.client, [c.run_id for c in result.children
                                        if c.status == "FINISHED"])
-    metrics = {"children_finished": counts["FINISHED"],
-               "children_not_finished": len(result.children) - counts["FINISHED"]}
+    metrics = {CHILDREN_FINISHED: counts["FINISHED"],
+               CHILDREN_NOT_FINISHED: len(result.children) - counts["FINISHED"]}
     if best is not None:
         name, mean, seeds = best
         outcome += (f" Best group by mean {FINAL_VAL_ACC}: {name}, {mean:.2f} over {seeds} "
                     f"seed{'s' if seeds > 1 else ''} (`mnist-mlflow compare` says whether it "
                     "beats the others).")
-        metrics[f"best_group_{FINAL_VAL_ACC}"] = round(mean, 2)
+        metrics[BEST_GROUP_VAL_ACC] = round(mean, 2)
     description = parent.client.get_run(parent.run_id).data.tags.get(DESCRIPTION_TAG, "")
     parent.describe(f"{description.split(' Outcome: ')[0]} Outcome: {outcome}")
     parent.log_metrics(metrics, step=SUMMARY_STEP)

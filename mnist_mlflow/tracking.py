@@ -71,6 +71,7 @@ from mnist_mlflow.schema import (
     CODE_SOURCE_TAG,
     CODE_VERSION_TAG,
     COMPILE_FALLBACK_TAG,
+    COMPILED_TAG,
     CONFIG_GROUP_TAG,
     CONFUSION_FILE,
     CPU_TAG,
@@ -78,6 +79,7 @@ from mnist_mlflow.schema import (
     CURVES_FILE,
     DEFAULT_EXPERIMENT,
     DESCRIPTION_TAG,
+    DROPOUT_ENABLED_TAG,
     FAILURE_REASON_TAG,
     FINAL_GAP,
     FINAL_TEST_ACC,
@@ -105,6 +107,8 @@ from mnist_mlflow.schema import (
     TEST_ACC,
     THUMBS_DIR,
     TORCH_THREADS_TAG,
+    TORCH_VERSION_TAG,
+    TORCHVISION_VERSION_TAG,
     TRAIN_ROLE,
     TRAINING_LOG,
     VAL_ACC,
@@ -211,8 +215,8 @@ def run_params(config: TrainConfig, state: TrainState, data: MnistData) -> dict[
 
 def run_tags(config: TrainConfig, data: MnistData) -> dict[str, str]:
     tags = {VARIANT_TAG: config.model, CONFIG_GROUP_TAG: config.config_group,
-            "dropout_enabled": str(config.dropout > 0).lower(),
-            "torch_version": torch.__version__, "torchvision_version": torchvision.__version__,
+            DROPOUT_ENABLED_TAG: str(config.dropout > 0).lower(),
+            TORCH_VERSION_TAG: torch.__version__, TORCHVISION_VERSION_TAG: torchvision.__version__,
             **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS}}
     tags |= {f"{MNIST_MD5_TAG_PREFIX}{name.removesuffix('.gz')}": md5
              for name, md5 in data.md5s.items()}
@@ -599,7 +603,7 @@ def _train_in_runs(runs: list[_Recording], data: MnistData, pipeline: Pipeline,
 
     def on_compile_fallback(reason: str) -> None:
         for recording in runs:
-            recording.run.set_tags({"resolved_compile": "false", COMPILE_FALLBACK_TAG: reason})
+            recording.run.set_tags({COMPILED_TAG: "false", COMPILE_FALLBACK_TAG: reason})
 
     first = runs[0]
     try:

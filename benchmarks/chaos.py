@@ -3,7 +3,7 @@
     python benchmarks/chaos.py --postgres postgresql://USER:PASSWORD@127.0.0.1/postgres \
         --data-dir data [--chaos-seeds 1,2,3] [--children 20]
 
-For each chaos seed: the README's Team setup server (PostgreSQL backend store and
+For each chaos seed: the Team setup server (docs/team-setup.md) (PostgreSQL backend store and
 basic-auth users in new databases, proxied artifacts on a tmpfs of their own, so that the
 disk can fill) on 127.0.0.1, a registered `mnist-cnn@production`, then `mnist-mlflow sweep
 --executor ray` of `--children` children (two variants over seeds) as the admin user. At
@@ -14,7 +14,7 @@ the sweep finishes or `--max-rounds`. Then it audits the store: children FINISHE
 logged once each (none missing, none twice, for every per-epoch metric), runs left RUNNING,
 checkpoints that do not load, registry aliases moved, and drivers that printed a traceback.
 
-Target (issue 25): 20 of 20 children FINISHED, 0 epochs lost or doubled, 0 RUNNING, over 3
+Target: 20 of 20 children FINISHED, 0 epochs lost or doubled, 0 RUNNING, over 3
 chaos seeds. Mounting the tmpfs needs root.
 """
 

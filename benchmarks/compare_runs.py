@@ -30,7 +30,7 @@ SEEDS = 5
 
 def create_runs(client: MlflowClient, experiment_id: str, count: int, epochs: int,
                 first: int = 0) -> None:
-    """`count` finished runs with plausible, varied values (some over the parameter budget):
+    """`count` finished runs with plausible, varied values (some over the parameter limit):
     count / 5 configurations, each over 5 seeds, as a search over recipes would leave them.
     Runs `first` to `first + count - 1` of such a search, so that processes can share one."""
     rng = random.Random(first)

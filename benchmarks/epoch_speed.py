@@ -155,8 +155,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
     parser.add_argument("--dropout-cost", type=float, default=0.0, metavar="P",
                         help="instead: the fast pipeline without dropout, with dropout P, and "
-                             "with dropout P drawn by nn.Dropout's own mask (before the "
-                             "cheaper mask), interleaved; the cost of each")
+                             "with dropout P drawn by nn.Dropout's own mask, interleaved; "
+                             "the cost of each")
     args = parser.parse_args()
     if args.dropout_cost:
         dropout_cost(args)

@@ -1,7 +1,7 @@
 """Accuracy on digits not cut like MNIST's: whole-frame resizing versus MNIST-style framing.
 
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/framing_accuracy.py \
-        [--experiment validated] [--images tests/data/font_digits] [--figure docs/framing.png]
+        [--experiment validated] [--images tests/data/font_digits] [--figure docs/img/framing.png]
 
 For every trained group of the experiment (a configuration over its seeds), each seed's
 logged model reads the shipped font digits (`tests/data/make_font_digits.py`: 8 fonts, thin
@@ -56,7 +56,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="validated")
     parser.add_argument("--images", type=Path, default=IMAGES)
-    parser.add_argument("--figure", type=Path, help="save the README's framing figure here")
+    parser.add_argument("--figure", type=Path,
+                        help="save the framing figure (docs/img/framing.png) here")
     args = parser.parse_args()
 
     paths, labels, batches = read_set(args.images)

@@ -7,7 +7,7 @@ an image with a probability set by the hardness plus a recipe-specific twist (re
 different images), and each seed of the recipe errs on it independently with that
 probability. Every replicate draws fresh validation images from the population, so image
 sampling varies as well as seeds; accuracies are whole images out of N. The model's three
-numbers are fitted to real full-MNIST runs (--fit-store), or given; see README, Verdicts.
+numbers are fitted to real full-MNIST runs (--fit-store), or given; see docs/compare.md.
 
 Under "no true difference" every group has the same recipe quality, so any promotion is
 false. Power: one challenger is truly better by +0.20 or +0.30 points on the population.
@@ -191,8 +191,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", type=float, nargs=4,
                         metavar=("MEAN", "SD", "TWIST", "SEED_SD"),
-                        default=None, help="the simulated world (default: fitted, or the "
-                                           "README's)")
+                        default=None, help="the simulated world (default: fitted, or "
+                                           "DEFAULT_WORLD)")
     parser.add_argument("--fit-store", default="", help="fit the world to the runs of this "
                                                         "tracking store")
     parser.add_argument("--fit-experiment", default="validated")
@@ -246,7 +246,8 @@ def main() -> None:
           f"{time.perf_counter() - began:.0f} s")
 
 
-# Fitted to the validated experiment's full-MNIST runs (README, Verdicts): see --fit-store.
+# A world of the validated experiment's kind, used without --fit-store; docs/compare.md
+# quotes the world fitted to those runs (--fit-store), which can differ from this one.
 DEFAULT_WORLD = (-7.0, 2.5, 0.5, 3.3)
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/serve_throughput.py \
         [--model-uri models:/mnist-cnn@production] [--sizes 1,100,10000] [--repeats 5]
 
-Serves the model as the README says (`--env-manager local`, CPU) on a free port, then posts
+Serves the model as docs/serving.md says (`--env-manager local`, CPU) on a free port, then posts
 MNIST-shaped float32 images as JSON (`{"inputs": ...}`), the median of `--repeats` requests
 per size. To say what dominates a request's time it also times, in this process and on the
 same payload, the parts MLflow's scoring server does: parsing the JSON body into an array,

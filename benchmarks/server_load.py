@@ -3,7 +3,7 @@
     python benchmarks/server_load.py --postgres postgresql://USER:PASSWORD@127.0.0.1/postgres \
         [--writers 4,8,16] [--seconds 20] [--runs 10000]
 
-Starts the README's Team setup server (PostgreSQL backend store in a new database,
+Starts the Team setup server (docs/team-setup.md) (PostgreSQL backend store in a new database,
 proxied artifacts, basic-auth with its credential cache on, MLflow's default workers) on a
 free port of 127.0.0.1. For each K, K writer processes log what a training epoch logs (one
 batch of the 8 per-epoch metrics, then the heartbeat tag) as fast as the server takes it
@@ -55,14 +55,14 @@ def new_database(postgres: str) -> str:
     return postgres.rsplit("/", 1)[0] + f"/{database}"
 
 
-# How the server checks credentials: the README's Team setup (basic-auth with its credential
+# How the server checks credentials: the Team setup's (basic-auth with its credential
 # cache on), MLflow's default basic-auth (every request hashes the password: scrypt, about
 # 100 ms of CPU here), and no auth at all.
 AUTH_MODES = {"basic-auth, cache 60 s": 60, "basic-auth, no cache": 0, "no auth": None}
 
 
 def auth_config(folder: Path, cache_seconds: int) -> Path:
-    """The README's Team setup basic_auth.ini, its users kept beside it in SQLite."""
+    """The Team setup's basic_auth.ini, its users kept beside it in SQLite."""
     path = folder / f"basic_auth_{cache_seconds}.ini"
     path.write_text(team_auth_config(f"sqlite:///{folder / 'basic_auth.db'}", cache_seconds))
     return path

@@ -4,7 +4,7 @@ in one run of this script.
 
     python benchmarks/sweep_throughput.py [--epochs 3] [--train-limit 0] [--data-dir data]
 
-Targets (the Team scale issue): idle, Ray's wall time at most 1.0x the local one's; beside a
+Targets: idle, Ray's wall time at most 1.0x the local one's; beside a
 busy process, at most 0.6x. Each sweep runs as a user runs it (`mnist-mlflow sweep` in a fresh
 process) into its own SQLite store; per-child epoch times are read from the runs.
 """

@@ -1,11 +1,11 @@
 """`--threads auto` against torch's default threads, idle and beside one busy process.
 
 In one process: the seed's net (`opt`, fast pipeline, CPU) trains one pass over `--images`
-examples, scaled to a 60,000-image epoch, with threads 0 (torch's default, what runs had
-before `auto`) and with `auto`, the two interleaved `--repeats` times and the fastest kept;
+examples, scaled to a 60,000-image epoch, with threads 0 (torch's default:
+every core) and with `auto`, the two interleaved `--repeats` times and the fastest kept;
 first on an idle machine, then beside one CPU-bound process (a Python busy loop, as a
 laptop's other work). `auto` counts the free cores when it resolves, as a run does when it
-starts. Targets (issue "Time to a verdict"): beside a busy process `auto` at least 1.8x
+starts. Targets: beside a busy process `auto` at least 1.8x
 faster than the default; idle no slower than 1.05x of it.
 
     python benchmarks/threads_auto.py --images 25600 --repeats 3      # ~2 min on 2 cores

@@ -1,21 +1,21 @@
-"""Wall time from an empty store to `compare`'s dropout verdict: before and after the issue
-"Time to a verdict", idle and beside one busy process.
+"""Wall time from an empty store to `compare`'s dropout verdict, for three ways of running a
+sweep, idle and beside one busy process.
 
 Each leg is what a user types, in subprocesses, into a new SQLite store: `mnist-mlflow sweep
 --phase seed --seeds 1..S` (opt with and without dropout 0.05), then `mnist-mlflow compare
 --diff opt-dropout0.05 opt-dropout0 --no-register`, whose verdict line is printed.
 
-- before: children one after another in one process (`--workers 1`), torch's default
-  threads (`--threads 0`) and nn.Dropout's own mask: how a sweep ran before the issue.
-- after: the defaults now: children side by side (`--workers auto`), `--threads auto`,
-  the cheaper dropout mask.
-- sequential: the defaults but `--workers 1`: what side-by-side children alone gain (the
-  issue's "local sweeps use every core" figure is after / sequential).
+- baseline: children one after another in one process (`--workers 1`), torch's default
+  threads (`--threads 0`) and nn.Dropout's own mask: a sweep without what makes it fast.
+- defaults: children side by side (`--workers auto`), `--threads auto`, the cheaper
+  dropout mask.
+- sequential: the defaults but `--workers 1`: what side-by-side children alone gain
+  (defaults / sequential).
 
-Busy: one Python busy loop runs beside the leg (a laptop's other work). Targets: after /
-before <= 0.5 busy and <= 0.9 idle; after / sequential <= 1.0 idle and <= 0.6 busy.
+Busy: one Python busy loop runs beside the leg (a laptop's other work). Targets: defaults /
+baseline <= 0.5 busy and <= 0.9 idle; defaults / sequential <= 1.0 idle and <= 0.6 busy.
 
-    python benchmarks/time_to_verdict.py                       # the issue's figure: hours
+    python benchmarks/time_to_verdict.py                       # full scale: hours
     python benchmarks/time_to_verdict.py --train-limit 12800 --epochs 3 --test-limit 2000
 """
 
@@ -34,13 +34,13 @@ from threads_auto import busy_process  # noqa: E402
 
 from mnist_mlflow.config import TrainConfig  # noqa: E402
 
-# The "before" leg trains with nn.Dropout's own mask: the CLI with the cheaper mask undone.
-BEFORE_DROPOUT = ("import torch.nn, mnist_mlflow.models as m; "
+# The baseline leg trains with nn.Dropout's own mask: the CLI with the cheaper mask undone.
+BASELINE_DROPOUT = ("import torch.nn, mnist_mlflow.models as m; "
                   "m.Dropout.forward = torch.nn.Dropout.forward; "
                   "from mnist_mlflow.cli import main; main()")
 LEGS = {
-    "before": (BEFORE_DROPOUT, ["--workers", "1", "--threads", "0"]),
-    "after": ("from mnist_mlflow.cli import main; main()", []),
+    "baseline": (BASELINE_DROPOUT, ["--workers", "1", "--threads", "0"]),
+    "defaults": ("from mnist_mlflow.cli import main; main()", []),
     "sequential": ("from mnist_mlflow.cli import main; main()", ["--workers", "1"]),
 }
 
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--train-limit", type=int, default=0, help="0: all training images")
     parser.add_argument("--test-limit", type=int, default=0, help="0: all 10,000")
-    parser.add_argument("--legs", default="before,after,sequential")
+    parser.add_argument("--legs", default="baseline,defaults,sequential")
     parser.add_argument("--conditions", default="idle,busy")
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR", "data"))
     args = parser.parse_args()
@@ -92,7 +92,7 @@ def main() -> None:
             for leg in legs:
                 seconds[leg], verdict = verdict_seconds(leg, args)
                 print(f"{condition:<5} {leg:<11} {seconds[leg]:8.1f} s   {verdict}", flush=True)
-        for leg, reference in (("after", "before"), ("after", "sequential")):
+        for leg, reference in (("defaults", "baseline"), ("defaults", "sequential")):
             if leg in seconds and reference in seconds:
                 print(f"{condition:<5} {leg} / {reference}: "
                       f"{seconds[leg] / seconds[reference]:.2f}x", flush=True)

@@ -130,7 +130,7 @@ class ServerPatience(logging.Filter):
         if self.away_since is None:
             self.away_since = time.monotonic()
             log.warning("tracking server %s does not answer (%s); trying again for up to %s",
-                        mlflow.get_tracking_uri(), reason, retry_budget())
+                        mlflow.get_tracking_uri(), reason, retry_window())
 
     def answered(self) -> None:
         if self.away_since is not None:
@@ -181,7 +181,7 @@ def retry_seconds() -> float:
     return sum(min(factor * 2 ** (n - 1), 120) for n in range(2, retries + 1))
 
 
-def retry_budget() -> str:
+def retry_window() -> str:
     """`retry_seconds`, and the settings it comes from."""
     retries, factor = _retry_settings()
     return (f"about {retry_seconds():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}, "
@@ -212,7 +212,7 @@ def server_away_reason(error: str) -> str:
     """What to say once MLflow's retries ran out: which server, its error, how long it was
     tried."""
     return (f"the tracking server {mlflow.get_tracking_uri()} did not answer ({error}) "
-            f"through MLflow's retries, {retry_budget()}")
+            f"through MLflow's retries, {retry_window()}")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Whether `production` moves: the eligible groups judged against production's group over
-seeds and images (stats.judge, with the error budget of this production version's looks),
-then McNemar's test of the two models on the validation images. Decides; registry.py moves.
+seeds and images (stats.judge, with the error allowance left by this production version's
+looks), then McNemar's test of the two models on the validation images. Decides; registry.py moves.
 """
 
 from __future__ import annotations

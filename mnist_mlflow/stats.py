@@ -1,5 +1,6 @@
 """Statistics of groups of runs: intervals that count seeds and images, whether a challenger
-beats production, McNemar's test of two models, and the error budget of repeated looks.
+beats production, McNemar's test of two models, and the error allowance (alpha spending) of
+repeated looks.
 
 Every run of a comparison is scored on the same images, so its accuracy varies for two
 reasons: the seed (initialization, data order, augmentation, dropout) and which images

@@ -23,7 +23,7 @@ SHARED_MNIST = Path(os.environ.get("MNIST_SHARED_DIR", REPO.parent / "shared" / 
 
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A data root holding a copy of ../shared/mnist/MNIST, extracted once per session."""
+    """A data root holding a copy of ../shared/mnist/MNIST, extracted once per test run."""
     source = SHARED_MNIST / "MNIST"
     if not (source / "raw").is_dir():
         pytest.fail(f"MNIST copy not found at {source} (set MNIST_SHARED_DIR)")

@@ -129,15 +129,15 @@ def test_a_report_too_long_for_a_description_is_cut_at_a_line_and_kept_whole_as_
     assert Path(downloaded).read_text() == result.report
 
 
-def test_the_rule_picks_the_best_group_mean_within_the_parameter_budget(store: str) -> None:
+def test_the_rule_picks_the_best_group_mean_within_the_parameter_limit(store: str) -> None:
     for seed, (small, best, big) in enumerate([(99.30, 99.41, 99.60), (99.32, 99.39, 99.58)]):
-        craft_run("budget", "small-good", small, num_params=6000, seed=seed, lr=0.02)
-        craft_run("budget", "small-best", best, num_params=7900, seed=seed, lr=0.03)
-        craft_run("budget", "big-better", big, num_params=9000, seed=seed, lr=0.04)
-    name, reason = choose("budget")
+        craft_run("limit", "small-good", small, num_params=6000, seed=seed, lr=0.02)
+        craft_run("limit", "small-best", best, num_params=7900, seed=seed, lr=0.03)
+        craft_run("limit", "big-better", big, num_params=9000, seed=seed, lr=0.04)
+    name, reason = choose("limit")
     assert name == "opt lr0.03"
     assert "highest mean final_val_acc (99.40, n = 2) of the 2 eligible groups" in reason
-    assert choose("budget", SelectionRule(max_params=10_000))[0] == "opt lr0.04"
+    assert choose("limit", SelectionRule(max_params=10_000))[0] == "opt lr0.04"
 
 
 def test_ties_go_to_more_seeds_then_fewer_parameters(store: str) -> None:

@@ -65,7 +65,7 @@ def test_a_logged_model_loads_and_predicts_where_cuda_is_available(
     scores = np.asarray(load_model(uri).predict(images))
     np.testing.assert_allclose(scores, expected, rtol=1e-6)
     assert scores.shape == (3, 10) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-5)
-    # The README's advice for `mlflow models serve` on a GPU machine.
+    # docs/gpu.md's advice for `mlflow models serve` on a GPU machine.
     monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
     np.testing.assert_allclose(mlflow.pyfunc.load_model(uri).predict(images), expected,
                                rtol=1e-6)

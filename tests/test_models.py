@@ -16,15 +16,15 @@ from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import create_state, fit
 from tests.conftest import tiny_config
 
-# Every variant's parameter count, and the budget it was designed for.
+# Every variant's parameter count, and the limit it was designed for.
 PARAMETERS = {"opt": (6132, 8000), "gap8k": (7580, 8000), "gap5k": (4974, 5000)}
 
 
 def test_every_variant_has_its_parameter_count() -> None:
     assert set(PARAMETERS) == set(MODELS)
-    for name, (count, budget) in PARAMETERS.items():
+    for name, (count, limit) in PARAMETERS.items():
         for dropout in (0.0, 0.05):  # dropout adds no parameters
-            assert count_parameters(build_model(name, dropout)) == count < budget, name
+            assert count_parameters(build_model(name, dropout)) == count < limit, name
 
 
 def test_docstrings_state_the_parameter_count() -> None:

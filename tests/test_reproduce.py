@@ -112,7 +112,7 @@ def test_epochs_k_reproduces_only_the_first_k_epochs(
 def test_another_thread_count_differs_and_says_why(
         store: str, original: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's claim, checked on this machine: one thread and two sum in other orders."""
+    """What docs/reproduce.md promises: one thread and two sum in other orders."""
     code, out, err = reproduce([original, "--epochs", "1", "--threads", "2"], mnist_root,
                                capsys, monkeypatch)
 

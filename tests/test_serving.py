@@ -29,7 +29,8 @@ from tests.helpers import model_uri, run_cli
 COUNT = 10  # MNIST test images per test
 SERVER_START_LIMIT_S = 120
 # What framing adds on the font digits, at least, with this quick model (about 93% on
-# MNIST): it measured 22% resized whole, 60% framed. The README has the full models' figures.
+# MNIST): it measured 22% resized whole, 60% framed. benchmarks/README.md has the full
+# models' figures.
 FRAMING_GAIN = 0.2
 
 
@@ -145,7 +146,7 @@ def test_mlflow_models_serve_answers_with_ten_scores_per_image(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", DEFAULT_MODEL_URI,
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
             stdout=log, stderr=subprocess.STDOUT,
-            # As the README says to serve on a GPU machine: the pt2 model's weights are on
+            # As docs/gpu.md says to serve on a GPU machine: the pt2 model's weights are on
             # the CPU and cannot move (a no-op here, where CUDA is absent).
             env={**os.environ, "MLFLOW_DEFAULT_PREDICTION_DEVICE": "cpu"},
             start_new_session=True)  # its own process group, so its workers go with it

@@ -1,4 +1,4 @@
-"""A shared `mlflow server` on PostgreSQL with basic-auth, as the README's Team setup runs it:
+"""A shared `mlflow server` on PostgreSQL with basic-auth, as docs/team-setup.md runs it:
 credentials from the environment, permissions that read well, many writers at once, and a
 server restart while a run trains.
 
@@ -93,7 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                fresh_database(), "--artifacts-destination", str(folder / "artifacts"),
                "--serve-artifacts", "--app-name", "basic-auth", "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
-    # As the README's Team setup: users and grants in PostgreSQL too, credentials cached.
+    # As docs/team-setup.md: users and grants in PostgreSQL too, credentials cached.
     config = folder / "basic_auth.ini"
     config.write_text(team_auth_config(fresh_database()))
     env = {**os.environ, **team_server_env(), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret",

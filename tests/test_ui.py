@@ -1,5 +1,5 @@
 """The MLflow UI, read as a user reads it: headless Chromium (selenium) on `mlflow ui` over a
-store made by a tiny sweep and `compare`, following what the README promises.
+store made by a tiny sweep and `compare`, following what docs/ui.md promises.
 
 Skipped, with the reason, where no browser can be started (`.ci/run` installs Chromium and
 its driver). A failing check saves a screenshot under tests/ui-failures/.
@@ -172,7 +172,7 @@ def training_run_names(ui: tuple[str, dict[str, str]]) -> dict[str, str]:
 
 
 def open_view(driver: webdriver.Chrome, url: str, experiment: str, view: str) -> None:
-    """As the README says: open the experiment (a fresh browser shows it in the GenAI mode,
+    """As docs/ui.md says: open the experiment (a fresh browser shows it in the GenAI mode,
     with a tip over the page: "Got it"), switch to "Model training", pick `view` in Views."""
     open_page(driver, f"{url}/#/experiments/{experiment}")
     click(driver, "//*[normalize-space(.)='Model training']", "'Model training' switch",

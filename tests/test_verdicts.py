@@ -138,7 +138,7 @@ def test_zero_spread_never_makes_a_zero_width_interval() -> None:
     assert found.high - found.low > ignored.high - ignored.low
 
 
-def test_holm_mcnemar_and_the_looks_budget() -> None:
+def test_holm_mcnemar_and_the_looks_alpha_spending() -> None:
     assert holm([0.001, 0.02, 0.04], 0.05) == [True, True, True]
     assert holm([0.001, 0.02, 0.04], 0.05, family=10) == [True, False, False]
     assert holm([0.03, 0.001], 0.05) == [True, True]

@@ -1,3 +1,3 @@
 """MLflow-tracked experiment registry for compact MNIST CNNs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from mnist_mlflow import __version__
 from mnist_mlflow.config import (
     DiskFull,
     ServerAway,
@@ -119,6 +120,7 @@ def runner_run_id(ctx: click.Context) -> str | None:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="mnist-mlflow")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Train, compare and promote compact MNIST CNNs, tracked with MLflow."""
@@ -479,7 +481,7 @@ def models(model_name: str) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 def predict(model_uri: str, as_json: bool, images: tuple[str, ...]) -> None:
     """Print the digit and its probability for each image (PNG, JPEG, ...), framed as MNIST's
-    digits were (see the README). A directory stands for the image files in it. Each input
+    digits were (docs/serving.md). A directory stands for the image files in it. Each input
     gets its own line, an error naming what is wrong if it cannot be read; the exit code is 1
     if any failed."""
     import json

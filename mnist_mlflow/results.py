@@ -197,7 +197,8 @@ def render_results(experiment: str, command: str, figures: Path | None = None,
              "Every run holds out the same validation images (`--val-size`, a fixed split "
              "seed) unless it says \"" + SEED_PROTOCOL + "\". Between the recipes of this "
              "file, choices are made on validation accuracy alone; the column \"Recipe "
-             "chosen\" says where a recipe itself was picked otherwise (once on test).", "",
+             "chosen\" says how each recipe came to be one of them, and says so where that "
+             "looked at test images.", "",
              "Per group (one configuration over its seeds): final validation and test "
              "accuracy as the mean over the seeds with its 95% interval [low, high] over seeds "
              "and images, and "
@@ -238,7 +239,10 @@ def render_results(experiment: str, command: str, figures: Path | None = None,
                   "", *(f"- {line}" for line in unscored), ""]
     chosen = targets_on_validation(all_groups)
     if chosen:
-        lines += ["## Targets, with each model's recipe chosen on validation", "", *chosen, ""]
+        lines += ["## Targets, for the recipe validation picks", "",
+                  "For each model, validation picks among its recipes above; a recipe that "
+                  "became a candidate by a test figure (its \"Recipe chosen\" says so) keeps "
+                  "optimistic test accuracy.", "", *chosen, ""]
     if figures is not None:
         lines += ["## Accuracy against size", "",
                   f"![Test accuracy against parameters, one point per group]"

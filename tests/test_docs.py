@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import mnist_mlflow
 from mnist_mlflow.cli import cli
 from mnist_mlflow.phases import PHASES
-from mnist_mlflow.record_reference import render
+from mnist_mlflow.reference import OPTIONS_PAGE, RUN_RECORD_PAGE, run_record, with_options
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -136,9 +136,15 @@ def test_every_relative_link_resolves(page: Path) -> None:
 
 
 def test_the_run_record_reference_is_what_schema_declares() -> None:
-    written = (REPO / "docs" / "run-record.md").read_text()
-    assert written == render(), ("docs/run-record.md is stale: run "
-                                 "python -m mnist_mlflow.record_reference > docs/run-record.md")
+    assert RUN_RECORD_PAGE.read_text() == run_record(), (
+        "docs/run-record.md is stale: run python -m mnist_mlflow.reference --write")
+
+
+def test_the_train_options_table_is_what_the_command_has() -> None:
+    page = OPTIONS_PAGE.read_text()
+    assert page == with_options(page), (
+        "the options table of docs/training.md is stale: run "
+        "python -m mnist_mlflow.reference --write")
 
 
 def test_every_docs_page_is_in_the_site_nav() -> None:

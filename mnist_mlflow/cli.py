@@ -28,7 +28,7 @@ from mnist_mlflow.config import (
     raise_terminated,
 )
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
-from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME
+from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, FINAL_VAL_ACC
 
 DEFAULTS = TrainConfig()
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
@@ -282,7 +282,7 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
               help="Experiment whose runs are compared (under `mlflow run`, the run's wins).")
 @click.option("--filter", "filter_string", default="",
               help="MLflow filter string, e.g. \"params.epochs = '20'\".")
-@click.option("--metric", default="final_val_acc", show_default=True,
+@click.option("--metric", default=FINAL_VAL_ACC, show_default=True,
               help="Selection metric, averaged over a group's seeds. A test metric (say "
                    "final_test_acc, for runs made with --val-size 0) selects on the test set, "
                    "and the report says so first.")
@@ -320,10 +320,10 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
     """Compare finished runs by group over seeds, pick the production candidate on
     validation, register it, and move `production` only if it is really better."""
     from mnist_mlflow import comparison, report
-    from mnist_mlflow.mlrun import open_store
     from mnist_mlflow.registry import check_model_name
     from mnist_mlflow.schema import higher_is_better as goal_of
     from mnist_mlflow.selection import SelectionRule
+    from mnist_mlflow.store import open_store
 
     # Every mistake is found before anything is compared, logged or registered.
     check_experiment(experiment)
@@ -432,8 +432,9 @@ def promote(version: str, model_name: str) -> None:
 def runs(stale: bool, mark_killed: bool) -> None:
     """List the RUNNING runs of every experiment, with the process that trains each."""
     from mnist_mlflow.mlrun import mark_killed as end_killed
-    from mnist_mlflow.mlrun import open_store, running_runs
+    from mnist_mlflow.mlrun import running_runs
     from mnist_mlflow.report import markdown_table
+    from mnist_mlflow.store import open_store
 
     if mark_killed and not stale:
         raise UserError("--mark-killed needs --stale: only runs whose process is gone are ended")
@@ -539,7 +540,7 @@ def main() -> None:
             raise
         import mlflow
 
-        from mnist_mlflow.mlrun import store_error
+        from mnist_mlflow.store import store_error
 
         click.echo(f"Error: tracking store {mlflow.get_tracking_uri()}: {store_error(err)}",
                    err=True)

@@ -11,20 +11,18 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
 
-from mnist_mlflow import promotion, queries, registry
+from mnist_mlflow import promotion, queries, registry, store
 from mnist_mlflow.config import UserError
 from mnist_mlflow.idx import read_images
-from mnist_mlflow.mlrun import MlflowRun, inline_figure, store_error
+from mnist_mlflow.mlrun import MlflowRun, inline_figure
 from mnist_mlflow.plots import plot_comparison, plot_gallery, plot_pareto, thumbnail
 from mnist_mlflow.report import (
+    Comparison,
     render_report,
     verdict_lines,
     version_description,
@@ -66,7 +64,6 @@ from mnist_mlflow.selection import (
     Group,
     RunSummary,
     SelectionRule,
-    contrast,
     find_group,
     group_runs,
     on_test_set,
@@ -74,72 +71,11 @@ from mnist_mlflow.selection import (
     ranking_reason,
     top,
 )
-from mnist_mlflow.stats import Interval, Pooled, interval, mcnemar
-from mnist_mlflow.stats import difference as group_difference
+from mnist_mlflow.stats import mcnemar
+from mnist_mlflow.store import store_error
 
 # Images shown in the comparison's gallery of disagreements.
 DISAGREEMENTS_SHOWN = 24
-
-
-@dataclass
-class Comparison:
-    """The outcome: groups ranked (eligible first, in rule order), the verdict against
-    production, what the registry did, and the report."""
-
-    experiment: str
-    rule: SelectionRule
-    filter_string: str
-    groups: list[Group]
-    skipped: list[str]
-    notes: list[str] = field(default_factory=list)
-    pooled: dict[str, Pooled] = field(default_factory=dict)
-    verdict: promotion.Verdict | None = None
-    reason: str = ""
-    differences: list[str] = field(default_factory=list)
-    model_name: str = ""
-    registered_version: str = ""
-    promotion: str = ""
-    disagreements: int = 0
-    files: list[str] = field(default_factory=list)  # the report and its figures
-    comparison_run_id: str = ""
-    report: str = ""
-    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
-    # One moment for the run's name, its report and its description: each rendering asking
-    # the clock could cross a minute between them.
-    compared_at: datetime = field(default_factory=datetime.now)
-
-    @property
-    def ranked(self) -> list[RunSummary]:
-        """Every compared run, group by group in rank order."""
-        return [run for group in self.groups for run in group.runs]
-
-    @property
-    def eligible(self) -> list[Group]:
-        return [g for g in self.groups if self.rule.eligible(g)]
-
-    @property
-    def chosen_group(self) -> Group:
-        return self.verdict.group
-
-    @property
-    def chosen(self) -> RunSummary:
-        return self.verdict.run
-
-    def interval(self, group: Group, metric: str) -> Interval | None:
-        """The group's 95% interval of `metric` over seeds and images (None without it)."""
-        sample = group.sample(metric)
-        if sample is None:
-            return None
-        return interval(sample, self.pooled.get(metric) or Pooled.of([sample]))
-
-    def difference_sentence(self, a: Group, b: Group, metric: str) -> str:
-        label = f"{contrast(a.config, b.config)}, {metric}"
-        if not (a.has(metric) and b.has(metric)):
-            missing = a if not a.has(metric) else b
-            return f"{label}: no {metric} on {missing.label()}"
-        found = group_difference(a.sample(metric), b.sample(metric),
-                                 self.pooled.get(metric) or Pooled(), self.rule.better(1, 0))
-        return found.sentence(label)
 
 
 def _reference(runs: Sequence[RunSummary], metric: str, production: RunSummary | None) -> str:
@@ -179,7 +115,7 @@ def _production(model_name: str, rule: SelectionRule) -> tuple[promotion.Product
     group, problem = queries.group_of_run(version.run_id, rule.metric)
     run = next((r for r in group.runs if r.run_id == version.run_id), None) if group else None
     if group is not None and run is None:  # a rerun of its seed replaced it in the group
-        found, _ = queries.training_runs([MlflowClient().get_run(version.run_id)], rule.metric)
+        found, _ = queries.training_runs([store.client().get_run(version.run_id)], rule.metric)
         run = found[0] if found else None
     if group is not None and not group.has(rule.metric):
         problem = (f"its group {group.label()} has no {rule.metric} (made with --val-size 0, "
@@ -210,7 +146,7 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
     if rule.max_params < 1:
         raise UserError(f"invalid --max-params: must be >= 1, got {rule.max_params}")
     if runner_run_id:
-        client = MlflowClient()
+        client = store.client()
         experiment = client.get_experiment(
             client.get_run(runner_run_id).info.experiment_id).name
     runs, skipped = queries.find_runs(experiment, filter_string, rule.metric)
@@ -405,7 +341,7 @@ def _act(comparison: Comparison) -> None:
 def _chosen_pictures(run_id: str, folder: Path) -> list[str]:
     """The chosen run's confusion matrix and most confident mistakes, copied into `folder`
     under the names the report gives them (runs made before them have none)."""
-    client = MlflowClient()
+    client = store.client()
     present = {a.path for a in client.list_artifacts(run_id, CURVES_DIR)}
     copied = []
     for source, name in ((CONFUSION_FILE, CHOSEN_CONFUSION), (MISTAKES_FILE, CHOSEN_MISTAKES)):

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from mnist_mlflow.config import UserError
 from mnist_mlflow.framing import ImageRejected, load_digit
-from mnist_mlflow.mlrun import open_store
+from mnist_mlflow.store import open_store
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@production"
 # Logged models are torch.export (pt2) programs with their weights on the CPU, which cannot

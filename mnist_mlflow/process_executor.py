@@ -35,8 +35,9 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from mnist_mlflow.config import ServerAway, Terminated, raise_terminated
-from mnist_mlflow.mlrun import MlflowRun, absolute_uri
+from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.runtime import SweepPlan, plan_sweep, use_share
+from mnist_mlflow.store import absolute_uri
 from mnist_mlflow.sweep import (
     SCHEDULED,
     WORKER_DIED,

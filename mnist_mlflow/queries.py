@@ -18,8 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
+from mnist_mlflow import store
 from mnist_mlflow.config import TrainConfig, UserError
-from mnist_mlflow.mlrun import experiment_id, store_error
 from mnist_mlflow.records import Records, RecordsError
 from mnist_mlflow.schema import (
     BEST_TEST_ACC,
@@ -29,6 +29,7 @@ from mnist_mlflow.schema import (
     PREDICTIONS_DIR,
     ROLE_TAG,
     TEST_ACC,
+    TEST_LOSS,
     TRAIN_ACC,
     TRAIN_ROLE,
     VAL_ACC,
@@ -38,12 +39,13 @@ from mnist_mlflow.schema import (
     settings_of,
 )
 from mnist_mlflow.selection import Group, RunSummary, group_runs
+from mnist_mlflow.store import experiment_id, store_error
 
 log = logging.getLogger("mnist_mlflow")
 
 # Every compared run needs these (validation ones where it has a split).
 REQUIRED_METRICS = (TEST_ACC, TRAIN_ACC, FINAL_GAP, BEST_TEST_ACC)
-PLOT_METRICS = (VAL_ACC, TEST_ACC, "test_loss")
+PLOT_METRICS = (VAL_ACC, TEST_ACC, TEST_LOSS)
 # Images scored per call when a logged model is asked for records.
 SCORE_BATCH = 2000
 
@@ -100,7 +102,7 @@ def training_runs(runs: Iterable[Run], metric: str = "") -> tuple[list[RunSummar
 def find_runs(experiment: str, filter_string: str, metric: str = ""
               ) -> tuple[list[RunSummary], list[str]]:
     """FINISHED training runs of `experiment` matching `filter_string`, and skip warnings."""
-    client = MlflowClient()
+    client = store.client()
     found_id = experiment_id(experiment, client)
     query = "attributes.status = 'FINISHED'" + (f" and {filter_string}" if filter_string else "")
     try:
@@ -114,7 +116,7 @@ def find_runs(experiment: str, filter_string: str, metric: str = ""
 def group_of_run(run_id: str, metric: str) -> tuple[Group | None, str]:
     """The group of run `run_id` among the FINISHED training runs of its experiment, or None
     and a sentence saying why there is none (the run deleted, unfinished, without `metric`)."""
-    client = MlflowClient()
+    client = store.client()
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -137,7 +139,7 @@ def group_of_run(run_id: str, metric: str) -> tuple[Group | None, str]:
 
 def mean_histories(groups: Sequence[Group]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """Per group label: metric -> [(epoch, mean over its seeds)] for the plotted metrics."""
-    client = MlflowClient()
+    client = store.client()
     histories = {}
     for group in groups:
         curves: dict[str, list[tuple[int, float]]] = {}
@@ -157,7 +159,7 @@ def mean_histories(groups: Sequence[Group]) -> dict[str, dict[str, list[tuple[in
 def load_records(runs: Iterable[RunSummary], scored: Sequence[str]) -> list[RunSummary]:
     """Read each run's per-image records of the `scored` sets into `run.records`; the runs
     that lack some (made before records existed) are returned."""
-    client = MlflowClient()
+    client = store.client()
     lacking = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in runs:
@@ -192,7 +194,7 @@ def score_runs(runs: Sequence[RunSummary], scored: Sequence[str], data_dir: Path
         except (UserError, MlflowException, OSError) as err:
             failed.append(f"{run.name} ({run.run_id}): {store_error(err)}")
             continue
-        client = MlflowClient()
+        client = store.client()
         with tempfile.TemporaryDirectory() as tmp:
             for name, found in records.items():
                 client.log_artifact(run.run_id, str(found.write(Path(tmp) / f"{name}.parquet")),

@@ -21,12 +21,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
 
+from mnist_mlflow import store
 from mnist_mlflow.config import ServerAway, UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
-from mnist_mlflow.mlrun import RETRY_SETTINGS, absolute_uri
 from mnist_mlflow.runtime import use_share
+from mnist_mlflow.store import RETRY_SETTINGS, absolute_uri
 from mnist_mlflow.sweep import (
     TERMINAL,
     WORKER_DIED,
@@ -110,7 +110,7 @@ class RayExecutor:
             return
         ray = import_ray()
         blob = mnist_blob(data_dir)
-        client = MlflowClient()
+        client = store.client()
         started_here = not ray.is_initialized()
         if started_here:
             if not self.address:
@@ -159,13 +159,13 @@ class RayExecutor:
         except died:
             log.error("child %s: %s", job.config.run_name, WORKER_DIED)
             end_unless_ended(job.run_id, RunStatus.KILLED, WORKER_DIED, keep_scheduled=True)
-            status = MlflowClient().get_run(job.run_id).info.status
+            status = store.client().get_run(job.run_id).info.status
             return ChildOutcome(job.config, job.run_id, status, WORKER_DIED)
         except ray.exceptions.RayError as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
             reason = f"{type(err).__name__}: {first}"
             log.error("child %s failed in its Ray task: %s", job.config.run_name, reason)
             end_unless_ended(job.run_id, RunStatus.FAILED, reason)
-            status = MlflowClient().get_run(job.run_id).info.status
+            status = store.client().get_run(job.run_id).info.status
             return ChildOutcome(job.config, job.run_id, status if status in TERMINAL
                                 else "FAILED", reason)

@@ -16,8 +16,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mnist_mlflow import store
 from mnist_mlflow.config import UserError
-from mnist_mlflow.mlrun import open_store, store_error
 from mnist_mlflow.schema import (
     DEFAULT_MODEL_NAME,
     LOOKS_TAG,
@@ -29,6 +29,7 @@ from mnist_mlflow.schema import (
     VERSION_VERDICT_TAG,
 )
 from mnist_mlflow.stats import Looks
+from mnist_mlflow.store import open_store, store_error
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
@@ -96,7 +97,7 @@ def check_loads(model_uri: str) -> None:
 def production_version(model_name: str, client: MlflowClient | None = None
                        ) -> ModelVersion | None:
     """The version holding `production`; None when the model or the alias does not exist."""
-    client = client or MlflowClient()
+    client = client or store.client()
     try:
         return client.get_model_version_by_alias(model_name, PRODUCTION)
     except MlflowException as err:
@@ -129,7 +130,7 @@ def logged_model_uri(run_id: str, experiment_id: str | None = None) -> str | Non
     """`models:/<id>` of the model run `run_id` logged, once complete (READY); None if it has
     none. A run logs one model, named for its variant (`model` in runs made before)."""
     if experiment_id is None:
-        experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+        experiment_id = store.client().get_run(run_id).info.experiment_id
     logged = mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{run_id}'")
     ready = [m for m in logged if m.status == LoggedModelStatus.READY]
@@ -140,7 +141,7 @@ def check_registrable(run_id: str, model_name: str, metric: str) -> None:
     """UserError unless run `run_id` could be registered: FINISHED, with `metric` and a
     complete logged model (checked before a comparison records anything)."""
     check_model_name(model_name)
-    client = MlflowClient()
+    client = store.client()
     run = _finished_run(client, run_id)
     _metric(run, metric)
     if logged_model_uri(run_id, run.info.experiment_id) is None:
@@ -155,7 +156,7 @@ def register_run(run_id: str, model_name: str, metric: str, description: str,
     """
     check_model_name(model_name)
     open_store()
-    client = MlflowClient()
+    client = store.client()
     run = _finished_run(client, run_id)
     value, run_name = _metric(run, metric), run.info.run_name
     tags = {"selection_metric": metric, metric: f"{value}", "run_name": run_name,
@@ -193,7 +194,7 @@ def promote(model_name: str, version: str) -> Promotion:
     """Point `production` at `version` unconditionally (rollback), if its run FINISHED."""
     check_model_name(model_name)
     open_store()
-    client = MlflowClient()
+    client = store.client()
     try:
         target = client.get_model_version(model_name, version)
     except MlflowException:
@@ -208,7 +209,7 @@ def promote(model_name: str, version: str) -> Promotion:
 
 def move_production(model_name: str, version: str, why: str) -> Promotion:
     """Point `production` at `version` for the reason `why` (judged by the caller)."""
-    client = MlflowClient()
+    client = store.client()
     current = production_version(model_name, client)
     if current is not None and str(current.version) == str(version):
         return Promotion(version, False, f"version {version} is already {PRODUCTION}")
@@ -218,7 +219,7 @@ def move_production(model_name: str, version: str, why: str) -> Promotion:
 def describe_version(model_name: str, version: str, text: str,
                      tags: Mapping[str, str] | None = None) -> None:
     """Set a version's description (the registry's page shows it) and tags."""
-    client = MlflowClient()
+    client = store.client()
     client.update_model_version(model_name, version, text)
     for key, value in (tags or {}).items():
         client.set_model_version_tag(model_name, version, key, value)
@@ -238,7 +239,7 @@ def record_looks(model_name: str, version: str, looks: Looks) -> None:
     if len(seen) > SEEN_LIMIT:
         seen = seen[-SEEN_LIMIT:].split(",", 1)[-1]
     describe_tags = {LOOKS_TAG: str(looks.count), SEEN_TAG: seen}
-    client = MlflowClient()
+    client = store.client()
     for key, value in describe_tags.items():
         client.set_model_version_tag(model_name, version, key, value)
 
@@ -265,7 +266,7 @@ def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
     """Every version of `model_name` with its aliases, selection metric and source run."""
     check_model_name(model_name)
     open_store(writes=False)
-    client = MlflowClient()
+    client = store.client()
     versions = _versions(client, model_name)
     if not versions:
         raise UserError(f"no registered model {model_name!r} with versions; "

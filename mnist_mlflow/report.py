@@ -1,14 +1,17 @@
-"""What a comparison says: its tables, the report (comparison.md), the verdict as the
-registry's version page opens with it. Text only; comparison.py decides what goes in.
+"""What a comparison found and says: the `Comparison` (groups, verdict, what the registry
+did), its tables, the report (comparison.md), the verdict as the registry's version page opens
+with it. comparison.py decides what goes in; this module only holds and renders it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from tabulate import tabulate
 
+from mnist_mlflow import promotion
 from mnist_mlflow.promotion import sentence
 from mnist_mlflow.schema import (
     BEST_TEST_ACC,
@@ -21,11 +24,79 @@ from mnist_mlflow.schema import (
     REPORT_PLOT,
     TRAIN_ACC,
 )
-from mnist_mlflow.selection import SEED_PROTOCOL, Group, SelectionRule, on_test_set
-from mnist_mlflow.stats import METHOD, Interval, Summary
+from mnist_mlflow.selection import (
+    SEED_PROTOCOL,
+    Group,
+    RunSummary,
+    SelectionRule,
+    contrast,
+    on_test_set,
+)
+from mnist_mlflow.stats import METHOD, Interval, Pooled, Summary, interval
+from mnist_mlflow.stats import difference as group_difference
 
-if TYPE_CHECKING:
-    from mnist_mlflow.comparison import Comparison
+
+@dataclass
+class Comparison:
+    """The outcome: groups ranked (eligible first, in rule order), the verdict against
+    production, what the registry did, and the report."""
+
+    experiment: str
+    rule: SelectionRule
+    filter_string: str
+    groups: list[Group]
+    skipped: list[str]
+    notes: list[str] = field(default_factory=list)
+    pooled: dict[str, Pooled] = field(default_factory=dict)
+    verdict: promotion.Verdict | None = None
+    reason: str = ""
+    differences: list[str] = field(default_factory=list)
+    model_name: str = ""
+    registered_version: str = ""
+    promotion: str = ""
+    disagreements: int = 0
+    files: list[str] = field(default_factory=list)  # the report and its figures
+    comparison_run_id: str = ""
+    report: str = ""
+    histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+    # One moment for the run's name, its report and its description: each rendering asking
+    # the clock could cross a minute between them.
+    compared_at: datetime = field(default_factory=datetime.now)
+
+    @property
+    def ranked(self) -> list[RunSummary]:
+        """Every compared run, group by group in rank order."""
+        return [run for group in self.groups for run in group.runs]
+
+    @property
+    def eligible(self) -> list[Group]:
+        return [g for g in self.groups if self.rule.eligible(g)]
+
+    @property
+    def chosen_group(self) -> Group:
+        return self.verdict.group
+
+    @property
+    def chosen(self) -> RunSummary:
+        return self.verdict.run
+
+    def interval(self, group: Group, metric: str) -> Interval | None:
+        """The group's 95% interval of `metric` over seeds and images (None without it)."""
+        sample = group.sample(metric)
+        if sample is None:
+            return None
+        return interval(sample, self.pooled.get(metric) or Pooled.of([sample]))
+
+    def difference_sentence(self, a: Group, b: Group, metric: str) -> str:
+        label = f"{contrast(a.config, b.config)}, {metric}"
+        if not (a.has(metric) and b.has(metric)):
+            missing = a if not a.has(metric) else b
+            return f"{label}: no {metric} on {missing.label()}"
+        found = group_difference(a.sample(metric), b.sample(metric),
+                                 self.pooled.get(metric) or Pooled(), self.rule.better(1, 0))
+        return found.sentence(label)
+
+
 
 # The side-by-side rows, as the seed's report labelled them.
 TABLE_ROWS = {FINAL_VAL_ACC: "Val Acc (final)", FINAL_TEST_ACC: "Test Acc (final)",

@@ -23,9 +23,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from mnist_mlflow import codestate
+from mnist_mlflow import codestate, store
 from mnist_mlflow.config import TrainConfig, UserError
-from mnist_mlflow.mlrun import MlflowRun, absolute_uri, open_store
+from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.queries import search_all
 from mnist_mlflow.registry import check_model_name
 from mnist_mlflow.schema import (
@@ -60,6 +60,7 @@ from mnist_mlflow.schema import (
     config_from_params,
     settings_of,
 )
+from mnist_mlflow.store import absolute_uri, open_store
 
 IDENTICAL, WITHIN_NOISE, DIFFERS = "identical", "within-noise", "differs"
 # A difference is seed noise when it is within this many standard deviations of the
@@ -87,7 +88,7 @@ class Target:
 
 def resolve_target(text: str) -> Target:
     """A run id, `models:/NAME@ALIAS` or `models:/NAME/VERSION`; UserError when unknown."""
-    client = MlflowClient()
+    client = store.client()
     version = None
     if text.startswith("models:/"):
         name, sep, which = text.removeprefix("models:/").rpartition("@")
@@ -281,7 +282,7 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
     from mnist_mlflow.tracking import train_tracked
 
     open_store()
-    client = MlflowClient()
+    client = store.client()
     target = resolve_target(text)
     original = target.run
     config = dataclasses.replace(recorded_config(original), **(overrides or {}))

@@ -16,11 +16,10 @@ from itertools import combinations
 from pathlib import Path
 
 from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from mnist_mlflow import store
 from mnist_mlflow.config import AUTO_THREADS, TrainConfig, UserError
-from mnist_mlflow.mlrun import experiment_id
 from mnist_mlflow.phases import PHASES
 from mnist_mlflow.queries import load_records, score_runs, search_all, training_runs
 from mnist_mlflow.report import interval_cell, markdown_table
@@ -42,6 +41,7 @@ from mnist_mlflow.schema import (
 )
 from mnist_mlflow.selection import SEED_PROTOCOL, Group, contrast, group_runs
 from mnist_mlflow.stats import METHOD, Pooled, difference, interval
+from mnist_mlflow.store import experiment_id
 
 # The seed's next target: at least this at each of the last 3 epochs, for every seed.
 TARGET_ACC = 99.40
@@ -101,7 +101,7 @@ def group_row(group: Group, runs: dict[str, Run], chosen_by: str,
 
 def phase_runs(experiment: str) -> dict[str, list[Run]]:
     """FINISHED training runs of `experiment` by phase tag, oldest first."""
-    client = MlflowClient()
+    client = store.client()
     by_phase: dict[str, list[Run]] = {}
     for run in search_all(client, experiment_id(experiment, client),
                           "attributes.status = 'FINISHED'"):
@@ -117,7 +117,7 @@ def phase_runs(experiment: str) -> dict[str, list[Run]]:
 def sweep_commands(runs: Sequence[Run]) -> list[str]:
     """The command of each sweep these runs belong to, in the order they ran, each followed
     by what it trained (a phase may have been redefined since)."""
-    client = MlflowClient()
+    client = store.client()
     trained: dict[str, list[Run]] = {}
     for run in runs:
         trained.setdefault(run.data.tags[MLFLOW_PARENT_RUN_ID], []).append(run)

@@ -24,15 +24,9 @@ from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from mnist_mlflow import store
 from mnist_mlflow.config import RUNTIME_SETTINGS, ServerAway, TrainConfig, UserError
-from mnist_mlflow.mlrun import (
-    MlflowRun,
-    lease_of,
-    open_store,
-    server_away,
-    server_away_reason,
-    without_retries,
-)
+from mnist_mlflow.mlrun import MlflowRun, lease_of
 from mnist_mlflow.schema import (
     BEST_GROUP_VAL_ACC,
     CHILDREN_FINISHED,
@@ -54,6 +48,7 @@ from mnist_mlflow.schema import (
     params_from_config,
     settings_of,
 )
+from mnist_mlflow.store import open_store, server_away, server_away_reason, without_retries
 from mnist_mlflow.tracking import (
     EXPERIMENT_TAGS,
     RunInterrupted,
@@ -334,7 +329,7 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
     precision, compile, threads), nothing else.
     """
     open_store()
-    client = MlflowClient()
+    client = store.client()
     try:
         parent_run = client.get_run(parent_run_id)
     except MlflowException:

@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from mnist_mlflow import codestate
+from mnist_mlflow import codestate, store
 from mnist_mlflow.codestate import CodeState
 from mnist_mlflow.config import (
     RUNTIME_SETTINGS,
@@ -46,17 +46,7 @@ from mnist_mlflow.config import (
     mount_of,
 )
 from mnist_mlflow.data import RAW_FILES, MnistData, Pipeline, build_pipeline, load_mnist
-from mnist_mlflow.mlrun import (
-    MlflowRun,
-    disk_full,
-    inline_figure,
-    lease_of,
-    open_store,
-    saved_view,
-    server_away,
-    server_away_reason,
-    without_retries,
-)
+from mnist_mlflow.mlrun import MlflowRun, inline_figure, lease_of, saved_view
 from mnist_mlflow.models import InferenceModel, count_parameters, model_summary
 from mnist_mlflow.plots import plot_confusion, plot_gallery, plot_training_curves, thumbnail
 from mnist_mlflow.records import Records
@@ -123,6 +113,13 @@ from mnist_mlflow.schema import (
     settings_of,
 )
 from mnist_mlflow.stacked import StackedSeeds, fit_stacked
+from mnist_mlflow.store import (
+    disk_full,
+    open_store,
+    server_away,
+    server_away_reason,
+    without_retries,
+)
 from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit, predict
 
 log = logging.getLogger("mnist_mlflow")
@@ -387,7 +384,7 @@ def resume_tracked(run_id: str, data_dir: Path | str, given: Mapping[str, object
     `patient`: a sweep's child, which waits for a server restarting (`open_store`).
     """
     open_store(patient=patient)
-    client = MlflowClient()
+    client = store.client()
     found, has_checkpoint = resumable_run(client, run_id)
     if experiment is not None:
         actual = client.get_experiment(found.info.experiment_id).name

@@ -16,9 +16,9 @@ import torch
 from mlflow import MlflowClient
 
 from mnist_mlflow.data import build_pipeline, load_mnist
-from mnist_mlflow.mlrun import open_store
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import rounded
+from mnist_mlflow.store import open_store
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
 from tests.helpers import run_cli

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from mnist_mlflow.mlrun import open_store
+from mnist_mlflow.store import open_store
 from tests.conftest import REPO
 
 TINY = ["-P", "train_limit=256", "-P", "test_limit=128", "-P", "epochs=2"]

@@ -18,9 +18,10 @@ from mlflow.tracking import MlflowClient
 
 pytest.importorskip("ray", reason="the ray extra is not installed")
 
-from mnist_mlflow.mlrun import lease_of, open_store  # noqa: E402
+from mnist_mlflow.mlrun import lease_of  # noqa: E402
 from mnist_mlflow.ray_executor import RayExecutor  # noqa: E402
 from mnist_mlflow.schema import ROLE_TAG  # noqa: E402
+from mnist_mlflow.store import open_store  # noqa: E402
 from mnist_mlflow.sweep import LocalExecutor, run_sweep  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.helpers import children_of, run_cli, runs_of  # noqa: E402

@@ -82,7 +82,7 @@ def test_phase_sweep_over_seeds_then_results_from_the_runs(
         assert row[6].startswith(f"{statistics.fmean(val):.2f} [")
         assert low < statistics.fmean(val) < high
         assert row[-1] == "no"  # two seeds: the target asks for three (checked below)
-    assert "## Targets, with each model's recipe chosen on validation" in text
+    assert "## Targets, for the recipe validation picks" in text
     assert "- **gap8k** (7,580 parameters): chosen on validation from 1 recipe(s)" in text
 
 

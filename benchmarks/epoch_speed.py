@@ -37,7 +37,7 @@ from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, epoch_seed, load_mnist
 from mnist_mlflow.models import Dropout
 from mnist_mlflow.runtime import resolve
-from mnist_mlflow.training import create_state, fit, train_one_epoch, training_module
+from mnist_mlflow.training import SoloSeed, create_state, fit, train_one_epoch
 
 EPOCH_IMAGES = 60_000
 WARMUP_STEPS = 20
@@ -61,12 +61,11 @@ def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int,
     runtime = resolve(config)
     data = load_mnist(data_dir, images, config.test_limit)
     pipeline = build_pipeline(config, data, runtime)
-    state = create_state(config, runtime, pipeline.steps_per_epoch)
-    model = training_module(runtime, state.model)
+    solo = SoloSeed(config, create_state(config, runtime, pipeline.steps_per_epoch))
 
     def one_pass(seed: int, steps: int | None = None) -> None:
         batches = itertools.islice(pipeline.train_batches(seed), steps)
-        train_one_epoch(model, state.optimizer, batches, config, runtime)
+        train_one_epoch(solo, batches)
 
     # Warm-up: oneDNN/cuDNN kernels, compilation, CUDA graph capture. `images` is a whole
     # number of batches, so the timed pass meets no new batch shape.
@@ -99,7 +98,7 @@ def tracked_seconds(config: TrainConfig, data_dir: str) -> float:
 
 @contextlib.contextmanager
 def torch_dropout_mask(enabled: bool) -> Iterator[None]:
-    """Dropout layers draw nn.Dropout's own (Bernoulli) mask for the block: as before."""
+    """Dropout layers draw nn.Dropout's own (Bernoulli) mask for the block: the baseline."""
     if not enabled:
         yield
         return

@@ -29,8 +29,8 @@ from epoch_speed import EPOCH_IMAGES  # noqa: E402
 from mnist_mlflow.config import TrainConfig  # noqa: E402
 from mnist_mlflow.data import build_pipeline, epoch_seed, load_mnist  # noqa: E402
 from mnist_mlflow.runtime import resolve, torch_threads  # noqa: E402
-from mnist_mlflow.stacked import StackedSeeds, train_epoch  # noqa: E402
-from mnist_mlflow.training import create_state, train_one_epoch, training_module  # noqa: E402
+from mnist_mlflow.stacked import StackedSeeds  # noqa: E402
+from mnist_mlflow.training import SoloSeed, create_state, train_one_epoch  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -40,14 +40,12 @@ def synchronize(device: torch.device) -> None:
 
 def solo_seconds(config: TrainConfig, pipeline, runtime, warmup: int) -> float:  # noqa: ANN001
     """One seed alone, as `train` trains it: seconds per 60k-image epoch."""
-    state = create_state(config, runtime, pipeline.steps_per_epoch)
-    model = training_module(runtime, state.model)
+    solo = SoloSeed(config, create_state(config, runtime, pipeline.steps_per_epoch))
     batches = itertools.islice(pipeline.train_batches(epoch_seed(config.seed, 0)), warmup)
-    train_one_epoch(model, state.optimizer, batches, config, runtime)
+    train_one_epoch(solo, batches)
     synchronize(runtime.device)
     start = time.perf_counter()
-    train_one_epoch(model, state.optimizer, pipeline.train_batches(epoch_seed(config.seed, 1)),
-                    config, runtime)
+    train_one_epoch(solo, pipeline.train_batches(epoch_seed(config.seed, 1)))
     synchronize(runtime.device)
     return (time.perf_counter() - start) * EPOCH_IMAGES / pipeline.num_train
 
@@ -57,10 +55,10 @@ def stacked_seconds(config: TrainConfig, pipeline, runtime, seeds: int) -> float
     configs = [dataclasses.replace(config, seed=seed) for seed in range(1, seeds + 1)]
     stack = StackedSeeds(configs, dataclasses.replace(runtime, compile=False),
                          pipeline.steps_per_epoch)
-    train_epoch(stack, pipeline, 0)  # warm-up: kernels, allocator
+    train_one_epoch(stack, stack.batches(pipeline, 0))  # warm-up: kernels, allocator
     synchronize(runtime.device)
     start = time.perf_counter()
-    train_epoch(stack, pipeline, 1)
+    train_one_epoch(stack, stack.batches(pipeline, 1))
     synchronize(runtime.device)
     return (time.perf_counter() - start) * EPOCH_IMAGES / pipeline.num_train / seeds
 

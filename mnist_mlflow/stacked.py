@@ -17,30 +17,23 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from mnist_mlflow.config import TrainConfig, TrainingDiverged, UserError
-from mnist_mlflow.data import Pipeline, epoch_seed
+from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.data import Batch, Pipeline, epoch_seed
 from mnist_mlflow.models import STACKED_MASKS, dropout_mask
-from mnist_mlflow.runtime import Runtime, deterministic_algorithms, torch_threads
-from mnist_mlflow.schema import (
-    EPOCH_SECONDS,
-    LR,
-    TRAIN_ACC,
-    TRAIN_LOSS,
-)
+from mnist_mlflow.runtime import Runtime
 from mnist_mlflow.training import (
     SCHEDULER_BUILDERS,
     EpochMetrics,
     TrainState,
     create_state,
-    evaluated,
+    fit_seeds,
 )
 
 log = logging.getLogger("mnist_mlflow")
@@ -72,6 +65,7 @@ class StackedSeeds:
         self.scheduler = build_scheduler(config, self.optimizer, steps_per_epoch)
         self.epoch = 0
         self._mask_shapes: dict[int, list[torch.Size]] = {}
+        self._generators: list[torch.Generator] = []
 
     def mask_shapes(self, batch: torch.Tensor) -> list[torch.Size]:
         """The input shape of each Dropout for a batch like `batch`, in forward order."""
@@ -104,6 +98,44 @@ class StackedSeeds:
                 STACKED_MASKS.reset(token)
         return vmap(one_seed)(self.params, self.buffers, images, masks)
 
+    # What the fit loop asks of the seeds it trains (training.Seeds): stacked seeds train
+    # eager, so there is no CUDA graph and no compiled model to fall back from.
+    cuda_graphs = False
+    can_fall_back = False
+
+    def fall_back(self, err: Exception) -> None:
+        raise err
+
+    def batches(self, pipeline: Pipeline, epoch: int) -> Iterator[tuple[Batch, ...]]:
+        """Each seed's batch of each step, as each seed alone gets it; each seed's dropout
+        generator seeded as `fit` seeds torch's for the epoch."""
+        seeds = [epoch_seed(c.seed, epoch) for c in self.configs]
+        self._generators = [torch.Generator(device=self.runtime.device).manual_seed(s)
+                            for s in seeds]
+        return zip(*(pipeline.train_batches(s) for s in seeds), strict=True)
+
+    def losses(self, batch: tuple[Batch, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Every seed's loss (S,) and correct answers (S,) on its own batch, and the size."""
+        images = torch.stack([b[0] for b in batch])
+        labels = torch.stack([b[1] for b in batch])
+        p = self.configs[0].dropout
+        shapes = self.mask_shapes(images[0]) if p else []
+        # Drawn seed by seed, and within a seed layer by layer, as each seed alone draws;
+        # then stacked per layer.
+        drawn = [[dropout_mask(shape, p, g, self.runtime.device) for shape in shapes]
+                 for g in self._generators]
+        masks = [torch.stack(layer) for layer in zip(*drawn, strict=True)] if shapes else []
+        logits = self.forward(images, masks)
+        losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
+                                 label_smoothing=self.configs[0].label_smoothing
+                                 ).view(len(self.configs), -1).mean(1)
+        correct = (logits.detach().argmax(-1) == labels).sum(1)
+        return losses, correct, labels.shape[1]
+
+    def end_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.write_back()
+
     def write_back(self) -> None:
         """Each seed's weights, BatchNorm statistics, momentum and schedule into its state."""
         momentum = [self.optimizer.state.get(p, {}).get("momentum_buffer")
@@ -123,79 +155,8 @@ class StackedSeeds:
             state.epoch = self.epoch
 
 
-def train_epoch(stack: StackedSeeds, pipeline: Pipeline, epoch: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One epoch of every seed at once: per-seed loss sums and correct counts, images seen."""
-    configs, runtime = stack.configs, stack.runtime
-    device = runtime.device
-    seeds = [epoch_seed(c.seed, epoch) for c in configs]
-    # What `fit` does with torch's generator before an epoch, each seed with its own.
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    p = configs[0].dropout
-    loss_sum = torch.zeros(len(configs), device=device)
-    correct = torch.zeros(len(configs), dtype=torch.long, device=device)
-    seen = 0
-    steps = pipeline.steps_per_epoch
-    seeds_batches = zip(*(pipeline.train_batches(s) for s in seeds), strict=True)
-    for step, batches in enumerate(seeds_batches, 1):
-        images = torch.stack([b[0] for b in batches])
-        labels = torch.stack([b[1] for b in batches])
-        shapes = stack.mask_shapes(images[0]) if p else []
-        # Drawn seed by seed, and within a seed layer by layer, as each seed alone draws;
-        # then stacked per layer.
-        drawn = [[dropout_mask(shape, p, g, device) for shape in shapes] for g in generators]
-        masks = [torch.stack(layer) for layer in zip(*drawn, strict=True)] if shapes else []
-        stack.optimizer.zero_grad(set_to_none=True)
-        dtype = runtime.autocast_dtype
-        with torch.autocast(device.type, dtype, enabled=dtype is not None):
-            logits = stack.forward(images, masks)
-            losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
-                                     label_smoothing=configs[0].label_smoothing
-                                     ).view(len(configs), -1).mean(1)
-        if device.type == "cpu" and not torch.isfinite(losses).all():
-            bad = losses[~torch.isfinite(losses)][0].item()
-            raise TrainingDiverged(bad, step, steps)
-        losses.sum().backward()  # each seed's gradient is its own loss's
-        stack.optimizer.step()
-        if stack.per_step:
-            stack.scheduler.step()
-        loss_sum += losses.detach() * labels.shape[1]
-        correct += (logits.detach().argmax(-1) == labels).sum(1)
-        seen += labels.shape[1]
-    return loss_sum, correct, seen
-
-
 def fit_stacked(stack: StackedSeeds, pipeline: Pipeline,
                 on_epoch: Callable[[int, EpochMetrics, TrainState], None] | None = None,
-                evaluate_seeds: bool = True) -> list[list[EpochMetrics]]:
-    """Train every seed from `stack.epoch + 1` to the end; each seed's metrics per epoch,
-    `on_epoch(index, metrics, state)` called for each seed after each epoch. A seed's
-    epoch_seconds is the stacked epoch's wall time divided among the seeds."""
-    histories: list[list[EpochMetrics]] = [[] for _ in stack.configs]
-    config, runtime = stack.configs[0], stack.runtime
-    with torch_threads(runtime.threads), deterministic_algorithms(runtime.deterministic):
-        for epoch in range(stack.epoch + 1, config.epochs + 1):
-            lr = stack.optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            try:
-                loss_sum, correct, seen = train_epoch(stack, pipeline, epoch)
-            except TrainingDiverged as err:
-                err.epoch = epoch
-                raise
-            train_loss = (loss_sum / seen).tolist()
-            train_acc = (100.0 * correct / seen).tolist()
-            if not stack.per_step:
-                stack.scheduler.step()
-            stack.epoch = epoch
-            stack.write_back()
-            share = (time.perf_counter() - start) / len(stack.configs)
-            for index, state in enumerate(stack.states):
-                values = {TRAIN_LOSS: train_loss[index], TRAIN_ACC: train_acc[index],
-                          **(evaluated(state.model, pipeline) if evaluate_seeds else {})}
-                metrics = EpochMetrics(epoch, {**values, LR: lr, EPOCH_SECONDS: share})
-                log.info("seed %d: %s", stack.configs[index].seed,
-                         metrics.log_line(config.epochs))
-                histories[index].append(metrics)
-                if on_epoch is not None:
-                    on_epoch(index, metrics, state)
-    return histories
+                progress: bool = True) -> list[list[EpochMetrics]]:
+    """Train every seed of `stack` to the end with the one fit loop (training.fit_seeds)."""
+    return fit_seeds(stack, pipeline, on_epoch, progress)

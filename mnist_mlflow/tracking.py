@@ -112,7 +112,7 @@ from mnist_mlflow.schema import (
     rounded,
     settings_of,
 )
-from mnist_mlflow.stacked import StackedSeeds, fit_stacked
+from mnist_mlflow.stacked import StackedSeeds
 from mnist_mlflow.store import (
     disk_full,
     open_store,
@@ -120,7 +120,14 @@ from mnist_mlflow.store import (
     server_away_reason,
     without_retries,
 )
-from mnist_mlflow.training import EpochMetrics, TrainState, create_state, fit, predict
+from mnist_mlflow.training import (
+    EpochMetrics,
+    SoloSeed,
+    TrainState,
+    create_state,
+    fit_seeds,
+    predict,
+)
 
 log = logging.getLogger("mnist_mlflow")
 
@@ -354,12 +361,8 @@ def train_tracked(config: TrainConfig, data_dir: Path | str,
 
     def train(on_epoch: Callable[[int, EpochMetrics, TrainState], None],
               on_fallback: Callable[[str], None]) -> None:
-        if stacked_with:
-            fit_stacked(stack, pipeline, on_epoch)
-        else:
-            fit(config, states[0], pipeline, progress=progress, until=until,
-                on_epoch=lambda metrics, trained: on_epoch(0, metrics, trained),
-                on_compile_fallback=on_fallback)
+        seeds = stack if stacked_with else SoloSeed(config, states[0], on_fallback)
+        fit_seeds(seeds, pipeline, on_epoch, progress, until)
 
     with contextlib.ExitStack() as folders:
         recordings = [
@@ -698,9 +701,7 @@ def _train_in_run(run: MlflowRun, config: TrainConfig, data: MnistData, pipeline
     with tempfile.TemporaryDirectory() as tmp:
         def train(on_epoch: Callable[[int, EpochMetrics, TrainState], None],
                   on_fallback: Callable[[str], None]) -> None:
-            fit(config, state, pipeline, progress=progress, until=until,
-                on_epoch=lambda metrics, trained: on_epoch(0, metrics, trained),
-                on_compile_fallback=on_fallback)
+            fit_seeds(SoloSeed(config, state, on_fallback), pipeline, on_epoch, progress, until)
         recording = _Recording(run, config, state, history, command, Path(tmp),
                                resumed=bool(history), logged=logged or set())
         return _train_in_runs([recording], data, pipeline, train)[0]

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -216,78 +217,154 @@ def training_module(runtime: Runtime, model: nn.Module,
     return TrainingModule(model, compiled, runtime.cuda_graphs, on_fallback)
 
 
-def _forward_backward(model: TrainingModule, images: torch.Tensor, labels: torch.Tensor,
-                      config: TrainConfig, runtime: Runtime, step: int,
-                      steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and loss of one batch, gradients computed; TrainingDiverged on the CPU."""
-    if model.cuda_graphs:
+class SoloSeed:
+    """One seed, one model: the common stack of one. Its model may be compiled, with an eager
+    fallback (TrainingModule); dropout masks come from torch's generator, seeded per epoch."""
+
+    def __init__(self, config: TrainConfig, state: TrainState,
+                 on_compile_fallback: Callable[[str], None] | None = None) -> None:
+        self.configs = [config]
+        self.states = [state]
+        self.runtime = state.runtime
+        self.optimizer = state.optimizer
+        self.scheduler = state.scheduler
+        _, self.per_step = SCHEDULER_BUILDERS[config.scheduler]
+        self.model = training_module(state.runtime, state.model, on_compile_fallback)
+
+    @property
+    def epoch(self) -> int:
+        return self.states[0].epoch
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.model.cuda_graphs
+
+    @property
+    def can_fall_back(self) -> bool:
+        return self.model.can_fall_back
+
+    def fall_back(self, err: Exception) -> None:
+        self.model.fall_back(err)
+
+    def batches(self, pipeline: Pipeline, epoch: int) -> Iterable[Batch]:
+        """The epoch's batches; torch's generator seeded for the epoch's dropout masks."""
+        seed = epoch_seed(self.configs[0].seed, epoch)
+        torch.manual_seed(seed)
+        self.model.eager.train()
+        return pipeline.train_batches(seed)
+
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The batch's loss (1,), correct answers (1,) and size."""
+        images, labels = batch
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.configs[0].label_smoothing)
+        correct = (logits.detach().argmax(1) == labels).sum()
+        return loss.unsqueeze(0), correct.unsqueeze(0), len(labels)
+
+    def end_epoch(self, epoch: int) -> None:
+        self.states[0].epoch = epoch
+
+
+class Seeds(Protocol):
+    """What the fit loop trains: one or more seeds of one configuration, stepped together.
+    `SoloSeed` is one seed; `stacked.StackedSeeds` is several as one vmap'd model."""
+
+    configs: list[TrainConfig]
+    states: list[TrainState]
+    runtime: Runtime
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    per_step: bool
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def cuda_graphs(self) -> bool: ...
+
+    @property
+    def can_fall_back(self) -> bool: ...
+
+    def fall_back(self, err: Exception) -> None: ...
+
+    def batches(self, pipeline: Pipeline, epoch: int) -> Iterable[Any]: ...
+
+    def losses(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]: ...
+
+    def end_epoch(self, epoch: int) -> None: ...
+
+
+def _forward_backward(seeds: Seeds, batch: Any, step: int,
+                      steps: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each seed's loss and correct count for one batch, gradients computed; TrainingDiverged
+    at this step on the CPU. The one backward pass of the package: every seed's gradient is
+    its own loss's, as the summed losses share no parameters."""
+    if seeds.cuda_graphs:
         # CUDA graph trees reuse output memory; this says the previous step is done with it.
         torch.compiler.cudagraph_mark_step_begin()
+    runtime = seeds.runtime
     dtype = runtime.autocast_dtype
-    with torch.autocast(images.device.type, dtype, enabled=dtype is not None):
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
-    if loss.device.type == "cpu" and not torch.isfinite(loss):
-        raise TrainingDiverged(loss.item(), step, steps)
-    loss.backward()
-    return logits, loss
+    with torch.autocast(runtime.device.type, dtype, enabled=dtype is not None):
+        losses, correct, size = seeds.losses(batch)
+    if losses.device.type == "cpu" and not torch.isfinite(losses).all():
+        raise TrainingDiverged(losses[~torch.isfinite(losses)][0].item(), step, steps)
+    losses.sum().backward()
+    return losses, correct, size
 
 
-def train_one_epoch(model: TrainingModule, optimizer: torch.optim.Optimizer,
-                    batches: Iterable[Batch], config: TrainConfig, runtime: Runtime,
-                    steps: int = 0, step_scheduler: Scheduler | None = None,
-                    progress: tqdm | None = None) -> tuple[float, float]:
-    """One pass over `batches`; returns (mean loss, accuracy %).
+def train_one_epoch(seeds: Seeds, batches: Iterable[Any], steps: int = 0,
+                    progress: tqdm | None = None) -> tuple[list[float], list[float]]:
+    """One pass over `batches`; each seed's mean loss and accuracy %.
 
-    `step_scheduler` is stepped after every batch (OneCycleLR); the loss is the training
+    A per-step schedule (OneCycleLR) is stepped after every batch; the loss is the training
     objective, label smoothing included.
 
-    Raises TrainingDiverged when the loss is not finite: on the CPU at that very step, before
+    Raises TrainingDiverged when a loss is not finite: on the CPU at that very step, before
     the optimizer uses it; on an accelerator within CUDA_FINITE_CHECK_EVERY steps.
     Sums stay on the device and are read once, at the end of the epoch: no per-step sync.
     """
-    model.eager.train()
+    optimizer = seeds.optimizer
     loss_sum = correct = None
     seen = 0
     # Accelerator: a flag copied to pinned host memory without waiting and read at the next
     # check, so that watching the loss never stalls the device queue.
     bad_flag: torch.Tensor | None = None
     step = 0
-    for step, (images, labels) in enumerate(batches, 1):
+    for step, batch in enumerate(batches, 1):
         optimizer.zero_grad(set_to_none=True)
         try:
-            logits, loss = _forward_backward(model, images, labels, config, runtime, step, steps)
+            losses, batch_correct, size = _forward_backward(seeds, batch, step, steps)
         except TrainingDiverged:
             raise
         except Exception as err:
-            if not model.can_fall_back:
+            if not seeds.can_fall_back:
                 raise
             # Compiling happens at a batch shape's first forward (and backward): redo this
             # step eager. No optimizer step has used the failed one's gradients.
-            model.fall_back(err)
+            seeds.fall_back(err)
             optimizer.zero_grad(set_to_none=True)
-            logits, loss = _forward_backward(model, images, labels, config, runtime, step, steps)
+            losses, batch_correct, size = _forward_backward(seeds, batch, step, steps)
         optimizer.step()
-        if step_scheduler is not None:
-            step_scheduler.step()
-        batch_loss = loss.detach() * len(labels)
-        batch_correct = (logits.detach().argmax(1) == labels).sum()
+        if seeds.per_step:
+            seeds.scheduler.step()
+        batch_loss = losses.detach() * size
         loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         correct = batch_correct if correct is None else correct + batch_correct
-        seen += len(labels)
-        if loss.device.type != "cpu" and step % CUDA_FINITE_CHECK_EVERY == 0:
+        seen += size
+        if losses.device.type != "cpu" and step % CUDA_FINITE_CHECK_EVERY == 0:
             # A non-finite step loss makes the running sum non-finite for good.
             if bad_flag is not None and bool(bad_flag):
                 raise TrainingDiverged(math.nan, step, steps, exact=False)
             bad_flag = bad_flag if bad_flag is not None else torch.zeros(
                 (), dtype=torch.bool, pin_memory=True)
-            bad_flag.copy_(~torch.isfinite(loss_sum), non_blocking=True)
+            bad_flag.copy_(~torch.isfinite(loss_sum).all(), non_blocking=True)
         if progress is not None:
             progress.update(1)
-    mean_loss = loss_sum.item() / seen
-    if not math.isfinite(mean_loss):
-        raise TrainingDiverged(mean_loss, step, steps, exact=False)
-    return mean_loss, 100.0 * correct.item() / seen
+    mean_losses = [total / seen for total in loss_sum.tolist()]
+    bad = [loss for loss in mean_losses if not math.isfinite(loss)]
+    if bad:
+        raise TrainingDiverged(bad[0], step, steps, exact=False)
+    return mean_losses, [100.0 * count / seen for count in correct.tolist()]
 
 
 @torch.inference_mode()
@@ -339,52 +416,65 @@ def predict(model: nn.Module, batches: Iterable[Batch]) -> tuple[torch.Tensor, t
     return torch.cat(classes), torch.cat(confidences)
 
 
+def fit_seeds(seeds: Seeds, pipeline: Pipeline,
+              on_epoch: Callable[[int, EpochMetrics, TrainState], None] | None = None,
+              progress: bool = True, until: int = 0) -> list[list[EpochMetrics]]:
+    """The fit loop: train every seed from `seeds.epoch + 1` to its config's epochs (or to
+    epoch `until`, when given: the schedule still spans all epochs, so these epochs are those
+    of the whole run), calling `on_epoch(index, metrics, state)` for each seed after each
+    epoch; each seed's metrics per epoch.
+
+    A seed's epoch_seconds is its share of the training pass plus its own evaluation. torch's
+    thread count and deterministic mode are set for the training only.
+    """
+    config, runtime = seeds.configs[0], seeds.runtime
+    histories: list[list[EpochMetrics]] = [[] for _ in seeds.states]
+    steps_per_epoch = pipeline.steps_per_epoch
+    stacked = len(seeds.states) > 1
+    # Past Dynamo's recompile limit a model silently runs eager; raising instead makes the
+    # fallback record it. (Eager runs do not import Dynamo at all.)
+    no_silent_eager = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+                       if runtime.compile else contextlib.nullcontext())
+    with torch_threads(runtime.threads), deterministic_algorithms(runtime.deterministic), \
+            no_silent_eager:
+        for epoch in range(seeds.epoch + 1, min(until or config.epochs, config.epochs) + 1):
+            lr = seeds.optimizer.param_groups[0]["lr"]
+            start = time.perf_counter()
+            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                      disable=None if progress else True, unit="batch") as bar:
+                try:
+                    train_losses, train_accs = train_one_epoch(
+                        seeds, seeds.batches(pipeline, epoch), steps_per_epoch, bar)
+                except TrainingDiverged as err:
+                    err.epoch = epoch
+                    raise
+            if not seeds.per_step:
+                seeds.scheduler.step()
+            seeds.end_epoch(epoch)
+            share = (time.perf_counter() - start) / len(seeds.states)
+            for index, state in enumerate(seeds.states):
+                begun = time.perf_counter()
+                values = {TRAIN_LOSS: train_losses[index], TRAIN_ACC: train_accs[index],
+                          **evaluated(state.model, pipeline)}
+                metrics = EpochMetrics(epoch, {
+                    **values, LR: lr, EPOCH_SECONDS: share + time.perf_counter() - begun})
+                line = metrics.log_line(config.epochs)
+                log.info(f"seed {seeds.configs[index].seed}: {line}" if stacked else line)
+                histories[index].append(metrics)
+                if on_epoch is not None:
+                    on_epoch(index, metrics, state)
+    return histories
+
+
 def fit(config: TrainConfig, state: TrainState, pipeline: Pipeline,
         on_epoch: Callable[[EpochMetrics, TrainState], None] | None = None,
         progress: bool = True,
         on_compile_fallback: Callable[[str], None] | None = None,
         until: int = 0) -> list[EpochMetrics]:
-    """Train from `state.epoch + 1` to `config.epochs` (or to epoch `until`, when given: the
-    schedule still spans all epochs, so these epochs are those of the whole run), calling
-    `on_epoch` after each epoch.
-
-    `on_compile_fallback(reason)` is called if a compiled model had to turn eager. torch's
-    thread count and deterministic mode are set for the training only.
-    """
-    history = []
-    steps_per_epoch = pipeline.steps_per_epoch
-    _, per_step = SCHEDULER_BUILDERS[config.scheduler]
-    runtime = state.runtime
-    train_model = training_module(runtime, state.model, on_compile_fallback)
-    # Past Dynamo's recompile limit a model silently runs eager; raising instead makes the
-    # fallback above record it. (Eager runs do not import Dynamo at all.)
-    no_silent_eager = (torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-                       if runtime.compile else contextlib.nullcontext())
-    with torch_threads(runtime.threads), deterministic_algorithms(runtime.deterministic), \
-            no_silent_eager:
-        for epoch in range(state.epoch + 1, min(until or config.epochs, config.epochs) + 1):
-            seed = epoch_seed(config.seed, epoch)
-            torch.manual_seed(seed)  # dropout masks of this epoch
-            lr = state.optimizer.param_groups[0]["lr"]
-            start = time.perf_counter()
-            with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                      disable=None if progress else True, unit="batch") as bar:
-                try:
-                    train_loss, train_acc = train_one_epoch(
-                        train_model, state.optimizer, pipeline.train_batches(seed), config,
-                        runtime, steps_per_epoch, state.scheduler if per_step else None, bar)
-                except TrainingDiverged as err:
-                    err.epoch = epoch
-                    raise
-            values = {TRAIN_LOSS: train_loss, TRAIN_ACC: train_acc,
-                      **evaluated(state.model, pipeline)}
-            if not per_step:
-                state.scheduler.step()
-            state.epoch = epoch
-            metrics = EpochMetrics(epoch, {
-                **values, LR: lr, EPOCH_SECONDS: time.perf_counter() - start})
-            log.info(metrics.log_line(config.epochs))
-            history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics, state)
+    """`fit_seeds` for one seed: train `state` on, calling `on_epoch(metrics, state)` after
+    each epoch; `on_compile_fallback(reason)` if a compiled model had to turn eager."""
+    (history,) = fit_seeds(
+        SoloSeed(config, state, on_compile_fallback), pipeline,
+        None if on_epoch is None else lambda _index, metrics, trained: on_epoch(metrics, trained),
+        progress, until)
     return history

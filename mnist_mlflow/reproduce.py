@@ -44,6 +44,8 @@ from mnist_mlflow.schema import (
     PATCH_ARTIFACT,
     PRECISION_TAG,
     REPRODUCED_AT_TAG,
+    REPRODUCED_CODE_TAG,
+    REPRODUCED_EPOCHS_TAG,
     REPRODUCED_TAG,
     REPRODUCED_VERSION_TAG,
     REPRODUCES_TAG,
@@ -333,8 +335,8 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
     experiment = experiment or client.get_experiment(original.info.experiment_id).name
     run = MlflowRun.create(experiment, f"{original.info.run_name} reproduced",
                            tags={REPRODUCES_TAG: original.info.run_id,
-                                 "reproduced_epochs": str(epochs),
-                                 "reproduced_code": code_note},
+                                 REPRODUCED_EPOCHS_TAG: str(epochs),
+                                 REPRODUCED_CODE_TAG: code_note},
                            description=f"Reproducing {_link(original)}: training.")
     # Not a candidate of `compare`: a rerun of a seed would replace the original in its group.
     role = {ROLE_TAG: REPRODUCTION_ROLE, REPRODUCES_TAG: original.info.run_id}

@@ -166,6 +166,10 @@ PRODUCTION_ALIAS_TAG = tag("production_alias", "comparison run",
                            "what became of the `production` alias")
 # On a run `reproduce` made: the run it reproduces, and the verdict.
 REPRODUCES_TAG = tag("mnist_mlflow.reproduces", "reproduction run", "the run it reproduces")
+REPRODUCED_EPOCHS_TAG = tag("reproduced_epochs", "reproduction run",
+                            "the epochs retrained (`reproduce --epochs`)")
+REPRODUCED_CODE_TAG = tag("reproduced_code", "reproduction run",
+                          "which code trained it: today's, or the recorded commit and patch")
 REPRODUCED_TAG = tag("reproduced", "reproduction run",
                      "the verdict: `identical`, `within-noise` or `differs`")
 REPRODUCTION_MEASURE_TAG = tag("reproduction_measure", "reproduction run",
@@ -390,6 +394,12 @@ param(NUM_PARAMS, "training run", "the network's parameter count")
 param(VAL_SPLIT_DIGEST, "training run",
       "which training images were held out for validation (runs with equal digests "
       "validated on the same images)")
+# A sweep's parent: what it sweeps (besides the settings all its children share, as params).
+SWEEP_PARAMS = {
+    "variants": "the variants, `model:dropout`", "seeds": "the seeds",
+    "phase": "the phase, or `none`", "children": "how many children it planned"}
+for _name, _meaning in SWEEP_PARAMS.items():
+    param(_name, "sweep parent", _meaning)
 # A comparison's rule, as params of its run.
 COMPARISON_PARAMS = {
     "metric": "the selection metric", "max_params": "the largest network eligible",

@@ -42,6 +42,7 @@ from mnist_mlflow.schema import (
     PLUMBING_SETTINGS,
     ROLE_TAG,
     SUMMARY_STEP,
+    SWEEP_PARAMS,
     SWEEP_ROLE,
     TRAIN_ROLE,
     config_from_params,
@@ -282,8 +283,9 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
         tags={ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command},
         description=description, experiment_tags=EXPERIMENT_TAGS)
     parent.log_new_params({**{k: v for k, v in shared.items() if k not in PLUMBING_SETTINGS},
-                           "variants": ",".join(variants), "seeds": ",".join(seeds),
-                           "phase": phase or "none", "children": len(configs)})
+                           **dict(zip(SWEEP_PARAMS, (",".join(variants), ",".join(seeds),
+                                                     phase or "none", len(configs)),
+                                      strict=True))})
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / PLAN_ARTIFACT
         plan.write_text(json.dumps(settings, indent=1))

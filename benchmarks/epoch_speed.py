@@ -5,7 +5,7 @@ In one process on one device, both pipelines train the `opt` variant on the same
 only ever add time); the figure is scaled to 60,000 images. The torchvision pipeline is the
 reference and trains as the seed did (eager, fp32); `--precision` and `--compile` apply to
 the fast pipeline (default auto: bf16 and compiled on CUDA, fp32 and eager on the CPU).
-Then one whole tracked run (`train_tracked`, SQLite store in a temporary folder) is timed
+Then one whole tracked run (`tracking.train`, SQLite store in a temporary folder) is timed
 against the same training untracked (`fit` with no MLflow). On a shared machine pass
 `--threads 1`: with torch's default threads, OpenMP waits on descheduled threads and times
 grow 10-40x.
@@ -77,7 +77,7 @@ def seconds_per_epoch(config: TrainConfig, data_dir: str, images: int,
 
 
 def untracked_seconds(config: TrainConfig, data_dir: str) -> float:
-    """Wall time of what train_tracked does, without MLflow: load, build, fit."""
+    """Wall time of what tracking.train does, without MLflow: load, build, fit."""
     start = time.perf_counter()
     runtime = resolve(config)
     data = load_mnist(data_dir, config.train_limit, config.test_limit)
@@ -88,11 +88,11 @@ def untracked_seconds(config: TrainConfig, data_dir: str) -> float:
 
 
 def tracked_seconds(config: TrainConfig, data_dir: str) -> float:
-    """Wall time of one whole train_tracked run (params, metrics, plots, log, model)."""
-    from mnist_mlflow.tracking import train_tracked
+    """Wall time of one whole tracked run (params, metrics, plots, log, model)."""
+    from mnist_mlflow.tracking import Destination, Training, train
 
     start = time.perf_counter()
-    train_tracked(config, data_dir, experiment="epoch-speed", progress=False)
+    train(Training((config,)), data_dir, Destination("epoch-speed"), progress=False)
     return time.perf_counter() - start
 
 

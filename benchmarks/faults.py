@@ -38,8 +38,8 @@ from mlflow.tracking import MlflowClient
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.mlrun import MlflowRun
+from mnist_mlflow.record import log_checkpoint, signals_deferred
 from mnist_mlflow.runtime import resolve
-from mnist_mlflow.tracking import log_checkpoint, signals_deferred
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 
 COMPARED = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")

@@ -151,19 +151,16 @@ def given_settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any
 @click.pass_context
 def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
     """Train one variant as one MLflow run."""
-    from mnist_mlflow.tracking import resume_tracked, train_tracked
+    from mnist_mlflow.tracking import Destination, Training
+    from mnist_mlflow.tracking import train as train_runs
 
     check_experiment(options["experiment"])
-    if resume_run_id:
-        given_experiment = ctx.get_parameter_source("experiment") is (
-            click.core.ParameterSource.COMMANDLINE)
-        result = resume_tracked(resume_run_id, options["data_dir"], given_settings(ctx, options),
-                                runner_run_id=runner_run_id(ctx),
-                                experiment=options["experiment"] if given_experiment else None)
-    else:
-        config = config_from(options).validate()
-        result = train_tracked(config, options["data_dir"], options["experiment"],
-                               runner_run_id=runner_run_id(ctx))
+    where = Destination(options["experiment"], runner_run_id(ctx),
+                        experiment_given=ctx.get_parameter_source("experiment") is (
+                            click.core.ParameterSource.COMMANDLINE))
+    what = (Training(resume=resume_run_id, given=given_settings(ctx, options))
+            if resume_run_id else Training((config_from(options).validate(),)))
+    (result,) = train_runs(what, options["data_dir"], where)
     click.echo(f"run {result.run_id} finished: final test_acc "
                f"{result.history[-1].test_acc:.2f}%")
 

@@ -36,6 +36,7 @@ from mlflow.entities import RunStatus
 
 from mnist_mlflow.config import ServerAway, Terminated, raise_terminated
 from mnist_mlflow.mlrun import MlflowRun
+from mnist_mlflow.record import signals_deferred
 from mnist_mlflow.runtime import SweepPlan, plan_sweep, use_share
 from mnist_mlflow.store import absolute_uri
 from mnist_mlflow.sweep import (
@@ -48,7 +49,7 @@ from mnist_mlflow.sweep import (
     stop_unfinished,
     train_child,
 )
-from mnist_mlflow.tracking import RunInterrupted, signals_deferred
+from mnist_mlflow.tracking import RunInterrupted
 
 log = logging.getLogger("mnist_mlflow")
 

@@ -231,7 +231,7 @@ def history(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
     """metric -> epoch -> value: unrounded, from the run's checkpoint (logged metrics are
     rounded to the digits they mean, which would hide small differences); the logged
     metrics for a run without one."""
-    from mnist_mlflow.tracking import load_checkpoint
+    from mnist_mlflow.record import load_checkpoint
 
     try:
         records = load_checkpoint(client, run_id)["history"]
@@ -281,7 +281,7 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
     Every check happens before the new run is created; `say` reports what will differ
     before training starts (today's code, another device)."""
     from mnist_mlflow.data import load_mnist
-    from mnist_mlflow.tracking import train_tracked
+    from mnist_mlflow.tracking import Destination, Training, train
 
     open_store()
     client = store.client()
@@ -344,8 +344,8 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
         _train_recorded_code(run, config, original, data_dir, recorded_commit, patch, here)
         run.set_tags(role)  # that code marked it a training run
     else:
-        train_tracked(config, data_dir, experiment, progress=progress, run=run, tags=role,
-                      until=epochs)
+        train(Training((config,), (run.run_id,), tags=role, until=epochs), data_dir,
+              Destination(experiment, patient=True), progress)
     rerun = client.get_run(run.run_id)
     spread, seeds = seed_spread(client, original)
     differences = [f"{key}: {value} here, {theirs} in the original"

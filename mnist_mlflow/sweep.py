@@ -27,6 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mnist_mlflow import store
 from mnist_mlflow.config import RUNTIME_SETTINGS, ServerAway, TrainConfig, UserError
 from mnist_mlflow.mlrun import MlflowRun, lease_of
+from mnist_mlflow.record import EXPERIMENT_TAGS
 from mnist_mlflow.schema import (
     BEST_GROUP_VAL_ACC,
     CHILDREN_FINISHED,
@@ -51,11 +52,11 @@ from mnist_mlflow.schema import (
 )
 from mnist_mlflow.store import open_store, server_away, server_away_reason, without_retries
 from mnist_mlflow.tracking import (
-    EXPERIMENT_TAGS,
+    Destination,
     RunInterrupted,
+    Training,
     resumable_run,
-    resume_tracked,
-    train_tracked,
+    train,
 )
 
 log = logging.getLogger("mnist_mlflow")
@@ -134,11 +135,11 @@ def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str,
         if first.resume:
             # How it runs comes from this sweep's command line, as for the new children.
             runtime = {name: getattr(first.config, name) for name in RUNTIME_SETTINGS}
-            resume_tracked(first.run_id, data_dir, runtime, progress=progress, patient=True)
+            what = Training(resume=first.run_id, given=runtime)
         else:
-            train_tracked(first.config, data_dir, run=MlflowRun(first.run_id),
-                          progress=progress,
-                          stacked_with=[(job.config, MlflowRun(job.run_id)) for job in jobs[1:]])
+            what = Training(tuple(job.config for job in jobs),
+                            tuple(job.run_id for job in jobs))
+        train(what, data_dir, Destination(patient=True), progress)
     except (RunInterrupted, ServerAway):  # the sweep stops: the next child would find no server
         raise
     except KeyboardInterrupt:  # before training began: the runs never started

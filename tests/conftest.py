@@ -80,7 +80,7 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from mnist_mlflow.models import InferenceModel, build_model
-    from mnist_mlflow.tracking import SIGNATURE, pip_requirements
+    from mnist_mlflow.record import SIGNATURE, pip_requirements
 
     folder = tmp_path_factory.mktemp("model") / "saved"
     torch.manual_seed(0)

@@ -15,9 +15,18 @@ from mlflow.entities import LoggedModelStatus, Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow.cli import main
+from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.records import Records
 from mnist_mlflow.registry import logged_model_uri
 from mnist_mlflow.schema import PREDICTIONS_DIR
+from mnist_mlflow.tracking import Destination, RunResult, Training, train
+
+
+def train_one(config: TrainConfig, data_dir: Path | str, experiment: str,
+              progress: bool = False) -> RunResult:
+    """`config` trained into a new run of `experiment`, through the package's one entry."""
+    (result,) = train(Training((config,)), data_dir, Destination(experiment), progress)
+    return result
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str],

@@ -17,9 +17,8 @@ from mnist_mlflow.queries import find_runs
 from mnist_mlflow.report import markdown_table, side_by_side_table, summary_table
 from mnist_mlflow.schema import COMPARISON_ROLE, DESCRIPTION_TAG, ROLE_TAG
 from mnist_mlflow.selection import SelectionRule, group_runs, rank, ranking_reason, top
-from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
-from tests.helpers import craft_run, run_cli
+from tests.helpers import craft_run, run_cli, train_one
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def real_runs(store_dir: Path, mnist_root: Path) -> list[str]:
     """Two real tiny training runs (two epochs each) in experiment `real`."""
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        return [train_tracked(tiny_config(epochs=2, dropout=dropout), mnist_root, "real",
+        return [train_one(tiny_config(epochs=2, dropout=dropout), mnist_root, "real",
                               progress=False).run_id for dropout in (0.0, 0.05)]
 
 

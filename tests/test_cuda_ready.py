@@ -28,10 +28,9 @@ from mnist_mlflow.models import GlobalAvgPool, build_model
 from mnist_mlflow.predict import load_model
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import CHECKPOINT_DIR, LEGACY_CHECKPOINT, rounded
-from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import create_state, evaluate, fit
 from tests.conftest import tiny_config, use_store
-from tests.helpers import model_uri, run_cli
+from tests.helpers import model_uri, run_cli, train_one
 
 
 @pytest.fixture
@@ -49,7 +48,7 @@ def gpu(monkeypatch: pytest.MonkeyPatch) -> None:
 def logged_run(store_dir: Path, mnist_root: Path) -> str:
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        return train_tracked(tiny_config(epochs=1), mnist_root, "cuda-ready",
+        return train_one(tiny_config(epochs=1), mnist_root, "cuda-ready",
                              progress=False).run_id
 
 

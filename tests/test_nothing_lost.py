@@ -21,9 +21,8 @@ from mlflow import MlflowClient
 from mnist_mlflow.mlrun import lease_of, lease_tags
 from mnist_mlflow.registry import PRODUCTION
 from mnist_mlflow.schema import LEASE_TAG, checkpoint_artifact
-from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
-from tests.helpers import run_cli, runs_of
+from tests.helpers import run_cli, runs_of, train_one
 from tests.test_interrupt import mnist_mlflow, wait_for_epoch
 
 TINY = ["--train-limit", "256", "--test-limit", "128", "--epochs", "1", "--device", "cpu",
@@ -71,11 +70,11 @@ def test_four_trainings_started_at_once_on_a_new_store_all_finish(
 def test_compare_never_points_production_at_a_model_that_does_not_load(
         store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    first = train_tracked(tiny_config(epochs=1), mnist_root, "unloadable", progress=False)
+    first = train_one(tiny_config(epochs=1), mnist_root, "unloadable", progress=False)
     code, _, err = run_cli(["compare", "--experiment", "unloadable", "--model-name",
                             "guarded-cnn"], capsys, monkeypatch)
     assert code == 0, err
-    second = train_tracked(tiny_config(epochs=3, lr=0.05), mnist_root, "unloadable",
+    second = train_one(tiny_config(epochs=3, lr=0.05), mnist_root, "unloadable",
                            progress=False)
     # The better run's model files are gone (deleted by hand, a lost disk...).
     [model] = mlflow.search_logged_models(
@@ -374,7 +373,7 @@ def test_a_read_only_store_is_one_line_for_every_command_and_stays_as_it_was(
     made = tmp_path / "made"
     made.mkdir()
     use_store(made, monkeypatch)
-    train_tracked(tiny_config(epochs=1), mnist_root, "before", progress=False)
+    train_one(tiny_config(epochs=1), mnist_root, "before", progress=False)
     # A copy of that store on a file system then made read-only (the first one stays open
     # in this process, which a read-only remount would refuse).
     folder = tmp_path / "ro"

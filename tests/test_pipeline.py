@@ -22,9 +22,9 @@ from mnist_mlflow.data import (
     load_mnist,
 )
 from mnist_mlflow.runtime import resolve
-from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config
+from tests.helpers import train_one
 
 ANGLES = [-7.0, -3.3, 0.0, 1.7, 5.0, 7.0]
 # Nearest-neighbour rotations disagree only where a sampling point falls on a pixel edge.
@@ -215,7 +215,7 @@ def tracked_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory
         mlflow.set_tracking_uri(uri)
         runs = {}
         for pipeline in ("fast", "torchvision"):
-            result = train_tracked(tiny_config(pipeline=pipeline), mnist_root,
+            result = train_one(tiny_config(pipeline=pipeline), mnist_root,
                                    experiment="pipelines", progress=False)
             runs[pipeline] = mlflow.get_run(result.run_id)
         yield runs

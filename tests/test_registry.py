@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 from mnist_mlflow.data import load_mnist
 from mnist_mlflow.models import InferenceModel, build_model
 from mnist_mlflow.predict import load_model
+from mnist_mlflow.record import SIGNATURE, pip_requirements
 from mnist_mlflow.registry import PREVIOUS, PRODUCTION
-from mnist_mlflow.tracking import SIGNATURE, pip_requirements, train_tracked
 from tests.conftest import tiny_config, use_store
-from tests.helpers import run_cli
+from tests.helpers import run_cli, train_one
 
 EXPERIMENT = "registry"
 
@@ -43,7 +43,7 @@ def groups(store_dir: Path, mnist_root: Path) -> dict[str, list[str]]:
     """Group name -> its run ids, trained for real (2 epochs on 2,048 images)."""
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        return {name: [train_tracked(tiny_config(epochs=2, train_limit=2048, seed=seed,
+        return {name: [train_one(tiny_config(epochs=2, train_limit=2048, seed=seed,
                                                  **settings), mnist_root, EXPERIMENT,
                                      progress=False).run_id
                        for seed in {"single": (1,), "strong": (1, 2, 3)}.get(name, (1, 2))]

@@ -20,9 +20,8 @@ from mnist_mlflow.schema import (
     REPRODUCES_TAG,
     ROLE_TAG,
 )
-from mnist_mlflow.tracking import train_tracked
 from tests.conftest import REPO, tiny_config
-from tests.helpers import craft_run, run_cli, runs_of
+from tests.helpers import craft_run, run_cli, runs_of, train_one
 from tests.test_interrupt import mnist_mlflow, wait_for_epoch
 
 EXPERIMENT = "reproduce"
@@ -35,7 +34,7 @@ def original(store_dir: Path, mnist_root: Path) -> str:
         from tests.conftest import use_store
 
         use_store(store_dir, patch)
-        run_id = train_tracked(tiny_config(epochs=3, threads=1), mnist_root, EXPERIMENT,
+        run_id = train_one(tiny_config(epochs=3, threads=1), mnist_root, EXPERIMENT,
                                progress=False).run_id
         from mnist_mlflow.registry import move_production, register_run
 
@@ -143,7 +142,7 @@ def test_bad_targets_are_one_line_and_create_no_run(
         expected = "was logged before runs recorded what reproducing needs: it has no tag " \
                    f"{CODE_SOURCE_TAG}"
     else:
-        target = train_tracked(tiny_config(epochs=1, threads=1, seed=7), mnist_root, EXPERIMENT,
+        target = train_one(tiny_config(epochs=1, threads=1, seed=7), mnist_root, EXPERIMENT,
                                progress=False).run_id
         if case == "other-data":
             client.set_tag(target, "mnist_md5.train-images-idx3-ubyte", "0" * 32)
@@ -229,7 +228,7 @@ def test_a_run_from_a_dirty_tree_carries_its_patch_and_at_commit_rebuilds_it(
 def test_ctrl_c_ends_the_reproduction_killed(store: str, original: str,
                                              mnist_root: Path) -> None:
     client = MlflowClient()
-    trained = train_tracked(tiny_config(epochs=3, threads=1, train_limit=6144, seed=5),
+    trained = train_one(tiny_config(epochs=3, threads=1, train_limit=6144, seed=5),
                             mnist_root, "reproduce-killed", progress=False).run_id
     process = mnist_mlflow(store, "reproduce", trained, "--data-dir", str(mnist_root))
     rerun = wait_for_epoch(client, process, "reproduce-killed", 1, ignore={trained})

@@ -22,9 +22,8 @@ from mnist_mlflow.data import load_mnist
 from mnist_mlflow.models import INVALID_PIXELS
 from mnist_mlflow.predict import DEFAULT_MODEL_URI, load_model
 from mnist_mlflow.registry import promote, register_run
-from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config, use_store
-from tests.helpers import model_uri, run_cli
+from tests.helpers import model_uri, run_cli, train_one
 
 COUNT = 10  # MNIST test images per test
 SERVER_START_LIMIT_S = 120
@@ -41,7 +40,7 @@ def production(store_dir: Path, mnist_root: Path) -> str:
         use_store(store_dir, patch)
         config = tiny_config(epochs=1, train_limit=6000, test_limit=1000, lr=0.05,
                              batch_size=32)
-        run_id = train_tracked(config, mnist_root, "serving", progress=False).run_id
+        run_id = train_one(config, mnist_root, "serving", progress=False).run_id
         version = register_run(run_id, "mnist-cnn", "best_test_acc", "for the serving tests")
         promote("mnist-cnn", str(version.version))
     return run_id

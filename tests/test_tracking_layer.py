@@ -35,9 +35,8 @@ from mnist_mlflow.sweep import (
     sweep_name,
     train_child,
 )
-from mnist_mlflow.tracking import train_tracked
 from tests.conftest import REPO, tiny_config
-from tests.helpers import children_of
+from tests.helpers import children_of, train_one
 
 # --- one list of settings ---------------------------------------------------------------------
 
@@ -135,7 +134,7 @@ def tracked(store_dir: Path, mnist_root: Path) -> mlflow.entities.Run:
         from tests.conftest import use_store
 
         use_store(store_dir, patch)
-        result = train_tracked(tiny_config(dropout=0.05, threads=1), mnist_root, "reads-well",
+        result = train_one(tiny_config(dropout=0.05, threads=1), mnist_root, "reads-well",
                                progress=False)
         return MlflowClient().get_run(result.run_id)
 

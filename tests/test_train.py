@@ -14,10 +14,9 @@ from mnist_mlflow.data import build_pipeline, load_mnist
 from mnist_mlflow.predict import load_model
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import param_text
-from mnist_mlflow.tracking import train_tracked
 from mnist_mlflow.training import EpochMetrics, create_state, fit
 from tests.conftest import tiny_config, use_store
-from tests.helpers import model_uri
+from tests.helpers import model_uri, train_one
 
 EPOCH_METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds"]
 
@@ -28,7 +27,7 @@ def finished_run(store_dir: Path, mnist_root: Path):
     config = tiny_config(dropout=0.05, epochs=3)
     with pytest.MonkeyPatch.context() as patch:
         use_store(store_dir, patch)
-        result = train_tracked(config, mnist_root, "unit", progress=False)
+        result = train_one(config, mnist_root, "unit", progress=False)
     return config, result, MlflowClient().get_run(result.run_id)
 
 
@@ -105,7 +104,7 @@ def test_compiled_run_logs_a_model_that_scores_as_the_run_did(store: str,
     """`--compile on` trains a compiled NHWC model (as CUDA does by default); what is logged
     is the plain module, and it serves the accuracy the run logged."""
     config = tiny_config(compile="on", threads=1, train_limit=640, epochs=1)
-    result = train_tracked(config, mnist_root, "unit", progress=False)
+    result = train_one(config, mnist_root, "unit", progress=False)
     run = MlflowClient().get_run(result.run_id)
     assert (run.data.tags["resolved_compile"],
             run.data.tags["resolved_channels_last"]) == ("true", "true")

@@ -23,9 +23,9 @@ import requests
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.comparison import compare
+from mnist_mlflow.record import BEST_FIRST_VIEW, BY_CONFIGURATION_VIEW
 from mnist_mlflow.schema import DESCRIPTION_TAG
 from mnist_mlflow.sweep import run_sweep
-from mnist_mlflow.tracking import BEST_FIRST_VIEW, BY_CONFIGURATION_VIEW
 from tests.conftest import REPO, tiny_config, use_store
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed "

@@ -33,9 +33,8 @@ from mnist_mlflow.stats import (
     mcnemar,
 )
 from mnist_mlflow.sweep import run_sweep
-from mnist_mlflow.tracking import train_tracked
 from tests.conftest import tiny_config
-from tests.helpers import children_of, craft_run, misses, run_cli
+from tests.helpers import children_of, craft_run, misses, run_cli, train_one
 
 # Validation and test images a crafted run may miss: the "hard" ones (every 17th).
 POOL = {"validation": np.arange(0, 5000, 17), "test": np.arange(0, 10_000, 17)}
@@ -401,7 +400,7 @@ def test_runs_made_before_records_are_scored_from_their_model_or_named(
         store: str, mnist_root: Path, saved_model: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     client = MlflowClient()
-    old = [train_tracked(tiny_config(seed=seed), mnist_root, "before-records",
+    old = [train_one(tiny_config(seed=seed), mnist_root, "before-records",
                          progress=False).run_id for seed in (1, 2)]
     for run_id in old:  # as runs logged before per-image records existed
         artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))

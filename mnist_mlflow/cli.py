@@ -205,10 +205,10 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
     """Train every variant as a nested child run under one parent run."""
     from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
     from mnist_mlflow.process_executor import ProcessExecutor
-    from mnist_mlflow.runtime import parse_workers
     from mnist_mlflow.sweep import (
         LocalExecutor,
         parse_variants,
+        parse_workers,
         resume_sweep,
         run_sweep,
         sweep_configs,

@@ -1,8 +1,9 @@
 """Sweep children side by side in processes of this machine: the standard library's pool.
 
 A worker is a spawned Python process (a fork would copy MLflow's threads and torch's pools
-mid-state) that trains one child at a time with its share of the cores (`runtime.use_share`),
-logging to the same tracking store as the sweep. What a sweep promises holds here too:
+mid-state) that trains one child at a time with its share of the cores (passed down to
+`runtime.resolve`), logging to the same tracking store as the sweep. What a sweep promises
+holds here too:
 
 - Ctrl-C or SIGTERM reaches the sweep alone (workers run in their own process group), which
   passes it on, once, to each worker: the child in training ends KILLED with the checkpoint
@@ -37,7 +38,6 @@ from mlflow.entities import RunStatus
 from mnist_mlflow.config import ServerAway, Terminated, raise_terminated
 from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.record import signals_deferred
-from mnist_mlflow.runtime import SweepPlan, plan_sweep, use_share
 from mnist_mlflow.store import absolute_uri
 from mnist_mlflow.sweep import (
     SCHEDULED,
@@ -45,7 +45,9 @@ from mnist_mlflow.sweep import (
     ChildJob,
     ChildOutcome,
     LocalExecutor,
+    SweepPlan,
     end_unless_ended,
+    plan_sweep,
     stop_unfinished,
     train_child,
 )
@@ -63,7 +65,7 @@ _parent_pid = 0
 
 
 class ProcessExecutor:
-    """Children side by side in worker processes, as many as `runtime.plan_sweep` says for
+    """Children side by side in worker processes, as many as `sweep.plan_sweep` says for
     `--workers` (0: auto) and the children's `--threads`; one child left (or one core free)
     trains in this process, as `LocalExecutor` does."""
 
@@ -238,8 +240,6 @@ def _stopped_by_sweep(signum: int, frame: object) -> None:
 def _train_in_worker(job: ChildJob, data_dir: str, threads: int,
                      reason: str) -> ChildOutcome:
     """One child in this worker, with its share of the cores; its lines carry its name."""
-    if threads:
-        use_share(threads, reason)
     handler = logging.getLogger().handlers[0]
     handler.setFormatter(logging.Formatter(f"[{job.config.run_name}] %(message)s"))
     signal.signal(signal.SIGINT, _stopped_by_sweep)
@@ -247,7 +247,8 @@ def _train_in_worker(job: ChildJob, data_dir: str, threads: int,
     try:
         if _stop is not None and _stop.exists():  # the sweep stopped before this one began
             return ChildOutcome(job.config, job.run_id, SCHEDULED)
-        return train_child(job, data_dir, progress=False)
+        return train_child(job, data_dir, progress=False,
+                           share=(threads, reason) if threads else None)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -25,7 +25,6 @@ from mlflow.entities import RunStatus
 from mnist_mlflow import store
 from mnist_mlflow.config import ServerAway, UserError
 from mnist_mlflow.data import RAW_FILES, verify_raw_files
-from mnist_mlflow.runtime import use_share
 from mnist_mlflow.store import RETRY_SETTINGS, absolute_uri
 from mnist_mlflow.sweep import (
     TERMINAL,
@@ -78,15 +77,15 @@ def train_in_worker(job: ChildJob, blob: Mapping[str, bytes], threads: int,
                     progress: bool) -> ChildOutcome:
     """A task's body: MNIST from the object store into a private folder, then the job."""
     # --threads auto: its share of the machine, as Ray reserved it.
-    use_share(threads, f"auto: the {threads} CPU{'s' if threads > 1 else ''} its Ray task "
-                       "reserved")
+    share = (threads, f"auto: the {threads} CPU{'s' if threads > 1 else ''} its Ray task "
+                      "reserved")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory(prefix="mnist-mlflow-") as root:
         raw_dir = Path(root) / "MNIST" / "raw"
         raw_dir.mkdir(parents=True)
         for name, content in blob.items():
             (raw_dir / name).write_bytes(content)
-        return train_child(job, root, progress)
+        return train_child(job, root, progress, share)
 
 
 class RayExecutor:

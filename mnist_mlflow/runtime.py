@@ -38,6 +38,12 @@ MIN_BF16_CAPABILITY = (8, 0)
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 
 
+# The share of the machine a sweep gives a child (a local worker's, a Ray task's): the threads
+# `--threads auto` takes there, and why. Counting free cores in each child would race:
+# children starting together each see the others' cores as free.
+Share = tuple[int, str]
+
+
 @dataclass(frozen=True)
 class Runtime:
     """The resolved settings of one training on this machine, with why 'auto' chose them."""
@@ -156,7 +162,7 @@ def _compile(config: TrainConfig, device: torch.device) -> tuple[bool, str]:
     return True, "auto: compiled with CUDA graphs"
 
 
-def resolve(config: TrainConfig) -> Runtime:
+def resolve(config: TrainConfig, share: Share | None = None) -> Runtime:
     """How `config` runs here; UserError when it asks for what this machine lacks."""
     device = resolve_device(config)
     dtype, precision_reason = _precision(config, device)
@@ -165,7 +171,7 @@ def resolve(config: TrainConfig) -> Runtime:
     # convolutions skip the reorders that NCHW needs, but eager BatchNorm and pooling in NHWC
     # made the step 1.8x slower here; compiled, those are fused.
     channels_last = device.type == "cuda" or compiles
-    threads, threads_reason = resolve_threads(config.threads)
+    threads, threads_reason = resolve_threads(config.threads, share)
     return Runtime(device, dtype, compiles, channels_last, config.deterministic,
                    compile_reason, precision_reason, threads, threads_reason)
 
@@ -205,25 +211,13 @@ def omp_limit() -> int:
     return int(limit) if limit.isdigit() else 0
 
 
-# The share of the machine a sweep gave this process (a local worker or a Ray task): the
-# threads `--threads auto` takes here, and why. Counting free cores in each child would race:
-# children starting together each see the others' cores as free.
-_share: tuple[int, str] | None = None
-
-
-def use_share(threads: int, reason: str) -> None:
-    """From now on, `--threads auto` in this process means `threads`, for `reason`."""
-    global _share
-    _share = (threads, reason)
-
-
-def resolve_threads(threads: str) -> tuple[int, str]:
-    """torch's thread count for TrainConfig.threads, with why."""
+def resolve_threads(threads: str, share: Share | None = None) -> tuple[int, str]:
+    """torch's thread count for TrainConfig.threads, with why; `share`: what a sweep gave."""
     if threads == AUTO_THREADS:
         if omp_limit():  # the user's (or a scheduler's) word stands
             return omp_limit(), f"auto: OMP_NUM_THREADS={omp_limit()}"
-        if _share is not None:
-            return _share
+        if share is not None:
+            return share
         cores = usable_cores()
         busy = busy_cores()
         count = auto_threads(cores, busy)
@@ -231,58 +225,6 @@ def resolve_threads(threads: str) -> tuple[int, str]:
     if threads == "0":
         return 0, "--threads 0: torch's default"
     return int(threads), f"--threads {threads}"
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    """How a local sweep runs its children: `workers` side by side, each with `threads`
-    under --threads auto (0: the children's own settings), and why."""
-
-    workers: int
-    threads: int
-    reason: str
-
-
-def parse_workers(text: str) -> int:
-    """--workers: 'auto' (0 here) or a count >= 1; UserError otherwise."""
-    if text == AUTO_THREADS:
-        return 0
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"invalid --workers {text!r}: must be auto or a count >= 1")
-    return int(text)
-
-
-def plan_sweep(children: int, threads: str, workers: int) -> SweepPlan:
-    """Workers and threads for `children` children given --threads and --workers (0: auto).
-
-    auto takes the cores free now: as many children side by side as fit, one thread each
-    (a 6,000-parameter net gains little from a second thread: two children on two cores
-    beat one child on both), and the spare cores spread over them when the children are
-    fewer than the cores.
-    """
-    cores = usable_cores()
-    if threads == AUTO_THREADS:
-        fixed = omp_limit()  # 0: the sweep chooses each child's threads
-    elif threads == "0":
-        fixed = cores  # torch's default takes every core
-    else:
-        fixed = int(threads)
-    per_child = fixed or 1
-    busy = busy_cores()
-    free = auto_threads(cores, busy)
-    count = min(children, workers or max(1, free // per_child))
-    if workers:
-        why = f"--workers {workers}"
-    else:
-        why = f"auto: {free} of {cores} cores free ({busy:.1f} busy at the start)"
-    if count <= 1:
-        return SweepPlan(1, 0, f"{why}: one child after another")
-    if fixed:
-        return SweepPlan(count, 0, f"{why}: {count} children side by side with {fixed} "
-                                   f"thread{'s' if fixed > 1 else ''} each, as set")
-    share = max(1, free // count)
-    return SweepPlan(count, share, f"{why}: {count} children side by side with {share} "
-                                   f"thread{'s' if share > 1 else ''} each")
 
 
 @contextlib.contextmanager

@@ -25,9 +25,16 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow import store
-from mnist_mlflow.config import RUNTIME_SETTINGS, ServerAway, TrainConfig, UserError
+from mnist_mlflow.config import (
+    AUTO_THREADS,
+    RUNTIME_SETTINGS,
+    ServerAway,
+    TrainConfig,
+    UserError,
+)
 from mnist_mlflow.mlrun import MlflowRun, lease_of
 from mnist_mlflow.record import EXPERIMENT_TAGS
+from mnist_mlflow.runtime import Share, auto_threads, busy_cores, omp_limit, usable_cores
 from mnist_mlflow.schema import (
     BEST_GROUP_VAL_ACC,
     CHILDREN_FINISHED,
@@ -107,6 +114,59 @@ class SweepResult:
         return sum(1 for c in self.children if c.status == status)
 
 
+@dataclass(frozen=True)
+class SweepPlan:
+    """How a local sweep runs its children: `workers` side by side, each with `threads`
+    under --threads auto (0: the children's own settings), and why."""
+
+    workers: int
+    threads: int
+    reason: str
+
+
+def parse_workers(text: str) -> int:
+    """--workers: 'auto' (0 here) or a count >= 1; UserError otherwise."""
+    if text == AUTO_THREADS:
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"invalid --workers {text!r}: must be auto or a count >= 1")
+    return int(text)
+
+
+def plan_sweep(children: int, threads: str, workers: int) -> SweepPlan:
+    """Workers and threads for `children` children given --threads and --workers (0: auto).
+
+    auto takes the cores free now: as many children side by side as fit, one thread each
+    (a 6,000-parameter net gains little from a second thread: two children on two cores
+    beat one child on both), and the spare cores spread over them when the children are
+    fewer than the cores.
+    """
+    cores = usable_cores()
+    if threads == AUTO_THREADS:
+        fixed = omp_limit()  # 0: the sweep chooses each child's threads
+    elif threads == "0":
+        fixed = cores  # torch's default takes every core
+    else:
+        fixed = int(threads)
+    per_child = fixed or 1
+    busy = busy_cores()
+    free = auto_threads(cores, busy)
+    count = min(children, workers or max(1, free // per_child))
+    if workers:
+        why = f"--workers {workers}"
+    else:
+        why = f"auto: {free} of {cores} cores free ({busy:.1f} busy at the start)"
+    if count <= 1:
+        return SweepPlan(1, 0, f"{why}: one child after another")
+    if fixed:
+        return SweepPlan(count, 0, f"{why}: {count} children side by side with {fixed} "
+                                   f"thread{'s' if fixed > 1 else ''} each, as set")
+    share = max(1, free // count)
+    return SweepPlan(count, share, f"{why}: {count} children side by side with {share} "
+                                   f"thread{'s' if share > 1 else ''} each")
+
+
+
 # Why a child ended KILLED when the process training it died (kill -9, the out-of-memory
 # killer): a pool's worker or a Ray worker. KILLED, not FAILED: nothing in the child failed,
 # and `sweep --resume` goes on from its checkpoint in the same run.
@@ -118,16 +178,18 @@ ORPHAN_CHILD = ("the sweep stopped while it created this child, before the child
                 "settings; `sweep --resume` trained the configuration in a new child")
 
 
-def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True) -> ChildOutcome:
-    """Train one job into its run, wherever this runs; a failure is recorded, not raised.
+def train_child(job: ChildJob, data_dir: Path | str, progress: bool = True,
+                share: Share | None = None) -> ChildOutcome:
+    """Train one job into its run, wherever this runs, with the `share` of the machine the
+    sweep gave it; a failure is recorded, not raised.
 
     An interruption (RunInterrupted, KeyboardInterrupt) is raised after the run is KILLED.
     """
-    return train_stacked([job], data_dir, progress)[0]
+    return train_stacked([job], data_dir, progress, share)[0]
 
 
-def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str,
-                  progress: bool = True) -> list[ChildOutcome]:
+def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str, progress: bool = True,
+                  share: Share | None = None) -> list[ChildOutcome]:
     """Train `jobs`, seeds of one configuration (or one job, or one job to resume), in the
     same passes (mnist_mlflow.stacked), each into its own run; failures are recorded."""
     first = jobs[0]
@@ -135,10 +197,10 @@ def train_stacked(jobs: Sequence[ChildJob], data_dir: Path | str,
         if first.resume:
             # How it runs comes from this sweep's command line, as for the new children.
             runtime = {name: getattr(first.config, name) for name in RUNTIME_SETTINGS}
-            what = Training(resume=first.run_id, given=runtime)
+            what = Training(resume=first.run_id, given=runtime, share=share)
         else:
             what = Training(tuple(job.config for job in jobs),
-                            tuple(job.run_id for job in jobs))
+                            tuple(job.run_id for job in jobs), share=share)
         train(what, data_dir, Destination(patient=True), progress)
     except (RunInterrupted, ServerAway):  # the sweep stops: the next child would find no server
         raise

@@ -45,7 +45,7 @@ from mnist_mlflow.record import (
     run_params,
     signals_deferred,
 )
-from mnist_mlflow.runtime import resolve
+from mnist_mlflow.runtime import Share, resolve
 from mnist_mlflow.schema import (
     COMPILE_FALLBACK_TAG,
     COMPILED_TAG,
@@ -133,6 +133,8 @@ class Training:
     until: int = 0
     resume: str = ""
     given: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # The share of the machine a sweep gave these runs: what `--threads auto` takes.
+    share: Share | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def train(what: Training, data_dir: Path | str, where: Destination = Destination
     """The one way training starts (`train`, `mlflow run`, a sweep's child on any executor,
     resume, reproduce): validate, load the data, train and record each run; their results."""
     if what.resume:
-        return [_resume(what.resume, data_dir, what.given, progress, where)]
+        return [_resume(what.resume, data_dir, what.given, progress, where, what.share)]
     if not what.configs or (len(what.configs) > 1 or what.runs) and (
             len(what.runs) != len(what.configs)):
         raise ValueError("Training needs configs; stacked seeds, or runs made already, need "
@@ -170,7 +172,7 @@ def _train_new(what: Training, data_dir: Path | str, where: Destination,
     runner_run_id, until = where.runner_run_id, what.until
     stacked_with = [(other, MlflowRun(run_id))
                     for other, run_id in zip(configs[1:], what.runs[1:], strict=True)]
-    runtime = resolve(config)
+    runtime = resolve(config, what.share)
     open_store(patient=where.patient)
     data = load_mnist(data_dir, config.train_limit, config.test_limit, config.val_size)
     pipeline = build_pipeline(config, data, runtime)
@@ -216,7 +218,7 @@ def _train_new(what: Training, data_dir: Path | str, where: Destination,
 
 
 def _resume(run_id: str, data_dir: Path | str, given: Mapping[str, object], progress: bool,
-            where: Destination) -> RunResult:
+            where: Destination, share: Share | None = None) -> RunResult:
     """Reopen run `run_id`, restore its checkpoint and train the epochs it has left.
 
     Settings come from the run's params; `given` (options the user set) must agree with them,
@@ -241,7 +243,7 @@ def _resume(run_id: str, data_dir: Path | str, given: Mapping[str, object], prog
     if config.device == "cuda" and "device" not in overrides and not torch.cuda.is_available():
         raise UserError(f"run {run_id} trained with --device cuda and CUDA is not available "
                         "here; resume it with --device cpu")
-    runtime = resolve(config)
+    runtime = resolve(config, share)
     data = load_mnist(data_dir, config.train_limit, config.test_limit, config.val_size)
     pipeline = build_pipeline(config, data, runtime)
     state = create_state(config, runtime, pipeline.steps_per_epoch)

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mnist_mlflow.runtime import auto_threads, parse_workers, plan_sweep, resolve_threads
+from mnist_mlflow.runtime import auto_threads, resolve_threads
+from mnist_mlflow.sweep import parse_workers, plan_sweep
 from tests.conftest import tiny_config
 
 

@@ -25,8 +25,10 @@ from mnist_mlflow.schema import (
     BEST_TEST_ACC,
     FINAL_GAP,
     FINAL_TEST_ACC,
+    METRICS,
     NUM_PARAMS,
     PREDICTIONS_DIR,
+    RECORDED_METRICS,
     ROLE_TAG,
     TEST_ACC,
     TEST_LOSS,
@@ -75,9 +77,22 @@ def summary_of(run: Run) -> RunSummary:
                       run.data.params.get(VAL_SPLIT_DIGEST, ""))
 
 
+def impossible(metric: str, value: float) -> str:
+    """Why `value` cannot be `metric` ("" when it can): not a finite number, or an accuracy
+    outside [0, 100]. SQL stores keep +inf as the largest double, which is finite; a run
+    holding it would otherwise rank first."""
+    if not math.isfinite(value):
+        return "not a finite number"
+    spec = METRICS.get(metric)
+    if spec is not None and spec.kind == "accuracy" and not 0 <= value <= 100:
+        return "not an accuracy in [0, 100]"
+    return ""
+
+
 def training_runs(runs: Iterable[Run], metric: str = "") -> tuple[list[RunSummary], list[str]]:
     """The training runs among `runs` with what a comparison reads, and skip warnings: a run
-    that lacks a metric, or whose metric is not a finite number, is named and left out."""
+    that lacks a metric, or whose metric no run could have (not finite, an accuracy outside
+    [0, 100]), is named and left out."""
     summaries, skipped = [], []
     for run in runs:
         if run.data.tags.get(ROLE_TAG, TRAIN_ROLE) != TRAIN_ROLE:
@@ -89,11 +104,12 @@ def training_runs(runs: Iterable[Run], metric: str = "") -> tuple[list[RunSummar
         if missing:
             skipped.append(f"skipping {name}: no {', '.join(missing)}")
             continue
-        broken = [m for m in (*REQUIRED_METRICS, metric) if m in metrics
-                  and not math.isfinite(metrics[m])]
+        broken = [(m, why) for m in dict.fromkeys((*REQUIRED_METRICS, *RECORDED_METRICS, metric))
+                  if m in metrics and (why := impossible(m, metrics[m]))]
         if broken:
-            skipped.append(f"skipping {name}: {broken[0]} is {metrics[broken[0]]}, not a "
-                           "finite number; left out of every group")
+            (found, why), = broken[:1]
+            skipped.append(f"skipping {name}: {found} is {metrics[found]:g}, {why}; left out "
+                           "of every group")
             continue
         summaries.append(summary_of(run))
     return summaries, skipped

@@ -111,7 +111,8 @@ def craft_run(experiment: str, name: str, val: float | None, test: float | None 
               "seed": seed, "val_size": 0 if val is None else 5000, "num_params": num_params,
               **({} if val is None else {"val_split_digest": "crafted"}), **settings}
     test = val if test is None else test
-    metrics = {"train_acc": test + gap, "test_acc": test, "final_test_acc": test,
+    # Training accuracy test + gap, as an accuracy can be (at most 100).
+    metrics = {"train_acc": min(100.0, test + gap), "test_acc": test, "final_test_acc": test,
                "final_gap": gap, "best_test_acc": test, "test_loss": 0.02}
     if val is not None:
         metrics |= {"final_val_acc": val, "val_acc": val}

@@ -178,13 +178,20 @@ def test_ties_on_both_sides_do_not_move_production(
     assert aliases("ties") == {PRODUCTION: "1"}
 
 
+@pytest.mark.parametrize(("value", "shown", "why"), [
+    (math.nan, "nan", "not a finite number"),
+    # SQL stores keep +inf as the largest double, which passes isfinite.
+    (math.inf, "1.79769e+308", "not an accuracy in [0, 100]"),
+    (100.5, "100.5", "not an accuracy in [0, 100]"),
+    (-3.0, "-3", "not an accuracy in [0, 100]")], ids=["nan", "inf", "over-100", "negative"])
 @pytest.mark.parametrize("seeds", [1, 2])
-def test_a_non_finite_metric_is_named_and_left_out(
+def test_a_metric_no_accuracy_can_have_is_named_and_left_out(
         store: str, saved_model: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, seeds: int) -> None:
-    experiment = f"nan-{seeds}"
+        monkeypatch: pytest.MonkeyPatch, seeds: int, value: float, shown: str,
+        why: str) -> None:
+    experiment = f"impossible-{seeds}-" + "".join(c if c.isalnum() else "_" for c in shown)
     craft_group(experiment, "fine", [99.20, 99.26], saved_model, lr=0.03)
-    broken = craft_run(experiment, "broken-seed1", math.nan, 99.0, seed=1, model=saved_model,
+    broken = craft_run(experiment, "broken-seed1", value, 99.0, seed=1, model=saved_model,
                        lr=0.05)
     if seeds == 2:
         craft_run(experiment, "broken-seed2", 99.0, seed=2, model=saved_model, lr=0.05)
@@ -193,10 +200,11 @@ def test_a_non_finite_metric_is_named_and_left_out(
 
     assert code == 0, err
     assert "Traceback" not in err
-    assert f"skipping run broken-seed1 ({broken}): final_val_acc is nan" in err
+    assert (f"skipping run broken-seed1 ({broken}): final_val_acc is {shown}, {why}; left out "
+            "of every group") in err
     chosen = out.split("Registered run: ")[1]
     assert chosen.startswith("fine-seed")
-    assert "+nan" not in out and "nan points" not in out
+    assert "+nan" not in out and "nan points" not in out and "e+308" not in out
     assert aliases(experiment) == {PRODUCTION: "1"}
 
 

@@ -70,7 +70,7 @@ def train_options() -> str:
         if choices:
             name += ": " + ", ".join(f"`{choice}`" for choice in choices)
         default = param.default
-        if callable(default) or param.name == "data_dir":
+        if callable(default):  # read at run time: --data-dir
             default = "`data`, or `$MNIST_DATA_DIR`"
         elif default in (None, ""):
             default = ""

@@ -11,8 +11,7 @@ from datetime import datetime
 
 from tabulate import tabulate
 
-from mnist_mlflow import promotion
-from mnist_mlflow.promotion import sentence
+from mnist_mlflow.promotion import Verdict, sentence
 from mnist_mlflow.schema import (
     BEST_TEST_ACC,
     FINAL_GAP,
@@ -48,7 +47,7 @@ class Comparison:
     skipped: list[str]
     notes: list[str] = field(default_factory=list)
     pooled: dict[str, Pooled] = field(default_factory=dict)
-    verdict: promotion.Verdict | None = None
+    verdict: Verdict | None = None
     reason: str = ""
     differences: list[str] = field(default_factory=list)
     model_name: str = ""

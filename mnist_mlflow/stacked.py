@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,7 @@ from mnist_mlflow.models import STACKED_MASKS, dropout_mask
 from mnist_mlflow.runtime import Runtime
 from mnist_mlflow.training import (
     SCHEDULER_BUILDERS,
-    EpochMetrics,
-    TrainState,
     create_state,
-    fit_seeds,
 )
 
 log = logging.getLogger("mnist_mlflow")
@@ -153,10 +150,3 @@ class StackedSeeds:
             for group in state.optimizer.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"]
             state.epoch = self.epoch
-
-
-def fit_stacked(stack: StackedSeeds, pipeline: Pipeline,
-                on_epoch: Callable[[int, EpochMetrics, TrainState], None] | None = None,
-                progress: bool = True) -> list[list[EpochMetrics]]:
-    """Train every seed of `stack` to the end with the one fit loop (training.fit_seeds)."""
-    return fit_seeds(stack, pipeline, on_epoch, progress)

@@ -16,8 +16,8 @@ from mnist_mlflow.config import UserError
 from mnist_mlflow.data import Batch, Pipeline, build_pipeline, load_mnist
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.schema import ROLE_TAG
-from mnist_mlflow.stacked import StackedSeeds, fit_stacked
-from mnist_mlflow.training import create_state, fit
+from mnist_mlflow.stacked import StackedSeeds
+from mnist_mlflow.training import create_state, fit, fit_seeds
 from tests.conftest import tiny_config
 from tests.helpers import children_of, run_cli, runs_of
 
@@ -65,7 +65,7 @@ def test_each_stacked_seed_ends_as_it_would_alone(mnist_root: Path,
             state = create_state(config, runtime, pipeline.steps_per_epoch)
             alone.append((fit(config, state, pipeline, progress=False), state))
         stack = StackedSeeds(configs, runtime, pipeline.steps_per_epoch)
-        stacked = fit_stacked(stack, pipeline)
+        stacked = fit_seeds(stack, pipeline, progress=False)
     finally:
         torch.set_num_threads(threads)
         torch.set_default_dtype(dtype)

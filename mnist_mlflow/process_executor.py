@@ -19,6 +19,7 @@ holds here too:
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -59,9 +60,6 @@ log = logging.getLogger("mnist_mlflow")
 PARENT_WATCH_S = 1.0
 # A pool broken this many times in one sweep is not a passing accident: stop handing it work.
 MAX_BROKEN_POOLS = 3
-# Set in a worker: the file by which the sweep asks it to begin no new child; the sweep's pid.
-_stop: Path | None = None
-_parent_pid = 0
 
 
 class ProcessExecutor:
@@ -105,9 +103,10 @@ class ProcessExecutor:
             max_workers=plan.workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker,
             initargs=(absolute_uri(mlflow.get_tracking_uri()),
-                      absolute_uri(mlflow.get_registry_uri()), os.getpid(), str(stop)))
+                      absolute_uri(mlflow.get_registry_uri()), os.getpid()))
         pending: dict[Future[ChildOutcome], ChildJob] = {
-            pool.submit(_train_in_worker, job, str(data_dir), plan.threads, plan.reason): job
+            pool.submit(_train_in_worker, job, str(data_dir), plan.threads, plan.reason,
+                        str(stop), os.getpid()): job
             for job in jobs}
         try:
             while pending:
@@ -208,10 +207,8 @@ def _signal_workers(signum: int) -> None:
             pass
 
 
-def _start_worker(tracking_uri: str, registry_uri: str, parent_pid: int, stop: str) -> None:
+def _start_worker(tracking_uri: str, registry_uri: str, parent_pid: int) -> None:
     """A new worker: the sweep's store, its own process group, signals only when training."""
-    global _stop, _parent_pid
-    _stop, _parent_pid = Path(stop), parent_pid
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(registry_uri)
     # The terminal's Ctrl-C goes to the sweep, which passes it on once: a signal from both
@@ -229,28 +226,30 @@ def _watch_parent(parent_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _stopped_by_sweep(signum: int, frame: object) -> None:
+def _stopped_by_sweep(stop: Path, signum: int, frame: object) -> None:
     """The sweep's stop, which always comes as SIGINT: raised as the signal the sweep got
-    (its stop file says which), so the child's run says what stopped it."""
-    if _stop is not None and _stop.exists() and _stop.read_text() == "SIGTERM":
+    (its stop file, `stop`, says which), so the child's run says what stopped it."""
+    if stop.exists() and stop.read_text() == "SIGTERM":
         raise_terminated(signum, frame)
     signal.default_int_handler(signum, frame)
 
 
-def _train_in_worker(job: ChildJob, data_dir: str, threads: int,
-                     reason: str) -> ChildOutcome:
-    """One child in this worker, with its share of the cores; its lines carry its name."""
+def _train_in_worker(job: ChildJob, data_dir: str, threads: int, reason: str,
+                     stop_file: str, parent_pid: int) -> ChildOutcome:
+    """One child in this worker, with its share of the cores; its lines carry its name.
+    `stop_file` is how the sweep (process `parent_pid`) asks its workers to begin no child."""
+    stop = Path(stop_file)
     handler = logging.getLogger().handlers[0]
     handler.setFormatter(logging.Formatter(f"[{job.config.run_name}] %(message)s"))
-    signal.signal(signal.SIGINT, _stopped_by_sweep)
+    signal.signal(signal.SIGINT, functools.partial(_stopped_by_sweep, stop))
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        if _stop is not None and _stop.exists():  # the sweep stopped before this one began
+        if stop.exists():  # the sweep stopped before this one began
             return ChildOutcome(job.config, job.run_id, SCHEDULED)
         return train_child(job, data_dir, progress=False,
                            share=(threads, reason) if threads else None)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if os.getppid() != _parent_pid:  # the sweep is gone: no one to report to
+        if os.getppid() != parent_pid:  # the sweep is gone: no one to report to
             os._exit(1)

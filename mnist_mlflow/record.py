@@ -172,10 +172,20 @@ def summary_metrics(history: list[EpochMetrics]) -> dict[str, float]:
     return {name: rounded(name, value) for name, value in values.items()}
 
 
+def settings_record(config: TrainConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """`config`'s settings as a run records them, (params, tags): the plumbing settings
+    (PLUMBING_SETTINGS) as tags, since a resumed run may go on with others; the rest as
+    params. Every run that records settings (a training run, a sweep's child or parent)
+    records them through this."""
+    settings = params_from_config(config)
+    return ({k: v for k, v in settings.items() if k not in PLUMBING_SETTINGS},
+            {k: v for k, v in settings.items() if k in PLUMBING_SETTINGS})
+
+
 def run_params(config: TrainConfig, state: TrainState, data: MnistData) -> dict[str, str]:
     """What the run learns from: the settings and the parameter count. How it ran (device,
     precision, compile, threads, versions) goes in tags: a resumed run may go on elsewhere."""
-    params = {k: v for k, v in params_from_config(config).items() if k not in PLUMBING_SETTINGS}
+    params, _ = settings_record(config)
     params[NUM_PARAMS] = str(count_parameters(state.model))
     if config.val_size:
         params[VAL_SPLIT_DIGEST] = data.val_digest
@@ -186,7 +196,7 @@ def run_tags(config: TrainConfig, data: MnistData) -> dict[str, str]:
     tags = {VARIANT_TAG: config.model, CONFIG_GROUP_TAG: config.config_group,
             DROPOUT_ENABLED_TAG: str(config.dropout > 0).lower(),
             TORCH_VERSION_TAG: torch.__version__, TORCHVISION_VERSION_TAG: torchvision.__version__,
-            **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS}}
+            **settings_record(config)[1]}
     tags |= {f"{MNIST_MD5_TAG_PREFIX}{name.removesuffix('.gz')}": md5
              for name, md5 in data.md5s.items()}
     return tags

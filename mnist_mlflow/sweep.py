@@ -33,7 +33,7 @@ from mnist_mlflow.config import (
     UserError,
 )
 from mnist_mlflow.mlrun import MlflowRun, lease_of
-from mnist_mlflow.record import EXPERIMENT_TAGS
+from mnist_mlflow.record import EXPERIMENT_TAGS, settings_record
 from mnist_mlflow.runtime import Share, auto_threads, busy_cores, omp_limit, usable_cores
 from mnist_mlflow.schema import (
     BEST_GROUP_VAL_ACC,
@@ -47,14 +47,12 @@ from mnist_mlflow.schema import (
     FINAL_VAL_ACC,
     PHASE_TAG,
     PLAN_ARTIFACT,
-    PLUMBING_SETTINGS,
     ROLE_TAG,
     SUMMARY_STEP,
     SWEEP_PARAMS,
     SWEEP_ROLE,
     TRAIN_ROLE,
     config_from_params,
-    params_from_config,
     settings_of,
 )
 from mnist_mlflow.store import open_store, server_away, server_away_reason, without_retries
@@ -334,7 +332,8 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
     """Create the parent run (or adopt the one `mlflow run` made) and record what it sweeps:
     the settings all children share as params, and every child's config as the plan."""
     settings = [c.as_params() for c in configs]
-    shared = {k: v for k, v in settings[0].items() if all(s[k] == v for s in settings)}
+    recorded = [settings_record(c)[0] for c in configs]
+    shared = {k: v for k, v in recorded[0].items() if all(r[k] == v for r in recorded)}
     variants = dict.fromkeys(f"{c.model}:{c.dropout:g}" for c in configs)
     seeds = dict.fromkeys(str(c.seed) for c in configs)
     what = phase_description or f"variants {', '.join(variants)}"
@@ -345,7 +344,7 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
         runner_run_id, experiment, sweep_name(phase, configs),
         tags={ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command},
         description=description, experiment_tags=EXPERIMENT_TAGS)
-    parent.log_new_params({**{k: v for k, v in shared.items() if k not in PLUMBING_SETTINGS},
+    parent.log_new_params({**shared,
                            **dict(zip(SWEEP_PARAMS, (",".join(variants), ",".join(seeds),
                                                      phase or "none", len(configs)),
                                       strict=True))})
@@ -360,14 +359,13 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
 def create_child(parent: MlflowRun, config: TrainConfig) -> ChildJob:
     """The child's run, SCHEDULED under `parent` with its params, and the job that trains it."""
     tags = parent.client.get_run(parent.run_id).data.tags
+    params, settings_tags = settings_record(config)
     child = MlflowRun.create(
         parent.client.get_experiment(parent.experiment_id).name, config.run_name,
         parent_run_id=parent.run_id,
-        tags={ROLE_TAG: TRAIN_ROLE, PHASE_TAG: tags.get(PHASE_TAG, ""),
-              **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS}},
+        tags={ROLE_TAG: TRAIN_ROLE, PHASE_TAG: tags.get(PHASE_TAG, ""), **settings_tags},
         description=f"{config.variant_name}, seed {config.seed}: waiting for its turn.")
-    child.log_new_params({k: v for k, v in params_from_config(config).items()
-                          if k not in PLUMBING_SETTINGS})
+    child.log_new_params(params)
     child.client.update_run(child.run_id, status=SCHEDULED)
     return ChildJob(config, child.run_id)
 

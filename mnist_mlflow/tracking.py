@@ -43,6 +43,7 @@ from mnist_mlflow.record import (
     load_checkpoint,
     log_missing_epochs,
     run_params,
+    settings_record,
     signals_deferred,
 )
 from mnist_mlflow.runtime import Share, resolve
@@ -51,7 +52,6 @@ from mnist_mlflow.schema import (
     COMPILED_TAG,
     DEFAULT_EXPERIMENT,
     FAILURE_REASON_TAG,
-    PLUMBING_SETTINGS,
     QUEUED_TAG,
     RESUMED_AFTER_TAG,
     RESUMED_ON_TAG,
@@ -264,7 +264,7 @@ def _resume(run_id: str, data_dir: Path | str, given: Mapping[str, object], prog
     resumed_on = found.data.tags.get(RESUMED_ON_TAG, "")
     here = f"after epoch {state.epoch}: {runtime.describe()}, {codestate.current().describe()}"
     run.set_tags({**runtime.tags(),
-                  **{name: str(getattr(config, name)) for name in PLUMBING_SETTINGS},
+                  **settings_record(config)[1],
                   RESUMED_AFTER_TAG: ",".join(filter(None, [resumed_at, str(state.epoch)])),
                   RESUMED_ON_TAG: "; ".join(filter(None, [resumed_on, here]))})
     logged = log_missing_epochs(run, history)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 # Two test workers share the machine (pyproject's addopts): with torch's default of one
@@ -13,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from mnist_mlflow.config import TrainConfig
 from mnist_mlflow.data import load_mnist
@@ -33,8 +36,36 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new, empty SQLite store as MLflow creates one, built once per test process:
+    MLflow builds a store by running all its schema migrations (seconds of CPU), and copying
+    the result takes a millisecond."""
+    global _EMPTY_STORE
+    _EMPTY_STORE = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{_EMPTY_STORE}").search_experiments()
+    return _EMPTY_STORE
+
+
+_EMPTY_STORE: Path | None = None
+
+
+def empty_store(folder: Path) -> str:
+    """A new, empty SQLite store at `folder`/mlflow.db, copied from the template; its URI.
+    Its Default experiment keeps its artifacts under `folder`, as in a store created there."""
+    assert _EMPTY_STORE is not None, "the empty_store_template fixture has not run"
+    shutil.copyfile(_EMPTY_STORE, folder / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(folder / "mlflow.db")) as database, database:
+        database.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                         (str(folder / "mlruns" / "0"),))
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 def use_store(folder: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point MLflow at a new SQLite store in `folder` and make `folder` the working directory."""
+    """Point MLflow at a SQLite store in `folder` (a new one unless there is one) and make
+    `folder` the working directory."""
+    if not (folder / "mlflow.db").exists():
+        empty_store(folder)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     monkeypatch.chdir(folder)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -23,7 +23,7 @@ from mnist_mlflow.data import (
 )
 from mnist_mlflow.runtime import resolve
 from mnist_mlflow.training import EpochMetrics, create_state, fit
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, use_store
 from tests.helpers import train_one
 
 ANGLES = [-7.0, -3.3, 0.0, 1.7, 5.0, 7.0]
@@ -206,17 +206,12 @@ def tracked_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory
                  ) -> dict[str, mlflow.entities.Run]:
     """One tiny tracked run per pipeline, in one SQLite store (creating one costs seconds)."""
     folder = tmp_path_factory.mktemp("pipelines")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-        mlflow.set_tracking_uri(uri)
+        use_store(folder, patch)
         runs = {}
         for pipeline in ("fast", "torchvision"):
             result = train_one(tiny_config(pipeline=pipeline), mnist_root,
-                                   experiment="pipelines", progress=False)
+                               experiment="pipelines", progress=False)
             runs[pipeline] = mlflow.get_run(result.run_id)
         yield runs
 

@@ -35,7 +35,7 @@ from mnist_mlflow.sweep import (
     sweep_name,
     train_child,
 )
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, empty_store, tiny_config
 from tests.helpers import children_of, train_one
 
 # --- one list of settings ---------------------------------------------------------------------
@@ -101,7 +101,7 @@ IMPORTS = textwrap.dedent("""
     ["models"], ["promote", "--version", "1"], ["compare", "--experiment", "none-here"],
 ])
 def test_commands_that_do_not_train_import_no_torch(tmp_path: Path, args: list[str]) -> None:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": empty_store(tmp_path)}
     done = subprocess.run([sys.executable, "-c", IMPORTS, *args], capture_output=True,
                           text=True, env=env, timeout=120, cwd=tmp_path)
     assert done.stdout.strip().splitlines()[-1] == "no torch", done.stderr[-2000:]

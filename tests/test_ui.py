@@ -32,6 +32,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
                                 "(pip install -e \".[test]\")")
 from selenium.common.exceptions import (  # noqa: E402
     ElementClickInterceptedException,
+    ElementNotInteractableException,
     TimeoutException,
     WebDriverException,
 )
@@ -138,6 +139,10 @@ def open_page(driver: webdriver.Chrome, url: str) -> None:
     driver.refresh()
 
 
+# An element drawn but covered, or not yet taking clicks, while the app renders.
+NOT_CLICKABLE_YET = (ElementClickInterceptedException, ElementNotInteractableException)
+
+
 def click_now(driver: webdriver.Chrome, xpath: str) -> bool:
     """Click the first shown element `xpath` finds, unless something covers it (the app
     shows a moment's overlays while it loads); whether it did. A guidance tip that darkens
@@ -145,14 +150,14 @@ def click_now(driver: webdriver.Chrome, xpath: str) -> bool:
     data has loaded, which on a busy machine can be long after the page itself."""
     for tip in driver.find_elements(By.XPATH, GOT_IT):
         if tip.is_displayed():
-            with contextlib.suppress(ElementClickInterceptedException):
+            with contextlib.suppress(*NOT_CLICKABLE_YET):
                 tip.click()
             return False
     for element in driver.find_elements(By.XPATH, xpath):
         if element.is_displayed():
             try:
                 element.click()
-            except ElementClickInterceptedException:
+            except NOT_CLICKABLE_YET:
                 return False
             return True
     return False

@@ -241,7 +241,8 @@ def input_example(data: MnistData, count: int = 4) -> np.ndarray:
 def describe(config: TrainConfig, num_params: int, outcome: str) -> str:
     """The run's description: variant, recipe and outcome in a sentence."""
     return (f"{config.variant_name}, seed {config.seed}: {num_params:,} parameters, "
-            f"{config.epochs} epochs of {config.recipe()}. {outcome}")
+            f"{config.epochs} epoch{'s' if config.epochs != 1 else ''} of "
+            f"{config.recipe()}. {outcome}")
 
 
 # The figures a training run's description shows (small copies, in CURVES_DIR/THUMBS_DIR).

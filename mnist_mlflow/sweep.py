@@ -342,7 +342,8 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
                     f"Command: `{command}`" if command else f"; {len(configs)} children.")
     parent = MlflowRun.create_or_adopt(
         runner_run_id, experiment, sweep_name(phase, configs),
-        tags={ROLE_TAG: SWEEP_ROLE, PHASE_TAG: phase, COMMAND_TAG: command},
+        # No phase tag outside a phase: an empty one reads as a phase with no name.
+        tags={ROLE_TAG: SWEEP_ROLE, COMMAND_TAG: command, **({PHASE_TAG: phase} if phase else {})},
         description=description, experiment_tags=EXPERIMENT_TAGS)
     parent.log_new_params({**shared,
                            **dict(zip(SWEEP_PARAMS, (",".join(variants), ",".join(seeds),
@@ -363,7 +364,8 @@ def create_child(parent: MlflowRun, config: TrainConfig) -> ChildJob:
     child = MlflowRun.create(
         parent.client.get_experiment(parent.experiment_id).name, config.run_name,
         parent_run_id=parent.run_id,
-        tags={ROLE_TAG: TRAIN_ROLE, PHASE_TAG: tags.get(PHASE_TAG, ""), **settings_tags},
+        tags={ROLE_TAG: TRAIN_ROLE, **{k: v for k, v in tags.items() if k == PHASE_TAG},
+              **settings_tags},
         description=f"{config.variant_name}, seed {config.seed}: waiting for its turn.")
     child.log_new_params(params)
     child.client.update_run(child.run_id, status=SCHEDULED)

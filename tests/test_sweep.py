@@ -33,6 +33,9 @@ def test_default_sweep_trains_the_seeds_two_variants_as_children(
                                                    "s1 opt d0.05 e1 n512 t256"]
     assert [c.data.params["dropout"] for c in children] == ["0.0", "0.05"]
     assert "mnist_mlflow.lease" not in parent.data.tags  # ended: bookkeeping gone
+    assert parent.data.tags["mnist_mlflow.phase"] == "seed"
+    # One epoch, said in the singular on each child's page.
+    assert all("1 epoch of " in c.data.tags["mlflow.note.content"] for c in children)
     for child in children:
         assert child.info.status == "FINISHED"
         assert "mnist_mlflow.lease" not in child.data.tags
@@ -63,9 +66,12 @@ def test_failing_children_are_recorded_and_the_others_still_run(
     children = children_of("diverging-sweep", parent.info.run_id)
     assert [c.info.run_name for c in children] == ["s1 opt e1 lr1e+06 n512 t256",
                                                    "s1 opt d0.1 e1 lr1e+06 n512 t256"]
+    # Variants, not a phase: no phase tag (an empty one would read as a phase with no name).
+    assert "mnist_mlflow.phase" not in parent.data.tags
     for child in children:
         assert child.info.status == "FAILED"
         assert "TrainingDiverged" in child.data.tags["failure_reason"]
+        assert "mnist_mlflow.phase" not in child.data.tags
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -41,6 +41,8 @@ KS = (1, 2, 5, 10)
 NS = (1, 2, 3, 5)
 GAINS = (0.20, 0.30)
 CALLS = 5  # successive `compare` calls, k new groups each
+# One-seed challengers are judged with the seed spread pooled from this production group.
+ONE_SEED_AGAINST = 3
 TARGET_FALSE = 5.0
 TARGET_POWER = 80.0
 
@@ -115,9 +117,10 @@ def make_group(name: str, lr: float, errors: np.ndarray, seeds: int, world: Worl
 
 
 def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift: float = 0.0,
-             calls: int = 1) -> bool:
+             calls: int = 1, challenger_n: int = 0) -> bool:
     """Whether any of `calls` successive compares promotes one of k new challengers per call
-    over a production group of n seeds (the first challenger better by `gain_shift`)."""
+    over a production group of n seeds (the first challenger better by `gain_shift`); the
+    challengers have `challenger_n` seeds each (0: n)."""
     rule = SelectionRule()
     hardness = rng.normal(world.mean, world.sd, world.images)
     base = make_group("production", 1.0, world.recipe_errors(hardness, 0, rng), n, world,
@@ -128,7 +131,7 @@ def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift:
             shift = gain_shift if call == 0 and j == 0 else 0.0
             lr = round(2 + call * k + j, 3)  # one recipe per group
             challengers.append(make_group(f"g{lr}", lr, world.recipe_errors(hardness, shift, rng),
-                                          n, world, rng))
+                                          challenger_n or n, world, rng))
         production = Production("1", "production-1", "production-1", base, "", looks)
         eligible = [g for g in rank([*challengers, base], rule) if rule.eligible(g)]
         verdict = decide(eligible, rule, pooled_over([*eligible, base], rule.metric),
@@ -224,6 +227,17 @@ def main() -> None:
             worst = max(worst, once, many)
             cells.append(f"{once:.1f} \\| {many:.1f}")
         print(f"| k = {k} | " + " | ".join(cells) + " |")
+    print(f"\nOne-seed challengers against a production of {ONE_SEED_AGAINST} seeds, false "
+          f"promotions (%), one compare | {CALLS} successive compares:")
+    print("| k | one compare | " + f"{CALLS} compares |")
+    print("|---|---|---|")
+    for k in ks:
+        once = rate(world, args.replicates, args.seed + 3000 + k, k=k, n=ONE_SEED_AGAINST,
+                    challenger_n=1)
+        many = rate(world, args.replicates, args.seed + 4000 + k, k=k, n=ONE_SEED_AGAINST,
+                    challenger_n=1, calls=CALLS)
+        worst = max(worst, once, many)
+        print(f"| {k} | {once:.1f} | {many:.1f} |")
     print("\nPower (%): one challenger truly better, k = 1 and k = 5 (the others no better):")
     print("| gain | k | " + " | ".join(f"n = {n}" for n in NS) + " |")
     print("|---|---|" + "---|" * len(NS))

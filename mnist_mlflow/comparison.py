@@ -8,6 +8,7 @@ the registry's aliases (registry.py). This one runs them in order and records wh
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -66,12 +67,13 @@ from mnist_mlflow.selection import (
     SelectionRule,
     find_group,
     group_runs,
+    metric_text,
     on_test_set,
     rank,
     ranking_reason,
     top,
 )
-from mnist_mlflow.stats import mcnemar
+from mnist_mlflow.stats import interval, mcnemar
 from mnist_mlflow.store import store_error
 
 # Images shown in the comparison's gallery of disagreements.
@@ -178,6 +180,8 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
     comparison.pooled = {rule.metric: promotion.pooled_over([*ranked, base], rule.metric),
                          FINAL_TEST_ACC: promotion.pooled_over(ranked, FINAL_TEST_ACC)}
     verdict = promotion.decide(eligible, rule, comparison.pooled[rule.metric], production)
+    if register:  # before anything is logged: a broken candidate is passed over, not fatal
+        verdict, register = _registrable(comparison, verdict, model_name)
     verdict = promotion.check_models(verdict, _mcnemar(verdict, production_run))
     comparison.verdict = promotion.forced(verdict) if force else verdict
     comparison.reason = _reason(comparison)
@@ -188,8 +192,6 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
         if rule.metric != FINAL_TEST_ACC and a.has(FINAL_TEST_ACC) and b.has(FINAL_TEST_ACC):
             comparison.differences.append(comparison.difference_sentence(
                 a, b, FINAL_TEST_ACC) + " (reported, not used to choose)")
-    if register:  # a run that cannot be registered is one line, before anything is logged
-        registry.check_registrable(comparison.chosen.run_id, model_name, rule.metric)
     comparison.histories = queries.mean_histories(shown)
     _record(comparison, shown, production_run, register, runner_run_id, data_dir, report_dir)
     return comparison
@@ -226,6 +228,23 @@ def _read_records(comparison: Comparison, shown: Sequence[Group],
             "(wider: nothing cancels), or it has none where no run of it has records")
 
 
+def _registrable(comparison: Comparison, verdict: promotion.Verdict, model_name: str
+                 ) -> tuple[promotion.Verdict, bool]:
+    """The verdict with the chosen group's best run that can be registered, and whether
+    any can. Runs passed over (their model missing or unreadable) are named in the notes;
+    with none left nothing is registered, production stays, and the comparison still
+    reports, so a broken run never blocks `compare`."""
+    ordered = comparison.rule.best_runs(verdict.group)
+    run_id, passed_over = registry.registrable([(r.run_id, r.name) for r in ordered],
+                                               model_name, comparison.rule.metric)
+    comparison.notes.extend(passed_over)
+    if run_id is None:
+        comparison.unregistrable = (f"no run of {verdict.group.label()} has a model that "
+                                    "can be registered (see the notes above)")
+        return verdict, False
+    return dataclasses.replace(verdict, run=next(r for r in ordered if r.run_id == run_id)), True
+
+
 def _mcnemar(verdict: promotion.Verdict, production_run: RunSummary | None):  # noqa: ANN202
     """McNemar's test of the registered run's model against production's, image by image
     on the validation set, from their records (None when either lacks them)."""
@@ -250,6 +269,16 @@ def _reason(comparison: Comparison) -> str:
             why = "it does not beat production"
         text += (f"; of the groups that beat production it is the surest gain: {top.label()} "
                  f"has the higher mean but {why}")
+    elif verdict.kind == promotion.FIRST and verdict.group is not comparison.eligible[0]:
+        top = comparison.eligible[0]
+        pooled = comparison.pooled[rule.metric]
+        ours, theirs = (interval(g.sample(rule.metric), pooled) for g in (verdict.group, top))
+        bound, ours_at, theirs_at = (("lower", ours.low, theirs.low) if rule.higher_is_better
+                                     else ("upper", ours.high, theirs.high))
+        text += (f"; the first promotion goes to the surest group: {top.label()} has the "
+                 f"higher mean but on fewer seeds its {bound} 95% bound is "
+                 f"{metric_text(rule.metric, theirs_at)}, this group's "
+                 f"{metric_text(rule.metric, ours_at)}")
     return text
 
 

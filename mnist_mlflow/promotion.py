@@ -15,7 +15,16 @@ from mnist_mlflow.selection import (
     contrast,
     metric_text,
 )
-from mnist_mlflow.stats import Difference, Judgement, Looks, McNemar, Pooled, fingerprint, judge
+from mnist_mlflow.stats import (
+    Difference,
+    Judgement,
+    Looks,
+    McNemar,
+    Pooled,
+    fingerprint,
+    interval,
+    judge,
+)
 
 FIRST, GAIN, STAYS, FORCED, ALREADY = ("first promotion", "a real gain", "stays", "--force",
                                        "already production")
@@ -64,10 +73,29 @@ def pooled_over(groups: Sequence[Group], metric: str) -> Pooled:
 
 
 def evidence(group: Group, production: Group, rule: SelectionRule) -> str:
-    """Names what a judgement of `group` against `production` looked at: the same groups
-    with the same seeds on the same images are the same evidence."""
-    return fingerprint(rule.metric, group.name, group.seeds, production.name, production.seeds,
+    """Names what a judgement of `group` against `production` looked at: the same runs on
+    the same images are the same evidence. Runs, not seeds: seeds trained again (another
+    thread count or device gives other numbers) are new evidence and spend a look, or
+    re-rolling them until a challenger wins would cost nothing."""
+    return fingerprint(rule.metric, group.name, [r.run_id for r in group.runs],
+                       production.name, [r.run_id for r in production.runs],
                        group.runs[0].scored_on(rule.metric))
+
+
+def surest(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled) -> Group:
+    """The group whose mean is surest: the best 95% bound on the metric (the lower for a
+    higher-is-better one), seed and image noise counted with the seeds' spread pooled. Groups
+    of equal seeds keep the rule's order; a group of fewer seeds comes first only where its
+    mean stays ahead beyond the noise it carries, so a one-seed group that is high by luck
+    is not chosen over one measured on more seeds. Where no bound can be told (no group has
+    two seeds), the rule's order."""
+    bounds = [interval(g.sample(rule.metric), pooled) for g in eligible]
+    if any(b.low is None for b in bounds):
+        return eligible[0]
+    # max keeps the first of equals: the rule's order.
+    best = max(range(len(eligible)), key=lambda i: bounds[i].low if rule.higher_is_better
+               else -bounds[i].high)
+    return eligible[best]
 
 
 def decide(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled,
@@ -75,7 +103,8 @@ def decide(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled,
     """The verdict over `eligible` (in rule order) against `production`."""
     top = eligible[0]
     if production is None:
-        return Verdict(top, rule.best_run(top), True, FIRST,
+        group = surest(eligible, rule, pooled)
+        return Verdict(group, rule.best_run(group), True, FIRST,
                        "the first promotion: no version was production yet")
     base = production.group
     if base is None:

@@ -6,7 +6,7 @@ FINISHED; the version that loses it gets `previous`, so a rollback is one `promo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -146,6 +146,28 @@ def check_registrable(run_id: str, model_name: str, metric: str) -> None:
     _metric(run, metric)
     if logged_model_uri(run_id, run.info.experiment_id) is None:
         raise UserError(f"run {run.info.run_name} ({run_id}) has no logged model to register")
+
+
+def registrable(candidates: Sequence[tuple[str, str]], model_name: str, metric: str
+                ) -> tuple[str | None, list[str]]:
+    """Of `candidates` (run id, run name), best first, the first whose model can be
+    registered (FINISHED with `metric`, a logged model that loads and answers), and a line
+    for each one passed over: what is wrong and what to do. A run whose model files are gone
+    (deleted by hand, by a cleanup job, by an artifact store's expiry rule) is one of those;
+    its metrics still count, it just cannot be production."""
+    check_model_name(model_name)
+    passed_over = []
+    for run_id, name in candidates:
+        try:
+            check_registrable(run_id, model_name, metric)
+            check_loads(logged_model_uri(run_id))
+        except UserError as err:
+            why = str(err).removeprefix(f"run {name} ({run_id}) ")
+            passed_over.append(f"run {name} ({run_id}) cannot be registered ({why}); "
+                               f"`mnist-mlflow reproduce {run_id}` trains it again")
+            continue
+        return run_id, passed_over
+    return None, passed_over
 
 
 def register_run(run_id: str, model_name: str, metric: str, description: str,

@@ -52,6 +52,9 @@ class Comparison:
     differences: list[str] = field(default_factory=list)
     model_name: str = ""
     registered_version: str = ""
+    # Why nothing was registered though registering was asked: no run of the chosen group
+    # has a model that loads (empty: it was asked not to register, or it registered).
+    unregistrable: str = ""
     promotion: str = ""
     disagreements: int = 0
     files: list[str] = field(default_factory=list)  # the report and its figures
@@ -199,6 +202,8 @@ def verdict_lines(comparison: Comparison) -> list[str]:
     c = comparison
     if c.verdict is None:
         return []
+    if c.unregistrable:
+        return [f"Not registered: {c.unregistrable}. Production stays as it was."]
     if not c.registered_version:
         would = ("production would move to it" if c.verdict.moves
                  else f"production would stay: {c.verdict.why}")

@@ -91,7 +91,7 @@ OLD_LEASE_TAGS = ("mnist_mlflow.lease.host", "mnist_mlflow.lease.pid",
                   "mnist_mlflow.lease.heartbeat")
 # On a sweep's parent and every child: the phase the sweep trained (none for --variant sweeps).
 PHASE_TAG = tag("mnist_mlflow.phase", "training run",
-                "the phase its sweep trained (on the sweep parent too); empty for `--variant` "
+                "the phase its sweep trained (on the sweep parent too); absent on `--variant` "
                 "sweeps")
 VARIANT_TAG = tag("variant", "training run", "the model variant: `opt`, `gap8k`, `gap5k`")
 # The run's configuration without its seed, readable (`opt-dropout0.05`, or
@@ -196,7 +196,8 @@ MCNEMAR_P_TAG = tag("mcnemar_p", "model version", "McNemar's exact p-value on th
 LOOKS_TAG = tag("challenger_looks", "model version",
                 "on production: how many compares brought new challengers")
 SEEN_TAG = tag("challengers_seen", "model version",
-               "on production: the evidence already judged (a rerun is judged as before)")
+               "on production: the evidence (runs) already judged; the same runs compared "
+               "again are judged as before")
 REPRODUCED_VERSION_TAG = tag(REPRODUCED_TAG, "model version", "what `reproduce` found")
 REPRODUCED_AT_TAG = tag("reproduced_at", "model version", "when, and the run it made")
 # The experiment's description and the saved views of the runs table (the UI's own kind).

@@ -166,10 +166,11 @@ class SelectionRule:
         return (f"{best} mean `{self.metric}` over a group's seeds (a group: one configuration, "
                 f"`config_group`), among groups with `num_params` ≤ {self.max_params:,}; ties "
                 "go to more seeds, then fewer parameters, then the smaller mean absolute gap "
-                "(train − test accuracy at the last epoch). Production moves only to a group "
-                "that beats production's beyond seed and image noise, with the error rate of "
-                "every look controlled (Holm); the registered run is that group's run with the "
-                f"{best} `{self.metric}`")
+                "(train − test accuracy at the last epoch). The first promotion goes to the "
+                "surest group (the best 95% bound of its mean, seed and image noise counted); "
+                "production moves only to a group that beats production's beyond seed and "
+                "image noise, with the error rate of every look controlled (Holm); the "
+                f"registered run is that group's run with the {best} `{self.metric}`")
 
     def eligible(self, group: Group) -> bool:
         return group.num_params <= self.max_params and group.has(self.metric)
@@ -189,8 +190,12 @@ class SelectionRule:
 
     def best_run(self, group: Group) -> RunSummary:
         """The group's run to register: best on the metric, then the earlier run."""
+        return self.best_runs(group)[0]
+
+    def best_runs(self, group: Group) -> list[RunSummary]:
+        """The group's runs in the order they would be registered (best_run first)."""
         sign = -1 if self.higher_is_better else 1
-        return min(group.runs, key=lambda r: (sign * r.metrics[self.metric], r.start_time))
+        return sorted(group.runs, key=lambda r: (sign * r.metrics[self.metric], r.start_time))
 
     def better(self, a: float, b: float) -> bool:
         return a > b if self.higher_is_better else a < b

@@ -153,7 +153,18 @@ def _residual(sample: Sample, pooled: Pooled) -> Term | None:
     return None
 
 
-def _seed_term(sample: Sample, pooled: Pooled) -> Term | None:
+# A seed term: (variance of the group mean, degrees of freedom, where the variance comes
+# from: OWN seeds, the POOLED estimate, or the pooled estimate BORROWED by a one-seed group).
+# Terms from one estimate are no independent estimates: in a difference they are added into
+# one term before Welch–Satterthwaite. Both sides on the pooled estimate: one estimate, its
+# degrees of freedom. A one-seed group borrows an estimate made of the other side's seeds:
+# one term with the smaller degrees of freedom, or it would be credited with more certainty
+# than the pooled estimate carries (4 seeds' worth read as 5.5 against a five-seed group).
+OWN, POOLED, BORROWED = "own", "pooled", "borrowed"
+SeedTerm = tuple[float, float, str]
+
+
+def _seed_term(sample: Sample, pooled: Pooled) -> SeedTerm | None:
     """The seeds' share of the variance of the group mean; None when no group has two seeds.
 
     The larger of the group's own seed variance and the pooled one (a recipe may spread
@@ -162,18 +173,30 @@ def _seed_term(sample: Sample, pooled: Pooled) -> Term | None:
     seeds that disagree on images do not make a zero-width interval. Only then: real seeds
     spread less than independent per-image noise would (a model's error count is steadier
     than its choice of errors), so R/N overstates their variance."""
-    candidates: list[Term] = []
+    candidates: list[SeedTerm] = []
     if sample.n > 1:
-        candidates.append((sample.seed_var, sample.n - 1))
+        candidates.append((sample.seed_var, sample.n - 1, OWN))
     if pooled.seed_df:
-        candidates.append((pooled.seed_var, pooled.seed_df))
+        candidates.append((pooled.seed_var, pooled.seed_df,
+                           POOLED if sample.n > 1 else BORROWED))
     if not candidates:
         return None
-    variance, df = max(candidates)
+    # On a tie the pooled estimate: the group's own is then all it is made of.
+    variance, df, source = max(candidates, key=lambda c: (c[0], c[2] != OWN))
     residual = _residual(sample, pooled)
     if variance == 0 and residual is not None:
         variance, df = residual[0] / sample.images, residual[1]
-    return variance / sample.n, df
+        source = OWN if sample.n > 1 and sample.recorded else BORROWED
+    return variance / sample.n, df, source
+
+
+def _independent(terms: Sequence[SeedTerm]) -> list[Term]:
+    """Seed terms as Welch–Satterthwaite terms, those from one estimate added into one
+    (see SeedTerm)."""
+    sources = {source for _, _, source in terms}
+    if len(terms) > 1 and (BORROWED in sources or sources == {POOLED}):
+        return [(sum(v for v, _, _ in terms), min(df for _, df, _ in terms))]
+    return [(variance, df) for variance, df, _ in terms]
 
 
 def _image_term(spread: float, samples: Sequence[Sample], pooled: Pooled, images: int) -> Term:
@@ -220,7 +243,7 @@ def interval(sample: Sample, pooled: Pooled) -> Interval:
                              sample.images)
     else:
         images = (sample.binomial(), math.inf)
-    variance, df = _satterthwaite([seeds, images])
+    variance, df = _satterthwaite([*_independent([seeds]), images])
     half = _t_quantile(df) * math.sqrt(variance)
     low, high = sample.mean - half, sample.mean + half
     if sample.images:  # an accuracy: the interval ends where accuracy does
@@ -294,7 +317,7 @@ def difference(a: Sample, b: Sample, pooled: Pooled,
         images = [_image_term(spread, [a, b], pooled, a.images)]
     else:
         images = [(a.binomial(), math.inf), (b.binomial(), math.inf)]
-    variance, df = _satterthwaite([seeds_a, seeds_b, *images])
+    variance, df = _satterthwaite([*_independent([seeds_a, seeds_b]), *images])
     if variance == 0:  # every seed of both answered every image alike
         return Difference(delta, delta, delta, a.n, b.n, 1.0 if delta == 0 else 0.0, paired)
     from scipy import stats

@@ -196,7 +196,7 @@ def test_production_never_points_at_a_failed_run(
     assert aliases("guarded") == {PRODUCTION: "1"}
 
 
-def test_a_run_without_a_model_leaves_the_registry_untouched(
+def test_a_run_without_a_model_is_compared_but_leaves_the_registry_untouched(
         store: str, groups: dict[str, list[str]], capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     client = MlflowClient()
@@ -208,13 +208,17 @@ def test_a_run_without_a_model_leaves_the_registry_untouched(
         client.log_metric(run.info.run_id, key, value)
     client.set_terminated(run.info.run_id)
 
-    code, _, err = run_cli(["compare", "--experiment", EXPERIMENT, "--model-name", "no-model",
-                            "--filter", f"attributes.run_id = '{run.info.run_id}'"],
-                           capsys, monkeypatch)
+    code, out, err = run_cli(["compare", "--experiment", EXPERIMENT, "--model-name",
+                              "no-model", "--filter", f"attributes.run_id = '{run.info.run_id}'"],
+                             capsys, monkeypatch)
 
-    assert code == 2 and err.count("\n") == 1 and "has no logged model to register" in err
+    # Compared and reported; the run is named with what it lacks, and nothing registered.
+    assert code == 0, err
+    assert (f"run metrics-only ({run.info.run_id}) cannot be registered (has no logged "
+            "model to register)") in out
+    assert "Not registered: no run of " in out and "Production stays as it was." in out
     assert client.search_registered_models("name = 'no-model'") == []
-    # Refused before anything was recorded: no comparison run, and no word of registering.
-    assert not [r for r in client.search_runs([run.info.experiment_id])
-                if r.data.tags.get("mnist_mlflow.role") == "comparison"
-                and r.info.start_time > run.info.start_time]
+    [comparison] = [r for r in client.search_runs([run.info.experiment_id])
+                    if r.data.tags.get("mnist_mlflow.role") == "comparison"
+                    and r.info.start_time > run.info.start_time]
+    assert comparison.info.status == "FINISHED"

@@ -14,6 +14,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -109,6 +110,19 @@ def test_a_group_interval_counts_seeds_and_images_as_the_crossed_design_says() -
     assert (found.low, found.high) == pytest.approx((cells.mean() - half, cells.mean() + half))
     # Wider than seeds alone would say: images count too.
     assert found.high - found.mean > stats.t.ppf(0.975, 3) * np.std(seeds_acc, ddof=1) / 2 * 0.5
+
+
+def test_a_one_seed_group_borrowing_the_pooled_spread_keeps_its_degrees_of_freedom() -> None:
+    """A one-seed challenger and a five-seed production judged with one pooled seed variance:
+    one estimate, with the 4 degrees of freedom it has (not 5.5, as if two estimates)."""
+    production, challenger = Sample([99.0, 99.2, 99.4, 99.1, 99.3]), Sample([99.5])
+    pooled = Pooled.of([production, challenger])
+    assert pooled.seed_df == 4
+    found = difference(challenger, production, pooled)
+    half = stats.t.ppf(0.975, 4) * math.sqrt(pooled.seed_var * (1 + 1 / 5))
+    assert found.high - found.delta == pytest.approx(half)
+    assert found.p_better == pytest.approx(stats.t.sf(found.delta / (half / stats.t.ppf(
+        0.975, 4)), 4))
 
 
 def test_zero_spread_never_makes_a_zero_width_interval() -> None:
@@ -230,6 +244,45 @@ def test_a_lucky_one_seed_group_does_not_block_a_real_winner_with_more_seeds(
     assert aliases("lucky") == {PRODUCTION: "2", PREVIOUS: "1"}
 
 
+def test_the_first_promotion_does_not_go_to_a_one_seed_group_high_by_luck(
+        store: str, saved_model: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No production yet: a one-seed group 0.4 points above a noisy four-seed group has the
+    higher mean, but with the seeds' spread (pooled) its lower bound is lower."""
+    four = craft_group("first-lucky", "four", [99.00, 99.40, 99.80, 99.40], saved_model,
+                       lr=0.03)
+    craft_group("first-lucky", "one-seed", [99.80], saved_model, lr=0.04)
+
+    code, out, err = compare("first-lucky", capsys, monkeypatch)
+
+    assert code == 0, err
+    assert "opt lr0.04, seed 1 has the highest, 99.80" in out
+    assert "the first promotion goes to the surest group" in out
+    registered = out.split("Registered run: ")[1].split("(")[1].split(")")[0]
+    assert registered in four
+    assert aliases("first-lucky") == {PRODUCTION: "1"}
+
+
+def test_a_run_whose_model_files_are_gone_is_passed_over_for_its_groups_next_best(
+        store: str, saved_model: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    best, _ = craft_group("model-gone", "group", [99.40, 99.30], saved_model, lr=0.03)
+    [model] = mlflow.search_logged_models(
+        [MlflowClient().get_run(best).info.experiment_id], f"source_run_id = '{best}'",
+        output_format="list")
+    shutil.rmtree(model.artifact_location.removeprefix("file://"))  # a cleanup job's doing
+
+    code, out, err = compare("model-gone", capsys, monkeypatch)
+
+    assert code == 0, err
+    assert f"run group-seed1 ({best}) cannot be registered (cannot load model" in out
+    assert f"`mnist-mlflow reproduce {best}` trains it again" in out
+    assert "Registered run: group-seed2 (" in out
+    assert aliases("model-gone") == {PRODUCTION: "1"}
+    version = MlflowClient().get_model_version("model-gone", "1")
+    assert version.run_id != best
+
+
 def test_a_one_seed_production_is_replaced_by_a_real_winner(
         store: str, saved_model: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,6 +388,24 @@ def test_every_look_is_counted_on_the_production_version(
     _, out, _ = compare("looks", capsys, monkeypatch)
     assert client.get_model_version("looks", "1").tags[LOOKS_TAG] == "2"
     # Look 2 spends FAMILY_ALPHA / 4 over both groups seen: 0.0125 / 2 for the best.
+    assert "look 2)" in out and "0.00625 needed" in out
+
+
+def test_the_same_seeds_trained_again_are_new_evidence_and_spend_a_look(
+        store: str, saved_model: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeds trained again (another thread count or device gives other numbers) are new
+    runs: judging them is another look, or re-rolling until one wins would cost nothing."""
+    with_production("rerolls", [99.10, 99.14], saved_model, capsys, monkeypatch)
+    craft_group("rerolls", "challenger", [99.12, 99.16], saved_model, lr=0.03)
+    _, out, _ = compare("rerolls", capsys, monkeypatch)
+    client = MlflowClient()
+    assert client.get_model_version("rerolls", "1").tags[LOOKS_TAG] == "1"
+    # The same configuration and seeds, trained again: the latest run of each seed counts.
+    craft_group("rerolls", "challenger-again", [99.13, 99.15], saved_model, seed=7, lr=0.03)
+    _, out, _ = compare("rerolls", capsys, monkeypatch)
+    assert client.get_model_version("rerolls", "1").tags[LOOKS_TAG] == "2"
+    # Look 2 spends FAMILY_ALPHA / 4 over both pieces of evidence: 0.0125 / 2.
     assert "look 2)" in out and "0.00625 needed" in out
 
 

@@ -438,13 +438,13 @@ def runs(stale: bool, mark_killed: bool) -> None:
     open_store(writes=mark_killed)
     rows = [["Run", "Name", "Experiment", "Process", "State"]]
     gone = []
-    for run, lease in running_runs():
+    for run, experiment, lease in running_runs():
         dead = lease is not None and not lease.alive
         if stale and not dead:
             continue
         state = "no lease (made before leases, or not ours)" if lease is None else (
             "alive" if lease.alive else "gone: stale")
-        rows.append([run.info.run_id, run.info.run_name or "", run.info.experiment_id,
+        rows.append([run.info.run_id, run.info.run_name or "", experiment,
                      lease.describe() if lease else "?", state])
         if dead:
             gone.append((run, lease))

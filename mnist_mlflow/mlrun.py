@@ -404,15 +404,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def running_runs(client: MlflowClient | None = None) -> list[tuple[Run, Lease | None]]:
-    """Every RUNNING run of every experiment, with its lease."""
+def running_runs(client: MlflowClient | None = None
+                 ) -> list[tuple[Run, str, Lease | None]]:
+    """Every RUNNING run of every experiment, with its experiment's name and its lease."""
     client = client or store.client()
     found = []
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if experiments:
-        for run in client.search_runs(experiments, "attributes.status = 'RUNNING'",
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    if names:
+        for run in client.search_runs(list(names), "attributes.status = 'RUNNING'",
                                       max_results=SEARCH_MAX_RESULTS_THRESHOLD):
-            found.append((run, lease_of(run)))
+            found.append((run, names.get(run.info.experiment_id, run.info.experiment_id),
+                          lease_of(run)))
     return found
 
 

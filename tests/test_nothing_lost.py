@@ -127,6 +127,9 @@ def test_a_run_being_trained_cannot_be_resumed_and_a_killed_trainer_is_found_sta
 
     code, out, _ = run_cli(["runs", "--stale"], capsys, monkeypatch)
     assert code == 0 and run_id in out and "gone: stale" in out
+    # The experiment by the name a user knows it by, not its id.
+    [row] = [line for line in out.splitlines() if run_id in line]
+    assert "| leases " in row
     code, out, _ = run_cli(["runs", "--stale", "--mark-killed"], capsys, monkeypatch)
     assert code == 0 and f"run {run_id} marked KILLED" in out
     killed = client.get_run(run_id)

@@ -216,6 +216,11 @@ class MlflowRun:
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
 
+    @property
+    def name(self) -> str:
+        """The run's name as the store has it (`... #2` for a second run of one name)."""
+        return self.client.get_run(self.run_id).info.run_name or ""
+
     def reopen(self) -> None:
         """Mark a stopped run RUNNING again, to go on with it."""
         self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))

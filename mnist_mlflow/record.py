@@ -331,7 +331,7 @@ class RunRecord:
         if not self.history:
             _log_start(self.run, self.config, self.state, data, self.tmp)
             log.info("run %s: training %s on %s (%d parameters)", self.run.run_id,
-                     self.config.run_name, self.state.runtime.describe(), self.num_params)
+                     self.run.name, self.state.runtime.describe(), self.num_params)
         self.run.describe(describe(self.config, self.num_params, "Training."))
 
     def epoch(self, metrics: EpochMetrics, trained: TrainState) -> None:

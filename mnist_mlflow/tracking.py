@@ -268,7 +268,7 @@ def _resume(run_id: str, data_dir: Path | str, given: Mapping[str, object], prog
                   RESUMED_AFTER_TAG: ",".join(filter(None, [resumed_at, str(state.epoch)])),
                   RESUMED_ON_TAG: "; ".join(filter(None, [resumed_on, here]))})
     logged = log_missing_epochs(run, history)
-    log.info("run %s: resuming %s after epoch %d of %d", run_id, config.run_name, state.epoch,
+    log.info("run %s: resuming %s after epoch %d of %d", run_id, run.name, state.epoch,
              config.epochs)
     with tempfile.TemporaryDirectory() as tmp:
         def fit_it(on_epoch: Callable[[int, EpochMetrics, TrainState], None],

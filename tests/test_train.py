@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,15 @@ def test_same_seed_on_cpu_gives_the_same_metrics(mnist_root: Path, pipeline: str
     assert strip[0] == strip[1]
     other_seed = train(tiny_config(dropout=0.05, pipeline=pipeline, seed=2))
     assert other_seed[0].train_loss != runs[0][0].train_loss
+
+
+def test_a_second_run_of_one_configuration_is_logged_by_its_own_name(
+        store: str, mnist_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The runs table cuts long names; the log line must tell `... #2` from the first."""
+    config = tiny_config(epochs=1)
+    train_one(config, mnist_root, "same-config")
+    with caplog.at_level(logging.INFO, logger="mnist_mlflow"):
+        second = train_one(config, mnist_root, "same-config")
+    name = MlflowClient().get_run(second.run_id).info.run_name
+    assert name == f"{config.run_name} #2"
+    assert f"run {second.run_id}: training {name} on " in caplog.text

@@ -271,6 +271,10 @@ def render_report(comparison: Comparison, shown: Sequence[Group],
     return "\n".join(lines)
 
 
+# A run's page in the MLflow UI, from any page of it (the description is Markdown there).
+RUN_LINK = "#/runs/{run_id}"
+
+
 def version_description(comparison: Comparison) -> str:
     """The registered version's description: the verdict in one sentence first (the
     registry's version table shows only the start), then the recipe's expected test accuracy,
@@ -280,5 +284,6 @@ def version_description(comparison: Comparison) -> str:
     return (f"{' '.join(verdict_lines(c))} Test accuracy of its recipe "
             f"({verdict.group.name}): {test.format() if test else '—'} (seeds and images); "
             f"of this run: {verdict.run.metrics[FINAL_TEST_ACC]:.2f}. {headline(c.rule)} "
-            f"Chosen by `mnist-mlflow compare`, comparison run {c.comparison_run_id}: "
+            f"Chosen by `mnist-mlflow compare`, comparison run "
+            f"[{c.comparison_run_id}]({RUN_LINK.format(run_id=c.comparison_run_id)}): "
             f"{c.reason}. Rule: {c.rule.describe()}.")

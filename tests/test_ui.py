@@ -269,3 +269,24 @@ def test_the_version_page_says_the_verdict_and_production(
              and f"{MODEL} version 1, " in page_text(browser)
              and "is production: the first promotion" in page_text(browser)
              and "comparison run" in page_text(browser), "version-page")
+    # The comparison run is a link to its page, where the whole report is.
+    comparison = MlflowClient(tracking_uri=ui[1]["uri"]).get_model_version(
+        MODEL, "1").tags["comparison_run"]
+    tabs = set(browser.window_handles)
+    click(browser, f"//a[normalize-space(.)='{comparison}']", "link to the comparison run",
+          "comparison-link")
+    # The description's links open in a new tab, as the UI's Markdown makes them.
+    wait_for(browser, "the link opens no page", lambda: len(browser.window_handles) > len(tabs)
+             or f"/runs/{comparison}" in browser.current_url, "comparison-tab")
+    new = set(browser.window_handles) - tabs
+    first = browser.current_window_handle
+    if new:
+        browser.switch_to.window(new.pop())
+    try:
+        wait_for(browser, "the link does not open the comparison run",
+                 lambda: f"/runs/{comparison}" in browser.current_url
+                 and "compare" in page_text(browser), "comparison-run")
+    finally:
+        if new:  # the other tests go on in the first tab
+            browser.close()
+            browser.switch_to.window(first)

@@ -29,9 +29,15 @@ from mnist_mlflow.report import (
     version_description,
 )
 from mnist_mlflow.schema import (
+    AGAINST_MEAN,
+    AGAINST_N,
     CHOSEN_CONFUSION,
     CHOSEN_GROUP_TAG,
+    CHOSEN_HIGH,
+    CHOSEN_LOW,
+    CHOSEN_MEAN,
     CHOSEN_MISTAKES,
+    CHOSEN_N,
     CHOSEN_RUN_NAME_TAG,
     CHOSEN_RUN_TAG,
     COMPARISON_PARAMS,
@@ -39,6 +45,10 @@ from mnist_mlflow.schema import (
     COMPARISON_RUN_TAG,
     CONFUSION_FILE,
     CURVES_DIR,
+    DIFFERENCE,
+    DIFFERENCE_HIGH,
+    DIFFERENCE_LOW,
+    DIFFERENCE_P,
     FINAL_TEST_ACC,
     MCNEMAR_NEW_TAG,
     MCNEMAR_P_TAG,
@@ -73,7 +83,7 @@ from mnist_mlflow.selection import (
     ranking_reason,
     top,
 )
-from mnist_mlflow.stats import interval, mcnemar
+from mnist_mlflow.stats import difference, interval, mcnemar
 from mnist_mlflow.store import store_error
 
 # Images shown in the comparison's gallery of disagreements.
@@ -245,6 +255,33 @@ def _registrable(comparison: Comparison, verdict: promotion.Verdict, model_name:
     return dataclasses.replace(verdict, run=next(r for r in ordered if r.run_id == run_id)), True
 
 
+def _verdict_metrics(c: Comparison) -> dict[str, float]:
+    """The verdict in numbers on the selection metric: the chosen group with its interval,
+    what it was judged against (production's group, else the runner-up) and the difference
+    with its interval and p."""
+    rule, verdict = c.rule, c.verdict
+    pooled = c.pooled[rule.metric]
+    ours = interval(verdict.group.sample(rule.metric), pooled)
+    values = {CHOSEN_MEAN: ours.mean, CHOSEN_N: ours.n}
+    if ours.low is not None:
+        values |= {CHOSEN_LOW: ours.low, CHOSEN_HIGH: ours.high}
+    production = verdict.production.group if verdict.production is not None else None
+    against = production or next((g for g in c.eligible if g is not verdict.group), None)
+    if against is None or not against.has(rule.metric):
+        return values
+    found = verdict.difference if production is not None else None
+    if found is None:
+        found = difference(verdict.group.sample(rule.metric), against.sample(rule.metric),
+                           pooled, rule.higher_is_better)
+    # Means as judged: from the per-image records where there are (exact, not rounded).
+    values |= {AGAINST_MEAN: against.sample(rule.metric).mean, AGAINST_N: against.n,
+               DIFFERENCE: found.delta}
+    if found.known:
+        values |= {DIFFERENCE_LOW: found.low, DIFFERENCE_HIGH: found.high,
+                   DIFFERENCE_P: found.p_better}
+    return {name: float(value) for name, value in values.items()}
+
+
 def _mcnemar(verdict: promotion.Verdict, production_run: RunSummary | None):  # noqa: ANN202
     """McNemar's test of the registered run's model against production's, image by image
     on the validation set, from their records (None when either lacks them)."""
@@ -326,6 +363,7 @@ def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunS
                 report_dir.mkdir(parents=True, exist_ok=True)
                 for name in files:
                     (report_dir / name).write_bytes((folder / name).read_bytes())
+        run.log_metrics(_verdict_metrics(c), step=0)
         run.set_tags(_outcome_tags(c))
         # The description shows the figures where they are: among the run's artifacts.
         run.describe(render_report(c, shown, inline_figure(run.run_id)))

@@ -285,6 +285,23 @@ CHILDREN_NOT_FINISHED = metric("children_not_finished", "sweep parent",
 BEST_GROUP_VAL_ACC = metric(f"best_group_{FINAL_VAL_ACC}", "sweep parent",
                             f"the best group's mean {FINAL_VAL_ACC} among the finished children")
 
+# A comparison's verdict in numbers, on the selection metric: what its Metrics tab and the
+# runs tables show. "Against" is production's group, or with no production the runner-up.
+CHOSEN_MEAN = metric("chosen_mean", "comparison run", "the chosen group's mean")
+CHOSEN_N = metric("chosen_n", "comparison run", "the chosen group's seeds")
+CHOSEN_LOW = metric("chosen_low", "comparison run", "the lower end of its mean's 95% interval")
+CHOSEN_HIGH = metric("chosen_high", "comparison run", "the upper end of that interval")
+AGAINST_MEAN = metric("against_mean", "comparison run",
+                      "the mean of what it was judged against: production's group, or with "
+                      "no production the runner-up")
+AGAINST_N = metric("against_n", "comparison run", "that group's seeds")
+DIFFERENCE = metric("difference", "comparison run", "chosen − against, in the metric's units")
+DIFFERENCE_LOW = metric("difference_low", "comparison run",
+                        "the lower end of the difference's 95% interval (seeds and images)")
+DIFFERENCE_HIGH = metric("difference_high", "comparison run", "its upper end")
+DIFFERENCE_P = metric("difference_p", "comparison run",
+                      "the one-sided p-value that the chosen group is better")
+
 
 def rounded(name: str, value: float) -> float:
     """`value` to the digits metric `name` means (unknown metrics unchanged)."""

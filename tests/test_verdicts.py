@@ -457,6 +457,15 @@ def test_a_sweep_and_two_compares_leave_records_tags_verdicts_and_pictures(
     assert comparison.data.tags["production_alias"].startswith(
         ("production -> version 2", "production stays at version 1"))
     assert comparison.data.tags[DESCRIPTION_TAG].count("## Verdict") == 1
+    # The verdict in numbers, for its Metrics tab and the runs tables: the chosen group (the
+    # second sweep's three seeds) against production's (the first sweep's two).
+    metrics = comparison.data.metrics
+    assert (metrics["chosen_n"], metrics["against_n"]) == (3, 2)
+    assert metrics["difference"] == pytest.approx(metrics["chosen_mean"]
+                                                  - metrics["against_mean"])
+    assert metrics["chosen_low"] <= metrics["chosen_mean"] <= metrics["chosen_high"]
+    assert metrics["difference_low"] <= metrics["difference"] <= metrics["difference_high"]
+    assert 0 <= metrics["difference_p"] <= 1
     assert "disagreements.png" in {a.path for a in client.list_artifacts(comparison.info.run_id)}
     assert (tmp_path / "report" / "disagreements.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -279,7 +279,9 @@ def _verdict_metrics(c: Comparison) -> dict[str, float]:
     if found.known:
         values |= {DIFFERENCE_LOW: found.low, DIFFERENCE_HIGH: found.high,
                    DIFFERENCE_P: found.p_better}
-    return {name: float(value) for name, value in values.items()}
+    # To the digits they mean: points to 0.001, p to 4 significant digits.
+    return {name: float(f"{value:.4g}") if name == DIFFERENCE_P else round(float(value), 3)
+            for name, value in values.items()}
 
 
 def _mcnemar(verdict: promotion.Verdict, production_run: RunSummary | None):  # noqa: ANN202

@@ -70,6 +70,11 @@ def with_production(experiment: str, accuracies: list[float], model: Path,
     assert aliases(experiment) == {PRODUCTION: "1"}
 
 
+def registered_run(out: str) -> str:
+    """The id of the run `compare` says it registered."""
+    return out.split("Registered run: ")[1].split("(")[1].split(")")[0]
+
+
 def aliases(model: str) -> dict[str, str]:
     return {alias: str(version) for alias, version in
             MlflowClient().get_registered_model(model).aliases.items()}
@@ -238,7 +243,7 @@ def test_a_lucky_one_seed_group_does_not_block_a_real_winner_with_more_seeds(
     assert code == 0, err
     assert "opt lr0.04, seed 1 has the highest, 99.42" in out
     assert "of the groups that beat production it is the surest gain" in out
-    registered = out.split("Registered run: ")[1].split("(")[1].split(")")[0]
+    registered = registered_run(out)
     assert registered in five
     assert "replaces version 1" in out and "moved on a real gain" in out
     assert aliases("lucky") == {PRODUCTION: "2", PREVIOUS: "1"}
@@ -258,7 +263,7 @@ def test_the_first_promotion_does_not_go_to_a_one_seed_group_high_by_luck(
     assert code == 0, err
     assert "opt lr0.04, seed 1 has the highest, 99.80" in out
     assert "the first promotion goes to the surest group" in out
-    registered = out.split("Registered run: ")[1].split("(")[1].split(")")[0]
+    registered = registered_run(out)
     assert registered in four
     assert aliases("first-lucky") == {PRODUCTION: "1"}
 

@@ -284,6 +284,10 @@ CHILDREN_NOT_FINISHED = metric("children_not_finished", "sweep parent",
                                "children that FAILED, were KILLED or never began")
 BEST_GROUP_VAL_ACC = metric(f"best_group_{FINAL_VAL_ACC}", "sweep parent",
                             f"the best group's mean {FINAL_VAL_ACC} among the finished children")
+BEST_CHILD_VAL_ACC = metric(f"best_child_{FINAL_VAL_ACC}", "sweep parent",
+                            f"the best {FINAL_VAL_ACC} of a finished child")
+MEAN_CHILD_VAL_ACC = metric(f"mean_child_{FINAL_VAL_ACC}", "sweep parent",
+                            f"the mean {FINAL_VAL_ACC} over the finished children")
 
 # A comparison's verdict in numbers, on the selection metric: what its Metrics tab and the
 # runs tables show. "Against" is production's group, or with no production the runner-up.

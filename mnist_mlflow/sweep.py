@@ -36,6 +36,7 @@ from mnist_mlflow.mlrun import MlflowRun, lease_of
 from mnist_mlflow.record import EXPERIMENT_TAGS, settings_record
 from mnist_mlflow.runtime import Share, auto_threads, busy_cores, omp_limit, usable_cores
 from mnist_mlflow.schema import (
+    BEST_CHILD_VAL_ACC,
     BEST_GROUP_VAL_ACC,
     CHILDREN_FINISHED,
     CHILDREN_NOT_FINISHED,
@@ -45,6 +46,7 @@ from mnist_mlflow.schema import (
     DEFAULT_EXPERIMENT,
     DESCRIPTION_TAG,
     FINAL_VAL_ACC,
+    MEAN_CHILD_VAL_ACC,
     PHASE_TAG,
     PLAN_ARTIFACT,
     ROLE_TAG,
@@ -547,12 +549,17 @@ def _end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
     outcome = (f"{counts['FINISHED']} of {len(result.children)} children finished"
                + "".join(f", {count} {name}" for name, count in counts.items()
                          if count and name != "FINISHED") + ".")
-    best = _best_group(parent.client, [c.run_id for c in result.children
+    groups = _val_accs(parent.client, [c.run_id for c in result.children
                                        if c.status == "FINISHED"])
     metrics = {CHILDREN_FINISHED: counts["FINISHED"],
                CHILDREN_NOT_FINISHED: len(result.children) - counts["FINISHED"]}
-    if best is not None:
-        name, mean, seeds = best
+    if groups:
+        every = [value for values in groups.values() for value in values]
+        # The children's best and mean, so that the parent's row reads in the runs table.
+        metrics |= {BEST_CHILD_VAL_ACC: round(max(every), 2),
+                    MEAN_CHILD_VAL_ACC: round(sum(every) / len(every), 2)}
+        name, values = max(groups.items(), key=lambda item: sum(item[1]) / len(item[1]))
+        mean, seeds = sum(values) / len(values), len(values)
         outcome += (f" Best group by mean {FINAL_VAL_ACC}: {name}, {mean:.2f} over {seeds} "
                     f"seed{'s' if seeds > 1 else ''} (`mnist-mlflow compare` says whether it "
                     "beats the others).")
@@ -563,15 +570,12 @@ def _end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
     parent.end(status)
 
 
-def _best_group(client: MlflowClient, run_ids: Sequence[str]) -> tuple[str, float, int] | None:
-    """(config_group, mean final_val_acc, seeds) of the best group among these runs."""
+def _val_accs(client: MlflowClient, run_ids: Sequence[str]) -> dict[str, list[float]]:
+    """The final_val_acc of each of these runs that has one, by config_group."""
     groups: dict[str, list[float]] = {}
     for run_id in run_ids:
         run = client.get_run(run_id)
         if FINAL_VAL_ACC in run.data.metrics:
             groups.setdefault(run.data.tags.get(CONFIG_GROUP_TAG, "?"), []).append(
                 run.data.metrics[FINAL_VAL_ACC])
-    if not groups:
-        return None
-    name, values = max(groups.items(), key=lambda item: sum(item[1]) / len(item[1]))
-    return name, sum(values) / len(values), len(values)
+    return groups

@@ -44,6 +44,11 @@ def test_default_sweep_trains_the_seeds_two_variants_as_children(
         assert f"run {child.info.run_id} FINISHED" in out
     assert parent.data.tags["children_finished"] == "2"
     assert parent.data.tags["children_failed"] == "0"
+    # Its row in the runs table reads: its children's best, mean and best group.
+    accs = [c.data.metrics["final_val_acc"] for c in children]
+    assert parent.data.metrics["best_child_final_val_acc"] == round(max(accs), 2)
+    assert parent.data.metrics["mean_child_final_val_acc"] == round(sum(accs) / 2, 2)
+    assert parent.data.metrics["best_group_final_val_acc"] == round(max(accs), 2)
     # The second waited SCHEDULED while the first trained: the wait is its own tag (the UI's
     # Duration counts from creation), and what is left of its Duration is its training.
     first, second = (float(c.data.tags["queued_seconds"]) for c in children)

@@ -163,8 +163,11 @@ def registrable(candidates: Sequence[tuple[str, str]], model_name: str, metric: 
             check_loads(logged_model_uri(run_id))
         except UserError as err:
             why = str(err).removeprefix(f"run {name} ({run_id}) ")
-            passed_over.append(f"run {name} ({run_id}) cannot be registered ({why}); "
-                               f"`mnist-mlflow reproduce {run_id}` trains it again")
+            # Its metrics still count; a reproduction is no training run, so the way out
+            # is a new training run of its configuration, or the run deleted.
+            passed_over.append(f"run {name} ({run_id}) cannot be registered ({why}); its "
+                               "metrics still count. Train its configuration again, or "
+                               f"leave it out: `mlflow runs delete --run-id {run_id}`")
             continue
         return run_id, passed_over
     return None, passed_over

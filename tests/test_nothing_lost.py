@@ -95,7 +95,7 @@ def test_compare_never_points_production_at_a_model_that_does_not_load(
         name = client.get_run(second.run_id).info.run_name
         assert (f"run {name} ({second.run_id}) cannot be registered (cannot load model"
                 in out), out
-        assert f"`mnist-mlflow reproduce {second.run_id}` trains it again" in out
+        assert f"leave it out: `mlflow runs delete --run-id {second.run_id}`" in out
         assert ("Not registered: no run of opt e3 lr0.05 val256 n512 t256, seed 1 has a model "
                 "that can be registered (see the notes above). Production stays as it was."
                 in out), out

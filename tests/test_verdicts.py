@@ -281,7 +281,7 @@ def test_a_run_whose_model_files_are_gone_is_passed_over_for_its_groups_next_bes
 
     assert code == 0, err
     assert f"run group-seed1 ({best}) cannot be registered (cannot load model" in out
-    assert f"`mnist-mlflow reproduce {best}` trains it again" in out
+    assert f"leave it out: `mlflow runs delete --run-id {best}`" in out
     assert "Registered run: group-seed2 (" in out
     assert aliases("model-gone") == {PRODUCTION: "1"}
     version = MlflowClient().get_model_version("model-gone", "1")

@@ -60,6 +60,7 @@ from mnist_mlflow.schema import (
     TORCHVISION_VERSION_TAG,
     TRAIN_ROLE,
     config_from_params,
+    rounded,
     settings_of,
 )
 from mnist_mlflow.store import absolute_uri, open_store
@@ -228,18 +229,30 @@ def compare_histories(original: Mapping[str, Mapping[int, float]],
 
 
 def history(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
-    """metric -> epoch -> value: unrounded, from the run's checkpoint (logged metrics are
-    rounded to the digits they mean, which would hide small differences); the logged
-    metrics for a run without one."""
+    """metric -> epoch -> value (see exact_history)."""
+    return exact_history(client, run_id)[0]
+
+
+def exact_history(client: MlflowClient, run_id: str
+                  ) -> tuple[dict[str, dict[int, float]], bool]:
+    """metric -> epoch -> value, and whether unrounded: from the run's checkpoint (logged
+    metrics are rounded to the digits they mean, which would hide small differences); the
+    logged metrics for a run without one (made before checkpoints, or its files gone)."""
     from mnist_mlflow.record import load_checkpoint
 
     try:
         records = load_checkpoint(client, run_id)["history"]
     except (UserError, MlflowException, OSError, KeyError):
         return {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
-                for name in COMPARED}
+                for name in COMPARED}, False
     return {name: {int(r["epoch"]): float(r[name]) for r in records if name in r}
-            for name in COMPARED}
+            for name in COMPARED}, True
+
+
+def as_logged(found: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """A history rounded as its metrics are logged."""
+    return {name: {epoch: rounded(name, value) for epoch, value in values.items()}
+            for name, values in found.items()}
 
 
 def seed_spread(client: MlflowClient, run: Run) -> tuple[dict[str, dict[int, float]], int]:
@@ -351,9 +364,11 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
     differences = [f"{key}: {value} here, {theirs} in the original"
                    for key, theirs in environment(original.data.tags).items()
                    if (value := environment(rerun.data.tags).get(key, "?")) != theirs]
-    verdict = compare_histories(history(client, original.info.run_id),
-                                history(client, run.run_id), epochs, spread, seeds,
-                                differences)
+    theirs, exact = exact_history(client, original.info.run_id)
+    ours = history(client, run.run_id)
+    if not exact:  # the original's checkpoint is gone: compare at the digits it logged
+        ours = as_logged(ours)
+    verdict = compare_histories(theirs, ours, epochs, spread, seeds, differences)
     _record(client, target, run, verdict, code_note)
     return Outcome(target, run.run_id, verdict, code_note)
 

@@ -83,19 +83,24 @@ def evidence(group: Group, production: Group, rule: SelectionRule) -> str:
 
 
 def surest(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled) -> Group:
-    """The group whose mean is surest: the best 95% bound on the metric (the lower for a
-    higher-is-better one), seed and image noise counted with the seeds' spread pooled. Groups
-    of equal seeds keep the rule's order; a group of fewer seeds comes first only where its
-    mean stays ahead beyond the noise it carries, so a one-seed group that is high by luck
-    is not chosen over one measured on more seeds. Where no bound can be told (no group has
-    two seeds), the rule's order."""
-    bounds = [interval(g.sample(rule.metric), pooled) for g in eligible]
-    if any(b.low is None for b in bounds):
-        return eligible[0]
-    # max keeps the first of equals: the rule's order.
-    best = max(range(len(eligible)), key=lambda i: bounds[i].low if rule.higher_is_better
-               else -bounds[i].high)
-    return eligible[best]
+    """The rule's first group, unless a group of more seeds is surer: its 95% bound on the
+    metric (the lower for a higher-is-better one; seed and image noise, the seeds' spread
+    pooled) is better. So a one-seed group that is high by luck is not chosen over one
+    measured on more seeds, and groups of equal seeds keep the rule's order. Where no bound
+    can be told (no group has two seeds), the rule's first."""
+    def bound(group: Group) -> float | None:
+        found = interval(group.sample(rule.metric), pooled)
+        if found.low is None:
+            return None
+        return found.low if rule.higher_is_better else -found.high
+
+    chosen, chosen_bound = eligible[0], bound(eligible[0])
+    for group in eligible[1:]:  # in the rule's order: the first of equals stays
+        if group.n > chosen.n and chosen_bound is not None:
+            found = bound(group)
+            if found is not None and found > chosen_bound:
+                chosen, chosen_bound = group, found
+    return chosen
 
 
 def decide(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled,

@@ -167,9 +167,10 @@ class SelectionRule:
                 f"`config_group`), among groups with `num_params` ≤ {self.max_params:,}; ties "
                 "go to more seeds, then fewer parameters, then the smaller mean absolute gap "
                 "(train − test accuracy at the last epoch). The first promotion goes to the "
-                "surest group (the best 95% bound of its mean, seed and image noise counted); "
-                "production moves only to a group that beats production's beyond seed and "
-                "image noise, with the error rate of every look controlled (Holm); the "
+                "first group unless one of more seeds is surer (a better 95% bound of its "
+                "mean, seed and image noise counted); production moves only to a group that "
+                "beats production's beyond seed and image noise, with the error rate of every "
+                "look controlled (Holm); the "
                 f"registered run is that group's run with the {best} `{self.metric}`")
 
     def eligible(self, group: Group) -> bool:

@@ -452,9 +452,40 @@ def runs(stale: bool, mark_killed: bool) -> None:
                f"no {'stale ' if stale else ''}RUNNING runs")
     if mark_killed:
         for run, lease in gone:
-            end_killed(run, lease)
+            end_killed(run, f"process gone ({lease.describe()})")
             click.echo(f"run {run.info.run_id} marked KILLED; resume it with: "
                        f"mnist-mlflow train --resume {run.info.run_id}")
+
+
+@cli.command()
+@click.option("--experiment", default="", metavar="NAME",
+              help="Check this experiment's runs and the versions registered from them "
+                   "(default: every experiment and every registered model).")
+@click.option("--repair", is_flag=True,
+              help="Make the safe repairs and say each: stale runs ended KILLED, missing "
+                   "records scored again from the run's model, the rest tagged broken so "
+                   "that every command leaves it out. Nothing is deleted.")
+@click.option("--data-dir", default=lambda: os.environ.get("MNIST_DATA_DIR", "data"),
+              show_default="$MNIST_DATA_DIR or data",
+              help="MNIST, for scoring missing per-image records again.")
+def doctor(experiment: str, repair: bool, data_dir: str) -> None:
+    """Check a store: one row per problem, and what --repair does about it.
+
+    Exit 0 when the store is whole, 1 while problems remain."""
+    from mnist_mlflow import doctor as checks
+    from mnist_mlflow.store import open_store
+
+    open_store(writes=repair)
+    checkup = checks.examine(experiment, data_dir)
+    if repair and checkup.problems:
+        click.echo(checks.describe(checkup))
+        for line in checks.repair(checkup):
+            click.echo(f"repaired {line}")
+        checkup = checks.examine(experiment, data_dir)
+        click.echo("After the repairs:")
+    click.echo(checks.describe(checkup))
+    if not checkup.whole:
+        sys.exit(1)
 
 
 @cli.command()
@@ -466,9 +497,15 @@ def models(model_name: str) -> None:
 
     rows = [["Version", "Aliases", "Run's metric", "Group judged (95% CI); verdict",
              "Reproduced", "Run name", "Run", "Registered"]]
+    versions = list_versions(model_name)
     rows += [[v.version, ", ".join(v.aliases), v.metric, v.judged, v.reproduced, v.run_name,
-              v.run_id, v.created] for v in list_versions(model_name)]
+              v.run_id, v.created] for v in versions]
     click.echo(markdown_table(rows))
+    for v in versions:
+        if v.broken:
+            held = f" ({', '.join(v.aliases)})" if v.aliases else ""
+            click.echo(f"Note: version {v.version}{held} is broken: {v.broken}; "
+                       "`mnist-mlflow doctor` says what to do")
 
 
 @cli.command()

@@ -247,7 +247,14 @@ def _registrable(comparison: Comparison, verdict: promotion.Verdict, model_name:
     ordered = comparison.rule.best_runs(verdict.group)
     run_id, passed_over = registry.registrable([(r.run_id, r.name) for r in ordered],
                                                model_name, comparison.rule.metric)
-    comparison.notes.extend(passed_over)
+    for line in passed_over:
+        # One line per broken run: what its records lacking means joins what to do.
+        unscored = next((n for n in comparison.notes if n.startswith("could not score ")
+                         and line.split(" (", 2)[1].split(")")[0] in n), None)
+        if unscored is not None:
+            comparison.notes.remove(unscored)
+            line += "; without its records, its group's image term is binomial and unpaired"
+        comparison.notes.append(line)
     if run_id is None:
         comparison.unregistrable = (f"no run of {verdict.group.label()} has a model that "
                                     "can be registered (see the notes above)")

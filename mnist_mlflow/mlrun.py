@@ -423,8 +423,7 @@ def running_runs(client: MlflowClient | None = None
     return found
 
 
-def mark_killed(run: Run, lease: Lease) -> None:
+def mark_killed(run: Run, why: str, by: str = "mnist-mlflow runs --stale --mark-killed"
+                ) -> None:
     """End a RUNNING run whose process is gone KILLED, saying so; --resume goes on with it."""
-    MlflowRun(run.info.run_id).end(
-        RunStatus.KILLED, f"process gone ({lease.describe()}); marked KILLED by "
-                          "mnist-mlflow runs --stale --mark-killed")
+    MlflowRun(run.info.run_id).end(RunStatus.KILLED, f"{why}; marked KILLED by {by}")

@@ -23,6 +23,7 @@ from mnist_mlflow.config import TrainConfig, UserError
 from mnist_mlflow.records import Records, RecordsError
 from mnist_mlflow.schema import (
     BEST_TEST_ACC,
+    BROKEN_TAG,
     FINAL_GAP,
     FINAL_TEST_ACC,
     METRICS,
@@ -103,6 +104,10 @@ def training_runs(runs: Iterable[Run], metric: str = "") -> tuple[list[RunSummar
         name = f"run {run.info.run_name} ({run.info.run_id})"
         if missing:
             skipped.append(f"skipping {name}: no {', '.join(missing)}")
+            continue
+        if BROKEN_TAG in run.data.tags:
+            skipped.append(f"skipping {name}: tagged broken ({run.data.tags[BROKEN_TAG]}); "
+                           "left out of every group")
             continue
         broken = [(m, why) for m in dict.fromkeys((*REQUIRED_METRICS, *RECORDED_METRICS, metric))
                   if m in metrics and (why := impossible(m, metrics[m]))]
@@ -222,11 +227,13 @@ def score_runs(runs: Sequence[RunSummary], scored: Sequence[str], data_dir: Path
 def _score(run: RunSummary, scored: Sequence[str], data_dir: Path | str) -> dict[str, Records]:
     # Loads torch (through the model and MNIST): only for runs made before records existed.
     from mnist_mlflow.predict import load_model
-    from mnist_mlflow.registry import logged_model_uri
+    from mnist_mlflow.registry import logged_model_uri, model_files_gone
 
     uri = logged_model_uri(run.run_id)
     if uri is None:
         raise UserError("it logged no model")
+    if model_files_gone(uri):
+        raise UserError(f"its model files are gone ({uri})")
     model = load_model(uri)
     data = _mnist(str(data_dir), run.config.train_limit, run.config.test_limit,
                   run.config.val_size)

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from mnist_mlflow import store
 from mnist_mlflow.config import UserError
 from mnist_mlflow.schema import (
+    BROKEN_TAG,
+    BROKEN_VERSION_TAG,
     DEFAULT_MODEL_NAME,
     LOOKS_TAG,
     REPRODUCED_AT_TAG,
@@ -33,6 +35,8 @@ from mnist_mlflow.store import open_store, store_error
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
+# A logged model is whole when MLflow can read what it is: its MLmodel file.
+MODEL_FILE = "MLmodel"
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class VersionRow:
     run_name: str
     run_id: str
     created: str
+    broken: str = ""  # what is broken about it (version_broken), "" when nothing
 
 
 # A version tag holds what the SQL stores allow; past it, older fingerprints are dropped, so
@@ -137,6 +142,29 @@ def logged_model_uri(run_id: str, experiment_id: str | None = None) -> str | Non
     return f"models:/{ready[0].model_id}" if ready else None
 
 
+def model_files_gone(model_uri: str, client: MlflowClient | None = None) -> bool:
+    """Whether the files of logged model `models:/<id>` are gone (deleted by hand, by a
+    cleanup job, by an artifact store's expiry rule): it has no MLmodel file. Reads a listing
+    only, so a store of many models is checked fast."""
+    client = client or store.client()
+    try:
+        listed = client.list_logged_model_artifacts(model_uri.removeprefix("models:/"))
+    except (MlflowException, OSError):
+        return True
+    return MODEL_FILE not in {f.path for f in listed}
+
+
+def version_broken(version: ModelVersion, client: MlflowClient | None = None) -> str:
+    """What is broken about a registered version ("" when nothing): tagged broken by
+    `doctor --repair`, or its model files gone."""
+    if BROKEN_VERSION_TAG in version.tags:
+        return f"tagged broken ({version.tags[BROKEN_VERSION_TAG]})"
+    source = version.source or ""
+    if source.startswith("models:/") and model_files_gone(source, client):
+        return f"its model files are gone ({source})"
+    return ""
+
+
 def check_registrable(run_id: str, model_name: str, metric: str) -> None:
     """UserError unless run `run_id` could be registered: FINISHED, with `metric` and a
     complete logged model (checked before a comparison records anything)."""
@@ -144,8 +172,14 @@ def check_registrable(run_id: str, model_name: str, metric: str) -> None:
     client = store.client()
     run = _finished_run(client, run_id)
     _metric(run, metric)
-    if logged_model_uri(run_id, run.info.experiment_id) is None:
+    if BROKEN_TAG in run.data.tags:
+        raise UserError(f"run {run.info.run_name} ({run_id}): tagged broken: "
+                        f"{run.data.tags[BROKEN_TAG]}")
+    uri = logged_model_uri(run_id, run.info.experiment_id)
+    if uri is None:
         raise UserError(f"run {run.info.run_name} ({run_id}) has no logged model to register")
+    if model_files_gone(uri, client):
+        raise UserError(f"run {run.info.run_name} ({run_id}): its model files are gone ({uri})")
 
 
 def registrable(candidates: Sequence[tuple[str, str]], model_name: str, metric: str
@@ -162,12 +196,13 @@ def registrable(candidates: Sequence[tuple[str, str]], model_name: str, metric: 
             check_registrable(run_id, model_name, metric)
             check_loads(logged_model_uri(run_id))
         except UserError as err:
-            why = str(err).removeprefix(f"run {name} ({run_id}) ")
+            why = str(err).removeprefix(f"run {name} ({run_id})").lstrip(": ")
             # Its metrics still count; a reproduction is no training run, so the way out
             # is a new training run of its configuration, or the run deleted.
-            passed_over.append(f"run {name} ({run_id}) cannot be registered ({why}); its "
-                               "metrics still count. Train its configuration again, or "
-                               f"leave it out: `mlflow runs delete --run-id {run_id}`")
+            passed_over.append(f"run {name} ({run_id}) cannot be registered: {why}. Its "
+                               "metrics still count: train its configuration again, or "
+                               "leave it out with `mnist-mlflow doctor --repair` (tags it "
+                               "broken, deletes nothing)")
             continue
         return run_id, passed_over
     return None, passed_over
@@ -226,6 +261,9 @@ def promote(model_name: str, version: str) -> Promotion:
         raise UserError(f"registered model {model_name!r} has no version {version!r}; "
                         "see `mnist-mlflow models`") from None
     _finished_run(client, target.run_id)
+    broken = version_broken(target, client)
+    if broken:
+        raise UserError(f"version {version} of {model_name!r} cannot be {PRODUCTION}: {broken}")
     current = production_version(model_name, client)
     if current is not None and str(current.version) == str(target.version):
         return Promotion(target.version, False, f"version {version} is already {PRODUCTION}")
@@ -314,5 +352,5 @@ def list_versions(model_name: str = DEFAULT_MODEL_NAME) -> list[VersionRow]:
                                    if REPRODUCED_AT_TAG in v.tags else ""])),
                                v.tags.get("run_name", ""), v.run_id or "",
                                datetime.fromtimestamp(v.creation_timestamp / 1000)
-                               .strftime("%Y-%m-%d %H:%M")))
+                               .strftime("%Y-%m-%d %H:%M"), version_broken(v, client)))
     return rows

@@ -43,6 +43,7 @@ from mnist_mlflow.schema import (
     MNIST_MD5_TAG_PREFIX,
     PATCH_ARTIFACT,
     PRECISION_TAG,
+    RECORD_TAGS,
     REPRODUCED_AT_TAG,
     REPRODUCED_CODE_TAG,
     REPRODUCED_EPOCHS_TAG,
@@ -54,7 +55,6 @@ from mnist_mlflow.schema import (
     REPRODUCTION_MEASURE_TAG,
     REPRODUCTION_ROLE,
     ROLE_TAG,
-    THREADS_TAG,
     TORCH_THREADS_TAG,
     TORCH_VERSION_TAG,
     TORCHVISION_VERSION_TAG,
@@ -71,9 +71,6 @@ IDENTICAL, WITHIN_NOISE, DIFFERS = "identical", "within-noise", "differs"
 NOISE_SDS = 2.0
 # Compared per epoch: everything the loop measures but its duration.
 COMPARED = [name for name in EPOCH_METRICS if name != EPOCH_SECONDS]
-# What a run must have recorded to be rebuilt from its record (besides every setting).
-RECORD_TAGS = (CODE_SOURCE_TAG, TORCH_VERSION_TAG, DEVICE_TAG, PRECISION_TAG, COMPILED_TAG,
-               THREADS_TAG)
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,11 @@ LEASE_TAG = tag("mnist_mlflow.lease", "every run",
 # runs they left RUNNING are found stale.
 OLD_LEASE_TAGS = ("mnist_mlflow.lease.host", "mnist_mlflow.lease.pid",
                   "mnist_mlflow.lease.heartbeat")
+# What `doctor --repair` found broken on a run or a version, in words: every command leaves
+# it out and says this. A tag, never a deletion: remove it once the run is whole again.
+BROKEN_TAG = tag("mnist_mlflow.broken", "every run",
+                 "set by `mnist-mlflow doctor --repair`: what is missing or wrong; every command "
+                 "leaves the run out, saying so")
 # On a sweep's parent and every child: the phase the sweep trained (none for --variant sweeps).
 PHASE_TAG = tag("mnist_mlflow.phase", "training run",
                 "the phase its sweep trained (on the sweep parent too); absent on `--variant` "
@@ -198,6 +203,9 @@ LOOKS_TAG = tag("challenger_looks", "model version",
 SEEN_TAG = tag("challengers_seen", "model version",
                "on production: the evidence (runs) already judged; the same runs compared "
                "again are judged as before")
+BROKEN_VERSION_TAG = tag(BROKEN_TAG, "model version",
+                        "set by `mnist-mlflow doctor --repair`: its source run or model files "
+                        "are gone; `promote` refuses it")
 REPRODUCED_VERSION_TAG = tag(REPRODUCED_TAG, "model version", "what `reproduce` found")
 REPRODUCED_AT_TAG = tag("reproduced_at", "model version", "when, and the run it made")
 # The experiment's description and the saved views of the runs table (the UI's own kind).
@@ -206,6 +214,11 @@ EXPERIMENT_DESCRIPTION_TAG = tag(DESCRIPTION_TAG, "experiment",
 SHARED_VIEW_TAG_PREFIX = tag("mlflow.sharedViewState.", "experiment",
                              "the saved views *Training runs, best first* and *Training runs "
                              "by configuration*")
+
+# What a training run must have recorded to be rebuilt by `reproduce` (besides every setting
+# and the MD5 of each MNIST file it read).
+RECORD_TAGS = (CODE_SOURCE_TAG, TORCH_VERSION_TAG, DEVICE_TAG, PRECISION_TAG, COMPILED_TAG,
+               THREADS_TAG)
 
 # --- metrics ----------------------------------------------------------------------------------
 

@@ -412,10 +412,10 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
                         "stop that process first")
     given = dict(given or {})
     overrides = {name: given.pop(name) for name in RUNTIME_SETTINGS if name in given}
+    latest = _latest_children(client, parent_run)
     configs = [dataclasses.replace(
         config_from_params(parent_run_id, {k: str(v) for k, v in settings.items()}, given),
-        **overrides) for settings in _plan(client, parent_run_id)]
-    latest = _latest_children(client, parent_run)
+        **overrides) for settings in _plan(client, parent_run, latest)]
     parent = MlflowRun(parent_run_id, client)
     parent.reopen()
     parent.hold_lease()
@@ -436,15 +436,26 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
                            executor or LocalExecutor())
 
 
-def _plan(client: MlflowClient, parent_run_id: str) -> list[dict[str, object]]:
-    """The settings of every child, as the parent recorded them when the sweep started."""
+def _plan(client: MlflowClient, parent: Run, children: Mapping[TrainConfig, Run]
+          ) -> list[dict[str, object]]:
+    """The settings of every child, as the parent recorded them when the sweep started. When
+    that record is gone (its files deleted), the children made so far stand for it: each
+    holds its settings as params, and a sweep makes its children before training any."""
+    parent_run_id = parent.info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(parent_run_id, PLAN_ARTIFACT, tmp)
-        except (MlflowException, OSError):
-            raise UserError(f"sweep {parent_run_id} has no {PLAN_ARTIFACT}: it cannot be "
-                            "resumed; start the sweep again") from None
-        return json.loads(Path(path).read_text())
+            return json.loads(Path(path).read_text())
+        except (MlflowException, OSError, ValueError) as err:
+            if not children:
+                raise UserError(f"sweep {parent.info.run_name} ({parent_run_id}) has no "
+                                f"readable {PLAN_ARTIFACT} and no children: it cannot be "
+                                "resumed; start the sweep again") from None
+            log.warning("sweep %s (%s): its %s is %s; going on with the %d children it made, "
+                        "from their params", parent.info.run_name, parent_run_id,
+                        PLAN_ARTIFACT, "unreadable" if isinstance(err, ValueError) else "gone",
+                        len(children))
+    return [settings_of(run) for run in children.values()]
 
 
 def _latest_children(client: MlflowClient, parent: Run) -> dict[TrainConfig, Run]:

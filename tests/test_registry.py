@@ -214,8 +214,8 @@ def test_a_run_without_a_model_is_compared_but_leaves_the_registry_untouched(
 
     # Compared and reported; the run is named with what it lacks, and nothing registered.
     assert code == 0, err
-    assert (f"run metrics-only ({run.info.run_id}) cannot be registered (has no logged "
-            "model to register)") in out
+    assert (f"run metrics-only ({run.info.run_id}) cannot be registered: has no logged "
+            "model to register") in out
     assert "Not registered: no run of " in out and "Production stays as it was." in out
     assert client.search_registered_models("name = 'no-model'") == []
     [comparison] = [r for r in client.search_runs([run.info.experiment_id])

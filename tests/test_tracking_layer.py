@@ -21,6 +21,7 @@ from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.schema import (
     DESCRIPTION_TAG,
     EPOCH_METRICS,
+    PLAN_ARTIFACT,
     ROLE_TAG,
     SUMMARY_METRICS,
     SUMMARY_STEP,
@@ -251,26 +252,32 @@ class StopAfterFirst:
         raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("plan", ["kept", "gone"])
 def test_an_interrupted_sweep_leaves_the_children_it_did_not_start_scheduled(
-        store: str, mnist_root: Path) -> None:
+        store: str, mnist_root: Path, plan: str, caplog: pytest.LogCaptureFixture) -> None:
     from mnist_mlflow.sweep import resume_sweep
 
+    experiment = f"interrupted-sweep-plan-{plan}"
     configs = sweep_configs(tiny_config(epochs=1, threads=1), [("opt", 0.0), ("opt", 0.05)])
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(configs, mnist_root, "interrupted-sweep", progress=False,
+        run_sweep(configs, mnist_root, experiment, progress=False,
                   executor=StopAfterFirst())
-    [parent] = [r for r in mlflow.search_runs(experiment_names=["interrupted-sweep"],
+    [parent] = [r for r in mlflow.search_runs(experiment_names=[experiment],
                                               output_format="list")
                 if r.data.tags.get(ROLE_TAG) == "sweep"]
     assert parent.info.status == "KILLED"
     assert parent.data.tags["children_scheduled"] == "1"
-    first, second = children_of("interrupted-sweep", parent.info.run_id)
+    first, second = children_of(experiment, parent.info.run_id)
     assert (first.info.status, second.info.status) == ("FINISHED", "SCHEDULED")
+    if plan == "gone":  # deleted by a cleanup job: the children it made stand for it
+        (Path(parent.info.artifact_uri.removeprefix("file://")) / PLAN_ARTIFACT).unlink()
 
     result = resume_sweep(parent.info.run_id, mnist_root, progress=False)
 
     assert [c.status for c in result.children] == ["FINISHED", "FINISHED"]
     # The child that never began trained in its own run: no extra child appeared.
-    assert [c.info.run_id for c in children_of("interrupted-sweep", parent.info.run_id)] == [
+    assert [c.info.run_id for c in children_of(experiment, parent.info.run_id)] == [
         first.info.run_id, second.info.run_id]
+    assert (f"its {PLAN_ARTIFACT} is gone; going on with the 2 children it made"
+            in caplog.text) == (plan == "gone")
     assert MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"

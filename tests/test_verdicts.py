@@ -280,8 +280,9 @@ def test_a_run_whose_model_files_are_gone_is_passed_over_for_its_groups_next_bes
     code, out, err = compare("model-gone", capsys, monkeypatch)
 
     assert code == 0, err
-    assert f"run group-seed1 ({best}) cannot be registered (cannot load model" in out
-    assert f"leave it out: `mlflow runs delete --run-id {best}`" in out
+    assert (f"run group-seed1 ({best}) cannot be registered: its model files are gone "
+            f"(models:/{model.model_id})") in out
+    assert "leave it out with `mnist-mlflow doctor --repair`" in out
     assert "Registered run: group-seed2 (" in out
     assert aliases("model-gone") == {PRODUCTION: "1"}
     version = MlflowClient().get_model_version("model-gone", "1")

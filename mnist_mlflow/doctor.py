@@ -22,6 +22,7 @@ from pathlib import Path
 from mlflow.entities import LoggedModelStatus, Run, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
@@ -29,7 +30,7 @@ from mnist_mlflow import store
 from mnist_mlflow.mlrun import STALE_AFTER_S, lease_of, mark_killed
 from mnist_mlflow.queries import score_runs, summary_of
 from mnist_mlflow.records import Records, RecordsError
-from mnist_mlflow.registry import PRODUCTION, model_files_gone, version_broken
+from mnist_mlflow.registry import MODEL_FILE, PRODUCTION, version_broken
 from mnist_mlflow.report import markdown_table
 from mnist_mlflow.schema import (
     BROKEN_TAG,
@@ -203,7 +204,7 @@ def _check_run(client: MlflowClient, checkup: Checkup, experiment: str, run: Run
         return
     if role != TRAIN_ROLE or info.status != "FINISHED":
         return
-    gone = _missing(client, run, models)
+    gone = _missing(run, models)
     records_only = [what for what in gone if what.startswith("records:")]
     if records_only and len(records_only) == len(gone):
         problem("; ".join(w.removeprefix("records: ") for w in gone),
@@ -218,25 +219,26 @@ def _check_run(client: MlflowClient, checkup: Checkup, experiment: str, run: Run
         checkup.unreproducible += 1
 
 
-def _missing(client: MlflowClient, run: Run, models: list) -> list[str]:
+def _missing(run: Run, models: list) -> list[str]:
     """What a FINISHED training run lacks or gets wrong, one phrase each (those about its
     per-image records start `records: `)."""
     gone = []
+    location = run.info.artifact_uri
     ready = [m for m in models if m.status == LoggedModelStatus.READY]
     if not ready:
         gone.append("no complete logged model")
-    elif model_files_gone(f"models:/{ready[0].model_id}", client):
+    elif MODEL_FILE not in _listed(ready[0].artifact_location):
         gone.append(f"model files gone (models:/{ready[0].model_id})")
     params, metrics = run.data.params, run.data.metrics
     epochs = params.get("epochs", "")
-    checkpoints = {a.path for a in _listed(client, run.info.run_id, CHECKPOINT_DIR)}
+    checkpoints = _listed(location, CHECKPOINT_DIR)
     if epochs.isdigit() and checkpoint_artifact(int(epochs)) not in checkpoints \
             and LEGACY_CHECKPOINT not in checkpoints:
         gone.append(f"checkpoint of epoch {epochs} gone")
-    if run.data.tags.get(CODE_DIRTY_TAG) == "true" and PATCH_ARTIFACT not in {
-            a.path for a in _listed(client, run.info.run_id, PATCH_ARTIFACT.rsplit("/", 1)[0])}:
+    if run.data.tags.get(CODE_DIRTY_TAG) == "true" and PATCH_ARTIFACT not in _listed(
+            location, PATCH_ARTIFACT.rsplit("/", 1)[0]):
         gone.append(f"{PATCH_ARTIFACT} gone (`reproduce --at-commit` needs it)")
-    present = {a.path for a in _listed(client, run.info.run_id, PREDICTIONS_DIR)}
+    present = _listed(location, PREDICTIONS_DIR)
     for metric, scored in RECORDED_METRICS.items():
         if metric not in metrics:
             continue  # a run without a validation split has no validation records
@@ -244,7 +246,7 @@ def _missing(client: MlflowClient, run: Run, models: list) -> list[str]:
         if artifact not in present:
             gone.append(f"records: {scored} records gone")
             continue
-        found = _read(client, run.info.run_id, artifact)
+        found = _read(location, artifact)
         if isinstance(found, str):
             gone.append(f"records: {scored} records unreadable ({found})")
         elif abs(found.accuracy - metrics[metric]) > AGREE_WITHIN:
@@ -254,17 +256,21 @@ def _missing(client: MlflowClient, run: Run, models: list) -> list[str]:
     return gone
 
 
-def _listed(client: MlflowClient, run_id: str, path: str) -> list:
+def _listed(location: str, path: str = "") -> set[str]:
+    """The paths under `path` of the artifacts at `location` (a run's artifact URI, a logged
+    model's artifact location); none when it cannot be listed. Read from the artifact store
+    straight, not through the run (which reads the run from the tracking store each time)."""
     try:
-        return client.list_artifacts(run_id, path)
+        return {f.path for f in get_artifact_repository(location).list_artifacts(path or None)}
     except (MlflowException, OSError):
-        return []
+        return set()
 
 
-def _read(client: MlflowClient, run_id: str, artifact: str) -> Records | str:
+def _read(location: str, artifact: str) -> Records | str:
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            return Records.read(client.download_artifacts(run_id, artifact, tmp))
+            return Records.read(get_artifact_repository(location).download_artifacts(
+                artifact, tmp))
         except (RecordsError, MlflowException, OSError) as err:
             return store.store_error(err)
 
@@ -272,11 +278,11 @@ def _read(client: MlflowClient, run_id: str, artifact: str) -> Records | str:
 def _rescore(client: MlflowClient, run: Run, data_dir: Path | str) -> str:
     summary = summary_of(run)
     scored = [s for m, s in RECORDED_METRICS.items() if m in run.data.metrics]
-    present = {a.path for a in _listed(client, run.info.run_id, PREDICTIONS_DIR)}
+    present = _listed(run.info.artifact_uri, PREDICTIONS_DIR)
     # Unreadable records are scored again too: keep only those that read.
     for name in scored:
         if records_artifact(name) in present:
-            found = _read(client, run.info.run_id, records_artifact(name))
+            found = _read(run.info.artifact_uri, records_artifact(name))
             if isinstance(found, Records):
                 summary.records[name] = found
     failed = score_runs([summary], scored, data_dir)

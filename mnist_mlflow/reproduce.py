@@ -29,6 +29,7 @@ from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.queries import search_all
 from mnist_mlflow.registry import check_model_name
 from mnist_mlflow.schema import (
+    BROKEN_TAG,
     CODE_DIRTY_TAG,
     CODE_SOURCE_TAG,
     CODE_VERSION_TAG,
@@ -298,6 +299,10 @@ def reproduce(text: str, data_dir: Path | str, epochs: int = 0, experiment: str 
     target = resolve_target(text)
     original = target.run
     config = dataclasses.replace(recorded_config(original), **(overrides or {}))
+    if BROKEN_TAG in original.data.tags:
+        # A check of a broken run is still a check: its metrics and record are whole.
+        say(f"Note: run {original.info.run_name} ({original.info.run_id}) is tagged broken "
+            f"({original.data.tags[BROKEN_TAG]}); reproducing it from its record all the same")
     recorded_epochs = config.epochs
     if epochs < 0 or epochs > recorded_epochs:
         raise UserError(f"invalid --epochs: must be in [1, {recorded_epochs}] (the run "

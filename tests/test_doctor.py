@@ -167,6 +167,11 @@ def test_doctor_names_every_fault_and_repair_mends_or_tags_each_deleting_nothing
     assert code == 0, err
     for role in ("gone", "wrong"):
         assert f"({broken[role]}): tagged broken (" in err
+    # A broken run can still be checked: `reproduce` reruns it from its record, saying so.
+    code, out, err = run_cli(["reproduce", broken["gone"], "--data-dir", str(mnist_root)],
+                             capsys, monkeypatch)
+    assert code == 0, err
+    assert f"({broken['gone']}) is tagged broken (model files gone" in out
     assert len([r for r in client.search_runs(
         [client.get_experiment_by_name(EXPERIMENT).experiment_id],
         f"tags.{ROLE_TAG} = '{COMPARISON_ROLE}' and attributes.status = 'FAILED'")]) == 1

@@ -8,14 +8,18 @@ basic-auth users in new databases, proxied artifacts on a tmpfs of their own, so
 disk can fill) on 127.0.0.1, a registered `mnist-cnn@production`, then `mnist-mlflow sweep
 --executor ray` of `--children` children (two variants over seeds) as the admin user. At
 moments drawn from the seed it injects: `kill -9` of Ray workers while they train, `kill -9`
-of the sweep's driver, a server restart, and a full artifact disk for a while. Whenever the
-driver has ended (killed, or with children FAILED), `sweep --resume` starts again, until
-the sweep finishes or `--max-rounds`. Then it audits the store: children FINISHED, epochs
-logged once each (none missing, none twice, for every per-epoch metric), runs left RUNNING,
-checkpoints that do not load, registry aliases moved, and drivers that printed a traceback.
+of the sweep's driver, a server restart, a full artifact disk for a while, and losses as a
+cleanup job makes them: a finished child's artifacts deleted, and another's logged model.
+Whenever the driver has ended (killed, or with children FAILED), `sweep --resume` starts
+again, until the sweep finishes or `--max-rounds`. Then `compare` and `doctor` run as a user
+would, and it audits the store: children FINISHED, epochs logged once each (none missing,
+none twice, for every per-epoch metric), runs left RUNNING, checkpoints that do not load,
+drivers that printed a traceback, whether `compare` ended with a production model, and
+whether `doctor` named every run whose files were deleted.
 
-Target: 20 of 20 children FINISHED, 0 epochs lost or doubled, 0 RUNNING, over 3
-chaos seeds. Mounting the tmpfs needs root.
+Target: 20 of 20 children FINISHED, 0 epochs lost or doubled, 0 RUNNING, a production
+model after `compare`, and every loss named by `doctor`, over 3 chaos seeds. Mounting the
+tmpfs needs root.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +56,8 @@ from mnist_mlflow.schema import (  # noqa: E402
 
 ADMIN_PASSWORD = "chaos-admin-password-1234"
 MODEL = "mnist-cnn"
-KINDS = ("kill -9 a Ray worker", "kill -9 the driver", "server restart", "artifact disk full")
+KINDS = ("kill -9 a Ray worker", "kill -9 the driver", "server restart", "artifact disk full",
+         "delete a child's artifacts", "delete a logged model")
 
 
 @dataclass
@@ -175,6 +181,33 @@ class Audit:
     replaced: int = 0  # children trained again as a new run (their first record kept)
     unreadable: int = 0
     aliases_moved: bool = False
+    lost_files: int = 0  # runs whose files a fault deleted
+    compare_exit: int = -1
+    production: str = ""  # the version `production` is on after `compare`
+    named: int = 0  # of those runs, how many `doctor` named
+    doctor_after_repair: int = -1  # doctor's exit after `doctor --repair`
+
+
+def after_losses(result: Audit, experiment: str, env: dict[str, str], data_dir: str,
+                 folder: Path, lost: set[str]) -> None:
+    """`compare` then `doctor` (and `doctor --repair`, then `doctor`) as a user runs them."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "mnist_mlflow", *args], env=env,
+                              capture_output=True, text=True, check=False)
+        with (folder / f"{args[0]}.log").open("a") as log:
+            log.write(done.stdout + done.stderr)
+        return done
+
+    result.compare_exit = run("compare", "--experiment", experiment, "--data-dir",
+                              data_dir).returncode
+    result.production = MlflowClient().get_registered_model(MODEL).aliases.get(
+        "production", "")
+    checked = run("doctor", "--experiment", experiment, "--data-dir", data_dir)
+    rows = [line for line in checked.stdout.splitlines() if line.startswith("| ")]
+    result.named = sum(any(run_id in row for row in rows) for run_id in lost)
+    run("doctor", "--experiment", experiment, "--repair", "--data-dir", data_dir)
+    result.doctor_after_repair = run("doctor", "--experiment", experiment, "--data-dir",
+                                     data_dir).returncode
 
 
 def audit(experiment: str, epochs: int, aliases: dict[str, str], folder: Path) -> Audit:
@@ -227,6 +260,7 @@ def one_seed(args: argparse.Namespace, chaos_seed: int) -> tuple[Counter[str], A
 
     mlflow.set_tracking_uri(server.uri)
     injected: Counter[str] = Counter()
+    lost: set[str] = set()  # runs whose files a fault deleted
     rounds = tracebacks = 0
     disk_freed_at = 0.0
     filler: Path | None = None
@@ -271,7 +305,8 @@ def one_seed(args: argparse.Namespace, chaos_seed: int) -> tuple[Counter[str], A
             if events and now >= events[0][0]:
                 kind = events[0][1]
                 # A driver killed before it made the parent would leave nothing to resume.
-                if (parent_id or kind != KINDS[1]) and apply(kind, driver, server, injected, rng):
+                if (parent_id or kind != KINDS[1]) and apply(kind, driver, server, injected, rng,
+                                                             experiment, lost):
                     events.pop(0)
                     if kind == KINDS[3]:
                         filler = fill(folder / "artifacts")
@@ -285,6 +320,8 @@ def one_seed(args: argparse.Namespace, chaos_seed: int) -> tuple[Counter[str], A
             filler.unlink()
         wall = time.monotonic() - began
         result = audit(experiment, args.epochs, aliases, folder)
+        result.lost_files = len(lost)
+        after_losses(result, experiment, env, args.data_dir, folder, lost)
         result_tracebacks = tracebacks
     finally:
         server.stop()
@@ -303,9 +340,50 @@ def sweep_parent(experiment: str) -> str:
     return parents[0].info.run_id if parents else ""
 
 
+def finished_children(experiment: str) -> list:
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return [r for r in client.search_runs([found.experiment_id], "attributes.status = "
+                                          "'FINISHED'") if r.data.tags.get(ROLE_TAG) == "train"]
+
+
+def on_disk(server: Server, uri: str) -> Path:
+    """Where the server keeps the proxied artifacts at `uri` (mlflow-artifacts:/...)."""
+    return server.folder / "artifacts" / uri.split(":", 1)[1].lstrip("/")
+
+
+def delete_files(kind: str, server: Server, experiment: str, rng: random.Random,
+                 lost: set[str]) -> bool:
+    """A cleanup job's doing: a finished child's artifacts, or its logged model, deleted."""
+    candidates = [r for r in finished_children(experiment) if r.info.run_id not in lost]
+    if not candidates:
+        return False
+    run = rng.choice(candidates)
+    if kind == KINDS[4]:
+        shutil.rmtree(on_disk(server, run.info.artifact_uri), ignore_errors=True)
+    else:
+        import mlflow
+
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list",
+            filter_string=f"source_run_id = '{run.info.run_id}'")
+        if not models:
+            return False
+        shutil.rmtree(on_disk(server, models[0].artifact_location), ignore_errors=True)
+    lost.add(run.info.run_id)
+    return True
+
+
 def apply(kind: str, driver: subprocess.Popen[bytes] | None, server: Server,
-          injected: Counter[str], rng: random.Random) -> bool:
+          injected: Counter[str], rng: random.Random, experiment: str, lost: set[str]) -> bool:
     """Inject one failure of `kind` now; False when there is nothing for it to hit yet."""
+    if kind in KINDS[4:]:
+        if not delete_files(kind, server, experiment, rng, lost):
+            return False
+        injected[kind] += 1
+        return True
     if kind == KINDS[0]:
         workers = ray_workers()
         if not workers:
@@ -349,21 +427,30 @@ def main() -> None:
               f"RUNNING {result.running}; children retrained as new runs "
               f"{result.replaced}; checkpoints unreadable {result.unreadable}; "
               f"aliases moved {'yes' if result.aliases_moved else 'no'}; drivers with a "
-              f"traceback {tracebacks}", flush=True)
+              f"traceback {tracebacks}; runs with files deleted {result.lost_files}, named by "
+              f"doctor {result.named}; compare exit {result.compare_exit}, production "
+              f"version {result.production or 'none'}; doctor after --repair exit "
+              f"{result.doctor_after_repair}", flush=True)
     print("\n| chaos seed | worker kills | driver kills | server restarts | disk full "
           "| rounds | wall s | children FINISHED | epochs lost / doubled | RUNNING "
-          "| retrained as new runs | checkpoints unreadable | aliases moved | tracebacks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| retrained as new runs | checkpoints unreadable | tracebacks "
+          "| runs with files deleted | named by doctor | compare exit, production "
+          "| doctor after --repair |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for chaos_seed, injected, result, rounds, tracebacks, wall in rows:
         print(f"| {chaos_seed} | {injected[KINDS[0]]} | {injected[KINDS[1]]} | "
               f"{injected[KINDS[2]]} | {injected[KINDS[3]]} | {rounds} | {wall:.0f} | "
               f"{result.finished} of {result.children} | {result.lost} / {result.doubled} | "
-              f"{result.running} | {result.replaced} | {result.unreadable} | "
-              f"{'yes' if result.aliases_moved else 'no'} | {tracebacks} |")
+              f"{result.running} | {result.replaced} | {result.unreadable} | {tracebacks} | "
+              f"{result.lost_files} | {result.named} | {result.compare_exit}, "
+              f"v{result.production or ' none'} | exit {result.doctor_after_repair} |")
     met = all(r.finished == r.children == args.children and not (r.lost or r.doubled or
-              r.running) for _, _, r, _, _, _ in rows)
+              r.running) and r.compare_exit == 0 and r.production and r.named == r.lost_files
+              and r.doctor_after_repair == 0 for _, _, r, _, _, _ in rows)
     print(f"\ntarget ({args.children} of {args.children} FINISHED, 0 epochs lost or doubled, "
-          f"0 RUNNING, every chaos seed): {'met' if met else 'NOT met'}")
+          f"0 RUNNING, compare ends with a production model, doctor names every run whose "
+          f"files were deleted and exits 0 after --repair, every chaos seed): "
+          f"{'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":

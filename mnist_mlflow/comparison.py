@@ -83,7 +83,7 @@ from mnist_mlflow.selection import (
     ranking_reason,
     top,
 )
-from mnist_mlflow.stats import difference, interval, mcnemar
+from mnist_mlflow.stats import interval, mcnemar
 from mnist_mlflow.store import store_error
 
 # Images shown in the comparison's gallery of disagreements.
@@ -230,8 +230,9 @@ def _read_records(comparison: Comparison, shown: Sequence[Group],
     scored_now = len(lacking) - len(failed)
     if scored_now:
         comparison.notes.append(
-            f"{scored_now} run(s) made before per-image records were scored now from their "
-            f"logged models on the MNIST files in {data_dir} (and the records logged to them)")
+            f"{scored_now} run(s) without per-image records (made before them, or their "
+            f"records gone) were scored now from their logged models on the MNIST files in "
+            f"{data_dir} (and the records logged to them)")
     for line in failed:
         comparison.notes.append(
             f"could not score {line}; its group's image term is binomial and unpaired "
@@ -263,29 +264,21 @@ def _registrable(comparison: Comparison, verdict: promotion.Verdict, model_name:
 
 
 def _verdict_metrics(c: Comparison) -> dict[str, float]:
-    """The verdict in numbers on the selection metric: the chosen group with its interval,
-    what it was judged against (production's group, else the runner-up) and the difference
-    with its interval and p."""
-    rule, verdict = c.rule, c.verdict
-    pooled = c.pooled[rule.metric]
-    ours = interval(verdict.group.sample(rule.metric), pooled)
+    """The verdict in numbers on the selection metric (Comparison.numbers): the chosen group
+    with its interval, what it was judged against (production's group, else the runner-up)
+    and the difference with its interval and p."""
+    numbers = c.numbers()
+    ours, against, found = numbers.ours, numbers.against, numbers.difference
     values = {CHOSEN_MEAN: ours.mean, CHOSEN_N: ours.n}
     if ours.low is not None:
         values |= {CHOSEN_LOW: ours.low, CHOSEN_HIGH: ours.high}
-    production = verdict.production.group if verdict.production is not None else None
-    against = production or next((g for g in c.eligible if g is not verdict.group), None)
-    if against is None or not against.has(rule.metric):
-        return values
-    found = verdict.difference if production is not None else None
-    if found is None:
-        found = difference(verdict.group.sample(rule.metric), against.sample(rule.metric),
-                           pooled, rule.higher_is_better)
-    # Means as judged: from the per-image records where there are (exact, not rounded).
-    values |= {AGAINST_MEAN: against.sample(rule.metric).mean, AGAINST_N: against.n,
-               DIFFERENCE: found.delta}
-    if found.known:
-        values |= {DIFFERENCE_LOW: found.low, DIFFERENCE_HIGH: found.high,
-                   DIFFERENCE_P: found.p_better}
+    if against is not None:
+        # Means as judged: from the per-image records where there are (exact, not rounded).
+        values |= {AGAINST_MEAN: against.sample(c.rule.metric).mean, AGAINST_N: against.n,
+                   DIFFERENCE: found.delta}
+        if found.known:
+            values |= {DIFFERENCE_LOW: found.low, DIFFERENCE_HIGH: found.high,
+                       DIFFERENCE_P: found.p_better}
     # To the digits they mean: points to 0.001, p to 4 significant digits.
     return {name: float(f"{value:.4g}") if name == DIFFERENCE_P else round(float(value), 3)
             for name, value in values.items()}

@@ -151,14 +151,22 @@ def context_tags() -> dict[str, str]:
 
 
 def unique_name(client: MlflowClient, experiment_id: str, name: str, own_id: str = "") -> str:
-    """`name`, or `name #2`, `#3`...: the first no other run of the experiment has, so that
-    two runs of one configuration and seed (a rerun, a 2-epoch check) are told apart."""
+    """`name`, or `name` numbered `#2`, `#3`...: the first no other run of the experiment has,
+    so that two runs of one configuration and seed (a rerun, a 2-epoch check) are told apart.
+    The number goes after the seed (`s1 #2 opt e2`), not at the end: the UI's runs table cuts
+    names at about 20 characters, which would hide it."""
+    head, _, tail = name.partition(" ")
+
+    def numbered(k: int) -> str:
+        return f"{head} #{k} {tail}" if tail else f"{name} #{k}"
+
+    pattern = (f"{head} %{tail}" if tail else f"{name}%").replace(chr(39), "_")
     taken = {run.info.run_name for run in client.search_runs(
-        [experiment_id], f"attributes.run_name LIKE '{name.replace(chr(39), '_')}%'",
-        ViewType.ALL, SEARCH_MAX_RESULTS_THRESHOLD) if run.info.run_id != own_id}
+        [experiment_id], f"attributes.run_name LIKE '{pattern}'", ViewType.ALL,
+        SEARCH_MAX_RESULTS_THRESHOLD) if run.info.run_id != own_id}
     if name not in taken:
         return name
-    return next(f"{name} #{k}" for k in range(2, len(taken) + 3) if f"{name} #{k}" not in taken)
+    return next(numbered(k) for k in range(2, len(taken) + 3) if numbered(k) not in taken)
 
 
 class MlflowRun:
@@ -218,7 +226,7 @@ class MlflowRun:
 
     @property
     def name(self) -> str:
-        """The run's name as the store has it (`... #2` for a second run of one name)."""
+        """The run's name as the store has it (`s1 #2 ...` for a second run of one name)."""
         return self.client.get_run(self.run_id).info.run_name or ""
 
     def reopen(self) -> None:

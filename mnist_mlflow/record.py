@@ -234,8 +234,12 @@ def mnist_inputs(data: MnistData) -> dict[str, MetaDataset]:
 
 
 def input_example(data: MnistData, count: int = 4) -> np.ndarray:
+    """`count` test images, repeated when the test slice has fewer: MLflow exports the model
+    with this example, and an example of one image would fix the exported program (and
+    every request to it) to batches of one."""
     images, _ = data.test_tensors()
-    return (images[:count].float() / 255).unsqueeze(1).numpy()
+    example = (images[:count].float() / 255).unsqueeze(1).numpy()
+    return example[np.arange(count) % len(example)]
 
 
 def describe(config: TrainConfig, num_params: int, outcome: str) -> str:

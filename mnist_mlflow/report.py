@@ -11,7 +11,7 @@ from datetime import datetime
 
 from tabulate import tabulate
 
-from mnist_mlflow.promotion import Verdict, sentence
+from mnist_mlflow.promotion import ALREADY, FIRST, Verdict, sentence
 from mnist_mlflow.schema import (
     BEST_TEST_ACC,
     FINAL_GAP,
@@ -31,8 +31,20 @@ from mnist_mlflow.selection import (
     contrast,
     on_test_set,
 )
-from mnist_mlflow.stats import METHOD, Interval, Pooled, Summary, interval
+from mnist_mlflow.stats import METHOD, Difference, Interval, Pooled, Summary, interval
 from mnist_mlflow.stats import difference as group_difference
+
+
+@dataclass(frozen=True)
+class VerdictNumbers:
+    """The verdict in numbers, on the selection metric: the chosen group, what it was judged
+    against (production's group; with no production, the runner-up) and the difference."""
+
+    ours: Interval
+    against: Group | None
+    against_is_production: bool
+    against_interval: Interval | None
+    difference: Difference | None
 
 
 @dataclass
@@ -88,6 +100,23 @@ class Comparison:
         if sample is None:
             return None
         return interval(sample, self.pooled.get(metric) or Pooled.of([sample]))
+
+    def numbers(self) -> VerdictNumbers:
+        rule, verdict = self.rule, self.verdict
+        pooled = self.pooled.get(rule.metric) or Pooled.of([verdict.group.sample(rule.metric)])
+        ours = interval(verdict.group.sample(rule.metric), pooled)
+        production = verdict.production.group if verdict.production is not None else None
+        against = production or next((g for g in self.eligible if g is not verdict.group),
+                                     None)
+        if against is None or not against.has(rule.metric):
+            return VerdictNumbers(ours, None, False, None, None)
+        found = verdict.difference if production is not None else None
+        if found is None:
+            found = group_difference(verdict.group.sample(rule.metric),
+                                     against.sample(rule.metric), pooled,
+                                     rule.higher_is_better)
+        return VerdictNumbers(ours, against, production is not None,
+                              interval(against.sample(rule.metric), pooled), found)
 
     def difference_sentence(self, a: Group, b: Group, metric: str) -> str:
         label = f"{contrast(a.config, b.config)}, {metric}"
@@ -214,6 +243,45 @@ def verdict_lines(comparison: Comparison) -> list[str]:
     return lines
 
 
+def reading(comparison: Comparison, numbers: VerdictNumbers) -> str:
+    """The verdict in plain words: how sure the registry is that this is the better model."""
+    verdict, found = comparison.verdict, numbers.difference
+    if verdict.kind == ALREADY:
+        return "already production: nothing moved"
+    if numbers.against_is_production:
+        return (f"a real gain over production: it moved on {verdict.kind}" if verdict.moves
+                else f"not a sure gain over production, which stays: {verdict.why}")
+    first = "first promotion" if verdict.kind == FIRST else verdict.kind
+    if found is None or not found.known:
+        return f"{first}; no runner-up to measure it against"
+    if found.real:
+        return f"{first}; a real lead over the runner-up"
+    return (f"{first}; within noise of the runner-up (the interval of the difference holds "
+            f"zero): chosen by the rule's order, {comparison.reason}")
+
+
+def verdict_table(comparison: Comparison) -> list[str]:
+    """The verdict in numbers as Markdown lines: this group and what it was judged against,
+    each with its mean, 95% interval and seeds, the difference with its interval and p, and
+    the reading."""
+    c = comparison
+    numbers = c.numbers()
+    metric = c.rule.metric
+    rows = [["", "group", "seeds", f"{metric}, 95% interval"],
+            ["**chosen**", c.verdict.group.label(), str(numbers.ours.n), numbers.ours.format()]]
+    if numbers.against is not None:
+        role = (f"production (version {c.verdict.production.version})"
+                if numbers.against_is_production else "runner-up")
+        rows.append([role, numbers.against.label(), str(numbers.against.n),
+                     numbers.against_interval.format() if numbers.against_interval else "—"])
+        found = numbers.difference
+        p = f", one-sided p = {found.p_better:.2g}" if found.known and found.p_better == \
+            found.p_better else ""
+        rows.append(["difference", "chosen − " + role.split(" ")[0], "",
+                     f"{found.interval_text()}{p}"])
+    return [markdown_table(rows), "", f"**Reading:** {reading(c, numbers)}."]
+
+
 def file_figure(alt: str, name: str) -> str:
     """A figure beside comparison.md (the --report folder, docs/)."""
     return f"![{alt}]({name})"
@@ -233,7 +301,7 @@ def render_report(comparison: Comparison, shown: Sequence[Group],
              f"`mnist-mlflow compare` on {c.compared_at:%Y-%m-%d %H:%M}.", "",
              f"Method: {METHOD}.", ""]
     if verdict is not None:
-        lines += ["## Verdict", "", *verdict_lines(c), ""]
+        lines += ["## Verdict", "", *verdict_lines(c), "", *verdict_table(c), ""]
         if REPORT_DISAGREEMENTS in c.files:
             lines += [figure("The validation images on which the new and the production "
                              "model answer differently", REPORT_DISAGREEMENTS), ""]
@@ -277,13 +345,17 @@ RUN_LINK = "#/runs/{run_id}"
 
 def version_description(comparison: Comparison) -> str:
     """The registered version's description: the verdict in one sentence first (the
-    registry's version table shows only the start), then the recipe's expected test accuracy,
-    the comparison run and the rule."""
+    registry's version table shows only the start), then in numbers (this group and what it
+    was judged against, the difference, the reading), the comparison run as a link, then
+    the recipe's expected test accuracy (after validation: it is not what chose) and the
+    rule."""
     c, verdict = comparison, comparison.verdict
     test = c.interval(verdict.group, FINAL_TEST_ACC)
-    return (f"{' '.join(verdict_lines(c))} Test accuracy of its recipe "
-            f"({verdict.group.name}): {test.format() if test else '—'} (seeds and images); "
-            f"of this run: {verdict.run.metrics[FINAL_TEST_ACC]:.2f}. {headline(c.rule)} "
-            f"Chosen by `mnist-mlflow compare`, comparison run "
-            f"[{c.comparison_run_id}]({RUN_LINK.format(run_id=c.comparison_run_id)}): "
-            f"{c.reason}. Rule: {c.rule.describe()}.")
+    link = f"[{c.comparison_run_id}]({RUN_LINK.format(run_id=c.comparison_run_id)})"
+    return "\n".join([
+        " ".join(verdict_lines(c)), "", *verdict_table(c), "",
+        f"Chosen by `mnist-mlflow compare`, comparison run {link}: {c.reason}.", "",
+        f"Test accuracy of its recipe ({verdict.group.name}): "
+        f"{test.format() if test else '—'} (seeds and images); of this run: "
+        f"{verdict.run.metrics[FINAL_TEST_ACC]:.2f}. {headline(c.rule)}", "",
+        f"Rule: {c.rule.describe()}."])

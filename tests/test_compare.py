@@ -80,6 +80,10 @@ def test_tables_show_the_logged_values_of_real_runs(store: str, real_runs: list[
     assert markdown_table(table) in report and markdown_table(side) in report
     assert SelectionRule().describe() in report
     assert "one seed: cannot tell" in report
+    # The verdict in numbers: the chosen group against the runner-up, and the reading.
+    verdict = report.split("## Verdict")[1].split("## ")[0]
+    assert "| **chosen** " in verdict and "| runner-up " in verdict and "| difference " in verdict
+    assert "**Reading:** first promotion; " in verdict
     for picture in ("comparison.png", "comparison_pareto.png"):
         assert (tmp_path / "report" / picture).read_bytes()[:4] == b"\x89PNG"
     label = result.chosen_group.label()

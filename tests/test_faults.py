@@ -168,7 +168,7 @@ def test_sweep_resume_trains_only_the_unfinished_child_and_goes_on_from_its_chec
     assert client.get_run(failed.info.run_id).info.status == "FAILED"  # its record stays
     retrained = client.get_run(retrained_id)
     # The same configuration and seed again: told apart from the failed run by its name.
-    assert (retrained.info.run_name, retrained.info.status) == ("s1 opt d0.05 e2 n4096 t256 #2",
+    assert (retrained.info.run_name, retrained.info.status) == ("s1 #2 opt d0.05 e2 n4096 t256",
                                                                 "FINISHED")
     assert retrained.data.params["dropout"] == failed.data.params["dropout"] == "0.05"
     assert retrained.data.tags["resumed_after_epochs"] == "1"

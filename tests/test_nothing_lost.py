@@ -93,8 +93,8 @@ def test_compare_never_points_production_at_a_model_that_does_not_load(
         assert code == 0, err
         # The run named, what is wrong with it, and what to do.
         name = client.get_run(second.run_id).info.run_name
-        assert (f"run {name} ({second.run_id}) cannot be registered: cannot load model"
-                in out), out
+        assert (f"run {name} ({second.run_id}) cannot be registered: its model files are "
+                f"gone (models:/{model.model_id})" in out), out
         assert "leave it out with `mnist-mlflow doctor --repair`" in out
         assert ("Not registered: no run of opt e3 lr0.05 val256 n512 t256, seed 1 has a model "
                 "that can be registered (see the notes above). Production stays as it was."

@@ -92,6 +92,11 @@ def test_compare_registers_the_choice_and_production_predicts_real_images(
         f"{chosen.data.metrics['final_val_acc']:.2f}), is production: the first promotion")
     assert "Test accuracy of its recipe" in version.description
     assert "95% CI" in version.description and "n = 3)" in version.description
+    # The verdict in numbers (one group compared: no runner-up), and the reading.
+    chosen_row = version.description.split("| **chosen** ")[1].split("\n")[0]
+    assert "| 3 " in chosen_row and "95% CI" in chosen_row
+    assert ("**Reading:** first promotion; no runner-up to measure it against."
+            in version.description)
     assert version.tags["comparison_run"] in version.description
     assert "highest mean `final_val_acc`" in version.description
     assert "Production -> version 1 (first promotion)." in out

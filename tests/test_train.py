@@ -133,11 +133,25 @@ def test_same_seed_on_cpu_gives_the_same_metrics(mnist_root: Path, pipeline: str
 
 def test_a_second_run_of_one_configuration_is_logged_by_its_own_name(
         store: str, mnist_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The runs table cuts long names; the log line must tell `... #2` from the first."""
+    """The runs table cuts long names at about 20 characters: the number that tells a second
+    run from the first comes within them, and the log line prints the name as the UI does."""
     config = tiny_config(epochs=1)
     train_one(config, mnist_root, "same-config")
     with caplog.at_level(logging.INFO, logger="mnist_mlflow"):
         second = train_one(config, mnist_root, "same-config")
     name = MlflowClient().get_run(second.run_id).info.run_name
-    assert name == f"{config.run_name} #2"
+    seed, rest = config.run_name.split(" ", 1)
+    assert name == f"{seed} #2 {rest}"
+    assert name[:20] != config.run_name[:20]
     assert f"run {second.run_id}: training {name} on " in caplog.text
+
+
+def test_a_run_tested_on_one_image_logs_a_model_that_takes_any_batch(
+        store: str, mnist_root: Path) -> None:
+    # MLflow exports the model with an example of the test images: an example of one image
+    # would fix the exported program to batches of one.
+    result = train_one(tiny_config(epochs=1, test_limit=1, val_size=0), mnist_root,
+                       "one-test-image")
+    scores = np.asarray(load_model(model_uri(result.run_id)).predict(
+        np.zeros((5, 1, 28, 28), np.float32)))
+    assert scores.shape == (5, 10)

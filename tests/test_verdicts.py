@@ -457,6 +457,9 @@ def test_a_sweep_and_two_compares_leave_records_tags_verdicts_and_pictures(
     assert int(version.tags["mcnemar_production"]) == int(np.sum(old.correct & ~new.correct))
     assert version.description.startswith("tiny-verdicts version 2, ")
     assert "version 1" in version.description.split(". ")[0]
+    # Judged against production, not the runner-up, in numbers.
+    assert "| production (version 1) " in version.description
+    assert "**Reading:** " in version.description and " over production" in version.description
     comparison = client.get_run(version.tags["comparison_run"])
     assert version.tags["comparison_run"] in version.description
     assert comparison.data.tags["registered_version"] == "2"
@@ -507,8 +510,9 @@ def test_runs_made_before_records_are_scored_from_their_model_or_named(
                               "--data-dir", str(mnist_root)], capsys, monkeypatch)
 
     assert code == 0, err
-    assert ("Note: 2 run(s) made before per-image records were scored now from their logged "
-            f"models on the MNIST files in {mnist_root}") in out
+    assert ("Note: 2 run(s) without per-image records (made before them, or their records "
+            f"gone) were scored now from their logged models on the MNIST files in "
+            f"{mnist_root}") in out
     assert f"Note: could not score no-model ({unscorable}): it logged no model" in out
     for run_id in old:  # scored once, kept: the next compare reads them
         records = Records.read(client.download_artifacts(

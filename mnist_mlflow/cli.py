@@ -28,7 +28,12 @@ from mnist_mlflow.config import (
     raise_terminated,
 )
 from mnist_mlflow.phases import DEFAULT_PHASE, PHASES
-from mnist_mlflow.schema import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, FINAL_VAL_ACC
+from mnist_mlflow.schema import (
+    DEFAULT_EXPERIMENT,
+    DEFAULT_MIN_EFFECT,
+    DEFAULT_MODEL_NAME,
+    FINAL_VAL_ACC,
+)
 
 DEFAULTS = TrainConfig()
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
@@ -302,6 +307,10 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
               help="Register the chosen run's model and consider it for production.")
 @click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True,
               help="Registered model name.")
+@click.option("--min-effect", type=float, default=DEFAULT_MIN_EFFECT, show_default=True,
+              metavar="POINTS",
+              help="The smallest difference worth acting on: when the verdict is within "
+                   "noise, how many seeds would decide one this large is said too.")
 @click.option("--force", is_flag=True,
               help="Move `production` even when the challenger's group does not beat "
                    "production's beyond seed and image noise.")
@@ -313,7 +322,7 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
 def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str,
             goal: str | None, max_params: int, top: int, diffs: tuple[tuple[str, str], ...],
             report_dir: str | None, results_path: str | None, register: bool, model_name: str,
-            force: bool, data_dir: str) -> None:
+            force: bool, data_dir: str, min_effect: float) -> None:
     """Compare finished runs by group over seeds, pick the production candidate on
     validation, register it, and move `production` only if it is really better."""
     from mnist_mlflow import comparison, report
@@ -336,7 +345,7 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
                                 Path(report_dir) if report_dir else None,
                                 runner_run_id=runner_run_id(ctx), diffs=diffs,
                                 data_dir=data_dir, register=register, model_name=model_name,
-                                force=force)
+                                force=force, min_effect=min_effect)
     for line in result.skipped:  # runs left out, each named with why
         click.echo(f"Warning: {line}", err=True)
     click.echo(report.headline(rule))
@@ -348,6 +357,8 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
     click.echo(f"Chosen: {result.chosen_group.label()}: {result.reason}.")
     for line in result.differences:
         click.echo(f"Difference: {line}")
+    if result.seeds:
+        click.echo(f"Seeds to decide: {result.seeds}")
     for line in result.notes:
         click.echo(f"Note: {line}")
     if result.registered_version:

@@ -45,6 +45,7 @@ from mnist_mlflow.schema import (
     COMPARISON_RUN_TAG,
     CONFUSION_FILE,
     CURVES_DIR,
+    DEFAULT_MIN_EFFECT,
     DIFFERENCE,
     DIFFERENCE_HIGH,
     DIFFERENCE_LOW,
@@ -83,7 +84,7 @@ from mnist_mlflow.selection import (
     ranking_reason,
     top,
 )
-from mnist_mlflow.stats import interval, mcnemar
+from mnist_mlflow.stats import CONFIDENCE, POWER, Pooled, interval, mcnemar, seeds_to_decide
 from mnist_mlflow.store import store_error
 
 # Images shown in the comparison's gallery of disagreements.
@@ -142,7 +143,8 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
             top_groups: int = 5, report_dir: Path | None = None,
             runner_run_id: str | None = None, diffs: Sequence[tuple[str, str]] = (),
             data_dir: Path | str = "data", register: bool = False,
-            model_name: str = "mnist-cnn", force: bool = False) -> Comparison:
+            model_name: str = "mnist-cnn", force: bool = False,
+            min_effect: float = DEFAULT_MIN_EFFECT) -> Comparison:
     """Compare the experiment's FINISHED training runs and act on the verdict.
 
     Groups over seeds, ranked by the rule; each group's intervals and the differences asked
@@ -153,6 +155,8 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
     `mlflow run` (`runner_run_id`) the experiment is the one the runner put its run in.
     """
     rule = rule or SelectionRule()
+    if not min_effect > 0:
+        raise UserError(f"invalid --min-effect: must be > 0 points, got {min_effect}")
     if top_groups < 1:
         raise UserError(f"invalid --top: must be >= 1, got {top_groups}")
     if rule.max_params < 1:
@@ -202,6 +206,7 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
         if rule.metric != FINAL_TEST_ACC and a.has(FINAL_TEST_ACC) and b.has(FINAL_TEST_ACC):
             comparison.differences.append(comparison.difference_sentence(
                 a, b, FINAL_TEST_ACC) + " (reported, not used to choose)")
+    comparison.seeds = _seeds_line(comparison, min_effect)
     comparison.histories = queries.mean_histories(shown)
     _record(comparison, shown, production_run, register, runner_run_id, data_dir, report_dir)
     return comparison
@@ -261,6 +266,40 @@ def _registrable(comparison: Comparison, verdict: promotion.Verdict, model_name:
                                     "can be registered (see the notes above)")
         return verdict, False
     return dataclasses.replace(verdict, run=next(r for r in ordered if r.run_id == run_id)), True
+
+
+def _seeds_line(c: Comparison, min_effect: float) -> str:
+    """When the verdict's difference is within noise: the seeds per group that would likely
+    decide it, at the observed difference and at `min_effect`, or that no number of seeds
+    can (the validation images' own noise). Empty when decided or nothing to weigh."""
+    numbers = c.numbers()
+    found = numbers.difference
+    if numbers.against is None or (found is not None and found.real):
+        return ""
+    judgement = c.verdict.judgement if numbers.against_is_production else None
+    # The level the verdict is held to: this look's share of the error budget against
+    # production, else the 95% interval's one side.
+    alpha = judgement.needed() if judgement is not None else (1 - CONFIDENCE) / 2
+    ours = c.verdict.group.sample(c.rule.metric)
+    theirs = numbers.against.sample(c.rule.metric)
+    pooled = c.pooled.get(c.rule.metric) or Pooled.of([ours, theirs])
+    against = "production" if numbers.against_is_production else "the runner-up"
+    plans = [seeds_to_decide(ours, theirs, pooled, effect, alpha)
+             for effect in (abs(numbers.difference.delta), min_effect)]
+    if plans[0].why:
+        return f"against {against}: {plans[0].why}."
+    now = f"now {ours.n} and {theirs.n}"
+    parts = []
+    for plan, label in zip(plans, (f"the observed {plans[0].effect:.2f} points",
+                                    f"--min-effect {min_effect:g} points"), strict=True):
+        if plan.seeds is None:
+            parts.append(f"at {label}, more seeds cannot decide: the images' own noise "
+                         f"(standard error {plan.floor:.2f} points, which seeds do not "
+                         "shrink) is too large; only more validation images would")
+        else:
+            parts.append(f"at {label}, about {plan.seeds} seeds per group ({now})")
+    return (f"within noise against {against}; for {POWER:.0%} power at one-sided "
+            f"level {alpha:.3g}, " + "; ".join(parts) + ".")
 
 
 def _verdict_metrics(c: Comparison) -> dict[str, float]:

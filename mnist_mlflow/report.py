@@ -62,6 +62,8 @@ class Comparison:
     verdict: Verdict | None = None
     reason: str = ""
     differences: list[str] = field(default_factory=list)
+    # When the verdict's difference is within noise: how many seeds would likely decide it.
+    seeds: str = ""
     model_name: str = ""
     registered_version: str = ""
     # Why nothing was registered though registering was asked: no run of the chosen group
@@ -320,6 +322,8 @@ def render_report(comparison: Comparison, shown: Sequence[Group],
                   "Difference of group means with its 95% interval over seeds and images; "
                   "\"within noise\" when it holds zero.", "",
                   *(f"- {d}" for d in c.differences), ""]
+        if c.seeds:
+            lines += [f"Seeds to decide: {c.seeds}", ""]
     if c.skipped or c.notes:
         lines += ["Left out, and how runs were scored:", "",
                   *(f"- {s}" for s in [*c.skipped, *c.notes]), ""]

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 DEFAULT_EXPERIMENT = "mnist-optimization"
 DEFAULT_MODEL_NAME = "mnist-cnn"
+# The smallest difference worth acting on, in accuracy points: what `compare` plans seeds
+# for when its verdict is within noise (`--min-effect`).
+DEFAULT_MIN_EFFECT = 0.10
 
 # --- the run record ---------------------------------------------------------------------------
 # Every key below is declared with where it is recorded and what it means: the docs' run record

@@ -428,3 +428,48 @@ def judge(production: Sample, challengers: Mapping[str, Sample], pooled: Pooled,
                     len(looks.seen))
     return Judgement(differences, tuple(n for n, r in zip(names, rejected, strict=True) if r),
                      looks)
+
+
+# How sure a planned experiment should be of finding a difference that is there.
+POWER = 0.80
+
+
+@dataclass(frozen=True)
+class SeedsNeeded:
+    """Seeds per group that would likely decide A against B: for a difference `effect`,
+    with POWER at one-sided level `alpha`. `seeds` None: more seeds cannot decide it (the
+    images' own noise, which seeds do not shrink, is too large), or cannot say (`why`)."""
+
+    effect: float
+    seeds: int | None
+    floor: float  # the standard error no number of seeds goes below (points)
+    why: str = ""
+
+
+def seeds_to_decide(a: Sample, b: Sample, pooled: Pooled, effect: float, alpha: float
+                    ) -> SeedsNeeded:
+    """Seeds per group (both alike) at which a difference of `effect` points would be found
+    beyond noise with POWER, at one-sided level `alpha`.
+
+    The variance of the difference with n seeds each is (S²_A + S²_B)/n + I: the seeds'
+    share shrinks with n, the image share I does not (every seed answers the same fixed
+    images). So a difference smaller than (z_alpha + z_power)·√I is beyond any number of
+    seeds: only more images would show it. Normal quantiles: a plan, not a test."""
+    from scipy import stats
+
+    seeds_a, seeds_b = _seed_term(a, pooled), _seed_term(b, pooled)
+    if seeds_a is None or seeds_b is None:
+        return SeedsNeeded(effect, None, math.nan, "no group has two seeds, so the seed "
+                                                   "spread is unknown: train a second seed")
+    seed_var = seeds_a[0] * a.n + seeds_b[0] * b.n  # per seed, both groups
+    if a.recorded and b.recorded and a.key == b.key:
+        image = _image_term(float(np.var(a.per_image - b.per_image, ddof=1)), [a, b], pooled,
+                            a.images)[0]
+    else:
+        image = a.binomial() + b.binomial()
+    z = stats.norm.ppf(1 - alpha) + stats.norm.ppf(POWER)
+    room = (abs(effect) / z) ** 2 - image
+    floor = math.sqrt(image)
+    if effect == 0 or room <= 0:
+        return SeedsNeeded(effect, None, floor)
+    return SeedsNeeded(effect, max(2, math.ceil(seed_var / room)), floor)

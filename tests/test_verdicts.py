@@ -32,6 +32,7 @@ from mnist_mlflow.stats import (
     holm,
     interval,
     mcnemar,
+    seeds_to_decide,
 )
 from mnist_mlflow.sweep import run_sweep
 from tests.conftest import tiny_config
@@ -156,6 +157,28 @@ def test_zero_spread_never_makes_a_zero_width_interval() -> None:
     assert found.high - found.low > ignored.high - ignored.low
 
 
+def test_seeds_to_decide_shrink_the_seed_noise_and_stop_at_the_images_own() -> None:
+    a = Sample([99.00, 99.10, 99.20], images=1_000_000)
+    b = Sample([98.95, 99.05, 99.15], images=1_000_000)  # the same spread: nothing pooled
+    pooled = Pooled.of([a, b])
+    plan = seeds_to_decide(a, b, pooled, 0.10, 0.025)
+    z = 1.959964 + 0.841621  # one-sided 0.025, power 0.80
+
+    def standard_error(seeds: int) -> float:
+        return math.sqrt((a.seed_var + b.seed_var) / seeds + a.binomial() + b.binomial())
+
+    assert plan.seeds is not None and plan.seeds > 4
+    assert z * standard_error(plan.seeds) <= 0.10 < z * standard_error(plan.seeds - 1)
+    # On 5,000 images, each model's own image noise alone hides 0.10 points at any seeds.
+    small = seeds_to_decide(Sample(a.values, images=5000), Sample(b.values, images=5000),
+                            pooled, 0.10, 0.025)
+    assert small.seeds is None and z * small.floor > 0.10 and not small.why
+    # One seed each: the seed spread is unknown, and it says so.
+    lone = seeds_to_decide(Sample([99.0], images=5000), Sample([99.1], images=5000),
+                           Pooled(), 0.10, 0.025)
+    assert lone.seeds is None and "train a second seed" in lone.why
+
+
 def test_holm_mcnemar_and_the_looks_alpha_spending() -> None:
     assert holm([0.001, 0.02, 0.04], 0.05) == [True, True, True]
     assert holm([0.001, 0.02, 0.04], 0.05, family=10) == [True, False, False]
@@ -195,6 +218,12 @@ def test_ties_on_both_sides_do_not_move_production(
     assert "is registered but not production: version 1" in out and "within noise" in out
     assert "Production stays at version 1." in out
     assert aliases("ties") == {PRODUCTION: "1"}
+    # Undecided, it says what would decide it: at the observed difference and at the
+    # smallest one worth acting on, seeds per group, or that no number of seeds can.
+    [seeds] = [line for line in out.splitlines() if line.startswith("Seeds to decide: ")]
+    assert seeds.startswith("Seeds to decide: within noise against production; for 80% "
+                            "power at one-sided level ")
+    assert "at the observed 0.02 points, " in seeds and "at --min-effect 0.1 points, " in seeds
 
 
 @pytest.mark.parametrize(("value", "shown", "why"), [

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -245,9 +246,10 @@ def open_store(writes: bool = True, patient: bool = False) -> str:
             else FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S))
     try:
         with lock, _quiet(STORE_LOGGERS):
-            client = MlflowClient()
-            client.search_experiments(max_results=1)  # creates and migrates the tables
-            client.search_registered_models(max_results=1)
+            if not path.exists() and not unwritable:
+                _create_whole(path)
+            _wait_migrated(path)
+            _ready(MlflowClient())
     except Timeout:
         raise UserError(f"tracking store {uri}: another process has held {path}.lock for "
                         f"{STORE_LOCK_TIMEOUT_S:.0f} s; remove it if no mnist-mlflow or "
@@ -260,6 +262,82 @@ def open_store(writes: bool = True, patient: bool = False) -> str:
                         f"{store_error(err)}") from None
     _READY_STORES.add((uri, writes))
     return uri
+
+
+def _create_whole(path: Path) -> None:
+    """Create and migrate a new SQLite store beside `path`, then put it in place at once.
+
+    The lock above keeps our own processes apart, but not `mlflow ui` or `mlflow server`
+    started on the same file meanwhile: MLflow migrates a store it finds without tables, and
+    two processes migrating one file fail (`table latest_metrics already exists`). Built
+    under another name and linked into place (which fails if the name exists), the store
+    appears whole or not at all; if another process made one first, that one is used."""
+    building = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    building.unlink(missing_ok=True)
+    try:
+        _ready(MlflowClient(f"sqlite:///{building}"))
+        try:
+            os.link(building, path)
+        except FileExistsError:
+            pass  # made meanwhile by another process (mlflow ui): waited for, then used
+    finally:
+        building.unlink(missing_ok=True)
+
+
+# A store whose schema has not changed for this long is not being migrated by anyone.
+MIGRATION_QUIET_S = 5.0
+
+
+def _wait_migrated(path: Path) -> None:
+    """Wait while another process (mlflow ui, mlflow server) creates or migrates the store:
+    opening it meanwhile would run the same migrations on the same file, and both fail
+    (`table ... already exists`, or alembic's temporary table left behind for good). Reads
+    the schema version with sqlite3 alone, which migrates nothing. Returns once it is
+    MLflow's latest, or has not changed for MIGRATION_QUIET_S (an old store: MLflow then
+    says it needs `mlflow db upgrade`), or at STORE_LOCK_TIMEOUT_S."""
+    from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own head
+
+    head = _get_latest_schema_revision()
+    deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+    seen, quiet_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                    timeout=1)) as database:
+                found = database.execute("SELECT version_num FROM alembic_version").fetchone()
+            state = found[0] if found else None
+        except sqlite3.Error as err:  # no tables yet, locked while written, not a database
+            state = str(err)
+            if "file is not a database" in state:
+                return  # damaged: opening it says so, in one line
+        if state == head:
+            return
+        now = time.monotonic()
+        if state != seen:
+            seen, quiet_since = state, now
+        elif now - quiet_since > MIGRATION_QUIET_S:
+            return
+        time.sleep(0.2)
+
+
+def _ready(client: MlflowClient) -> None:
+    """The store's tables, created or migrated if need be. A store that another process
+    (mlflow ui) is migrating right now fails for a moment: waited for, not reported."""
+    deadline = time.monotonic() + STORE_LOCK_TIMEOUT_S
+    while True:
+        try:
+            client.search_experiments(max_results=1)  # creates and migrates the tables
+            client.search_registered_models(max_results=1)
+            return
+        except Exception as err:  # SQLAlchemy's OperationalError, among others
+            said = store_error(err)
+            if not any(sign in said for sign in MIGRATING) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+# What opening a store says while another process is creating or migrating its tables.
+MIGRATING = ("already exists", "migration", "alembic", "database is locked", "no such table")
 
 
 # They narrate creating a store ("Creating initial MLflow database tables...", each alembic

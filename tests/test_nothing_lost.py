@@ -43,6 +43,47 @@ def all_runs() -> list[mlflow.entities.Run]:
         [e.experiment_id for e in MlflowClient().search_experiments()])
 
 
+def test_mlflow_server_creating_a_new_store_while_a_command_opens_it_both_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two processes migrating one new SQLite file fail ("table ... already exists"), which
+    # crashed `mlflow ui` started beside a first sweep, or the sweep.
+    import requests
+
+    from benchmarks.common import free_port
+
+    database = tmp_path / "mlflow.db"
+    store = f"sqlite:///{database}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1"], env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not database.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the server has begun creating the store: open it now
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+        mlflow.set_tracking_uri(store)
+        code, out, err = run_cli(["runs"], capsys, monkeypatch)
+        assert code == 0, err
+        answer = None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                answer = requests.get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/"
+                                      "search?max_results=1", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert server.poll() is None, server.communicate()[0][-3000:]
+        assert answer is not None and answer.status_code == 200
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 def test_four_trainings_started_at_once_on_a_new_store_all_finish(
         tmp_path: Path, mnist_root: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -574,6 +574,12 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt as err:
         _interrupted(err)
+    except PermissionError as err:
+        # A folder the artifacts go to that cannot be written (an immutable or read-only
+        # folder, another user's): one line naming it; the runs it touched ended first.
+        click.echo(f"Error: {err.strerror or err}: {err.filename or ''} cannot be written",
+                   err=True)
+        sys.exit(1)
     except Exception as err:
         # The tracking store refusing a write (read-only, full, damaged) or a server error:
         # one line naming the store, not MLflow's and SQLAlchemy's tracebacks. Runs being

@@ -8,6 +8,7 @@ the registry's aliases (registry.py). This one runs them in order and records wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import tempfile
 from collections import Counter
@@ -409,8 +410,16 @@ def _record(comparison: Comparison, shown: Sequence[Group], production_run: RunS
         # The description shows the figures where they are: among the run's artifacts.
         run.describe(render_report(c, shown, inline_figure(run.run_id)))
     except BaseException as err:
-        run.describe(f"Comparison failed: {store_error(err)}")
-        run.end(RunStatus.FAILED, f"{type(err).__name__}: {store_error(err)}")
+        reason = f"{type(err).__name__}: {store_error(err)}"
+        with contextlib.suppress(Exception):  # the store may be what failed: the error stays
+            run.describe(f"Comparison failed: {store_error(err)}")
+            run.end(RunStatus.FAILED, reason)
+            if not c.registered_version and not runner_run_id:
+                # It registered nothing, and each retry would leave one more FAILED run:
+                # deleted (MLflow keeps it, `mlflow runs restore` brings it back). One that
+                # registered a version stays: the version's description links it. Under
+                # `mlflow run` the run is the runner's.
+                run.client.delete_run(run.run_id)
         raise
     run.end(RunStatus.FINISHED)
 

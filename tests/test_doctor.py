@@ -31,7 +31,7 @@ from mnist_mlflow.schema import (
     records_artifact,
 )
 from tests.conftest import tiny_config
-from tests.helpers import run_cli, train_one
+from tests.helpers import craft_run, run_cli, train_one
 
 EXPERIMENT = "doctor"
 MODEL = "doctor-cnn"
@@ -190,3 +190,32 @@ def test_doctor_of_an_unknown_experiment_is_one_line_and_a_whole_store_exits_0(
     code, out, err = run_cli(["doctor"], capsys, monkeypatch)
     assert code == 0, err
     assert "checked 0 runs and 0 registered versions: the store is whole" in out
+
+
+def test_a_compare_that_fails_leaves_no_failed_comparison_run_behind_per_try(
+        tracking_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.entities import ViewType
+
+    for seed, accuracy in ((1, 99.0), (2, 99.1)):
+        craft_run("fails", f"run-{seed}", accuracy, seed=seed)
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name("fails").experiment_id
+    folder = tmp_path / "mlruns" / experiment_id
+    folder.mkdir(parents=True, exist_ok=True)
+    # Its report cannot be written (as a full quota or a backup tool leaves a folder).
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not allowed here (it needs root on a filesystem with it)")
+    try:
+        for _ in range(2):
+            code, out, err = run_cli(["compare", "--experiment", "fails", "--no-register"],
+                                     capsys, monkeypatch)
+            assert code != 0 and err.count("\n") == 1, err
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    query = f"tags.{ROLE_TAG} = '{COMPARISON_ROLE}'"
+    assert client.search_runs([experiment_id], query) == []
+    # Kept by MLflow, with why it failed: `mlflow runs restore` brings one back.
+    deleted = client.search_runs([experiment_id], query, ViewType.DELETED_ONLY)
+    assert [r.info.status for r in deleted] == ["FAILED", "FAILED"]
+    assert all(FAILURE_REASON_TAG in r.data.tags for r in deleted)

@@ -23,27 +23,56 @@ if TYPE_CHECKING:  # types only: `compare` plots without importing torch
 # Panels of the training curves: every per-epoch metric of these kinds, one line each.
 CURVE_PANELS = (("loss", "Loss"), ("accuracy", "Accuracy (%)"))
 
+# The UI shows a run's figures in its description as THUMB_WIDTH-pixel thumbnails (a click
+# opens the whole). Every figure is drawn WIDTH inches wide, panels stacked rather than side
+# by side, with no text under FONT points, so that its smallest text still reads at that
+# size: FONT points at WIDTH inches is MIN_THUMB_TEXT_PX pixels or more once scaled down.
+DPI = 100
+WIDTH = 6.6
+FONT = 10
+MIN_THUMB_TEXT_PX = 9.0
+# PNG text chunk in which each figure records its smallest text, in pixels of the thumbnail.
+SMALLEST_TEXT_KEY = "Smallest text at thumbnail width (px)"
+
+
+def smallest_text_px(fig: plt.Figure) -> float:
+    """The smallest visible text of `fig`, in pixels, once the figure is THUMB_WIDTH wide."""
+    sizes = [t.get_fontsize() for t in fig.findobj(matplotlib.text.Text)
+             if t.get_visible() and t.get_text().strip()]
+    return min(sizes, default=FONT) / 72 * THUMB_WIDTH / fig.get_figwidth()
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, metadata={SMALLEST_TEXT_KEY: f"{smallest_text_px(fig):.1f}"})
+    plt.close(fig)
+    return path
+
+
+def _wrapped(title: str, width: int = 70) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
 
 def plot_training_curves(history: Sequence[EpochMetrics], path: Path, title: str) -> Path:
     """Loss and accuracy by epoch, one line per metric (train, test, ...), as named in
     schema.EPOCH_METRICS: a new per-epoch metric of those kinds appears by itself."""
     epochs = [m.epoch for m in history]
     measured = history[0].values if history else {}
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(12, 4.5))
+    fig, axes = plt.subplots(len(CURVE_PANELS), 1, figsize=(WIDTH, 3.2 * len(CURVE_PANELS)),
+                             sharex=True)
     for ax, (kind, label) in zip(axes, CURVE_PANELS, strict=True):
         for name, spec in EPOCH_METRICS.items():
             if spec.kind == kind and name in measured:
                 ax.plot(epochs, [m.values[name] for m in history], marker="o", markersize=3,
                         label=spec.label)
         ax.set_title(label)
-        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
+        ax.legend(fontsize=FONT)
+    axes[-1].set_xlabel("epoch")
+    fig.suptitle(_wrapped(title))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(histories: dict[str, dict[str, list[tuple[int, float]]]], path: Path,
@@ -52,25 +81,24 @@ def plot_comparison(histories: dict[str, dict[str, list[tuple[int, float]]]], pa
     metrics = list(next(iter(histories.values()), {}))
     panels = [(metric, METRICS[metric].label if metric in METRICS else metric)
               for metric in metrics]
-    legend_height = 0.25 * len(histories) + 0.2  # inches, below the panels
-    height = 4.5 + legend_height
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), squeeze=False)
-    for ax, (metric, label) in zip(axes[0], panels, strict=True):
+    legend_height = 0.22 * len(histories) + 0.3  # inches, below the panels
+    height = 3.0 * len(panels) + legend_height + 0.5
+    fig, axes = plt.subplots(len(panels), 1, figsize=(WIDTH, height), squeeze=False,
+                             sharex=True)
+    for ax, (metric, label) in zip(axes[:, 0], panels, strict=True):
         for run_label, metrics in histories.items():
             points = metrics.get(metric, [])
             ax.plot([s for s, _ in points], [v for _, v in points], marker="o", markersize=3,
                     label=run_label)
         ax.set_title(label)
-        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+    axes[-1][0].set_xlabel("epoch")
     # Below the panels: inside, the legend covered the first epochs of the curves.
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=1, frameon=False)
-    fig.suptitle(title)
+    fig.legend(handles, labels, fontsize=FONT, loc="lower center", ncol=1, frameon=False)
+    fig.suptitle(_wrapped(title))
     fig.tight_layout(rect=(0, legend_height / height, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def pareto_front(points: Sequence[tuple[int, float]]) -> list[int]:
@@ -93,7 +121,7 @@ def plot_pareto(groups: Sequence[tuple[str, int, Interval | None]], path: Path, 
     points (a search over hundreds of recipes would otherwise bury the plot under its
     legend). The accuracy axis ends at 100%, where accuracy does."""
     groups = [g for g in groups if g[2] is not None]
-    fig, ax = plt.subplots(figsize=(9, 7))
+    fig, ax = plt.subplots(figsize=(WIDTH, 6.0 + 0.22 * min(len(groups), named + 2)))
     front = pareto_front([(size, found.mean) for _, size, found in groups])
     for index, (label, size, found) in enumerate(groups):
         error = None if found.low is None else [[found.mean - found.low],
@@ -113,12 +141,10 @@ def plot_pareto(groups: Sequence[tuple[str, int, Interval | None]], path: Path, 
     ax.set_ylabel("test accuracy, last epoch (%)")
     ax.grid(alpha=0.3, which="both")
     # Below the axes: group names are long, and inside they would hide the points.
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
-    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=FONT, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
+    ax.set_title(_wrapped(title, 60), fontsize=FONT + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path, title: str) -> Path:
@@ -126,49 +152,46 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, path: Path, title:
     every wrong cell is labelled with its count (a log colour scale keeps them visible)."""
     counts = np.zeros((10, 10), dtype=np.int64)
     np.add.at(counts, (labels, predicted), 1)
-    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    fig, ax = plt.subplots(figsize=(WIDTH, 5.9))
     image = ax.imshow(counts + 1, cmap="Blues", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1) + 1))
     for true, answer in zip(*np.nonzero(counts), strict=True):
         value = counts[true, answer]
-        ax.text(answer, true, str(value), ha="center", va="center", fontsize=7,
+        ax.text(answer, true, str(value), ha="center", va="center", fontsize=FONT,
                 color="white" if true == answer else ("darkred" if value else "black"))
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
     ax.set_xlabel("answer")
     ax.set_ylabel("true digit")
     wrong = int(counts.sum() - np.trace(counts))
-    ax.set_title(f"{title}\n{wrong} of {counts.sum():,} images wrong", fontsize=9)
+    ax.set_title(f"{_wrapped(title, 60)}\n{wrong} of {counts.sum():,} images wrong",
+                 fontsize=FONT + 1)
     fig.colorbar(image, ax=ax, label="images (log scale)", shrink=0.8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_gallery(images: np.ndarray, captions: Sequence[str], path: Path, title: str,
-                 columns: int = 8) -> Path:
+                 columns: int = 6) -> Path:
     """Digits (uint8, N x 28 x 28) in a grid, each with its caption above it: one mosaic in
     one axes (24 subplots cost every training run half a second)."""
     rows = max(1, -(-len(images) // columns))
-    side, gap = images.shape[-1] if len(images) else 28, 14  # pixels; the caption's room
+    side, gap = images.shape[-1] if len(images) else 28, 16  # pixels; the caption's room
     mosaic = np.full((rows * (side + gap), columns * (side + 4)), 255, dtype=np.uint8)
     for index, image in enumerate(images):
         top, left = (index // columns) * (side + gap) + gap, (index % columns) * (side + 4) + 2
         mosaic[top:top + side, left:left + side] = image
-    fig, ax = plt.subplots(figsize=(1.45 * columns, 1.75 * rows + 0.5))
+    fig, ax = plt.subplots(figsize=(WIDTH, WIDTH / columns * 1.45 * rows + 0.9))
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     for index, caption in enumerate(captions[:len(images)]):
         ax.text((index % columns) * (side + 4) + 2 + side / 2,
                 (index // columns) * (side + gap) + gap - 1.5, caption, ha="center",
-                va="bottom", fontsize=6.5, linespacing=1.0)
+                va="bottom", fontsize=FONT, linespacing=1.0)
     if not len(images):
         ax.text(mosaic.shape[1] / 2, mosaic.shape[0] / 2, "none", ha="center", fontsize=12)
     ax.axis("off")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrapped(title, 60), fontsize=FONT + 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def thumbnail(png: Path) -> Path:

@@ -509,7 +509,7 @@ def _log_records(run: MlflowRun, config: TrainConfig, records: dict[str, Records
     run.log_artifact(plot_confusion(shown.label, shown.predicted, tmp / CONFUSION_FILE, title),
                      CURVES_DIR)
     worst = shown.mistakes(GALLERY_SIZE)
-    captions = [f"#{shown.index[i]}: {shown.label[i]} → {shown.predicted[i]} "
+    captions = [f"#{shown.index[i]}\n{shown.label[i]} → {shown.predicted[i]} "
                 f"p {shown.p_predicted[i]:.2f}" for i in worst]
     run.log_artifact(plot_gallery(images[shown.index[worst]], captions, tmp / MISTAKES_FILE,
                                   f"{title}: the {len(worst)} most confident mistakes "

@@ -259,7 +259,7 @@ def reading(comparison: Comparison, numbers: VerdictNumbers) -> str:
     if found.real:
         return f"{first}; a real lead over the runner-up"
     return (f"{first}; within noise of the runner-up (the interval of the difference holds "
-            f"zero): chosen by the rule's order, {comparison.reason}")
+            "zero): chosen by the rule's order, not by a sure lead")
 
 
 def verdict_table(comparison: Comparison) -> list[str]:
@@ -270,11 +270,11 @@ def verdict_table(comparison: Comparison) -> list[str]:
     numbers = c.numbers()
     metric = c.rule.metric
     rows = [["", "group", "seeds", f"{metric}, 95% interval"],
-            ["**chosen**", c.verdict.group.label(), str(numbers.ours.n), numbers.ours.format()]]
+            ["**chosen**", c.verdict.group.name, str(numbers.ours.n), numbers.ours.format()]]
     if numbers.against is not None:
         role = (f"production (version {c.verdict.production.version})"
                 if numbers.against_is_production else "runner-up")
-        rows.append([role, numbers.against.label(), str(numbers.against.n),
+        rows.append([role, numbers.against.name, str(numbers.against.n),
                      numbers.against_interval.format() if numbers.against_interval else "—"])
         found = numbers.difference
         p = f", one-sided p = {found.p_better:.2g}" if found.known and found.p_better == \

@@ -21,6 +21,7 @@ from mnist_mlflow.records import Records
 from mnist_mlflow.schema import (
     BROKEN_TAG,
     BROKEN_VERSION_TAG,
+    CODE_DIRTY_TAG,
     COMPARISON_ROLE,
     FAILURE_REASON_TAG,
     FINAL_VAL_ACC,
@@ -219,3 +220,30 @@ def test_a_compare_that_fails_leaves_no_failed_comparison_run_behind_per_try(
     deleted = client.search_runs([experiment_id], query, ViewType.DELETED_ONLY)
     assert [r.info.status for r in deleted] == ["FAILED", "FAILED"]
     assert all(FAILURE_REASON_TAG in r.data.tags for r in deleted)
+
+
+def test_a_version_whose_run_was_deleted_and_a_run_whose_patch_is_gone_are_named(
+        tracking_store: str, saved_model: Path, mnist_root: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    registered = craft_run("deleted", "registered", 99.0, model=saved_model)
+    registry.register_run(registered, "deleted-cnn", FINAL_VAL_ACC, "its run will be deleted")
+    client = MlflowClient()
+    client.delete_run(registered)  # by hand, in the UI: the version stays
+    dirty = craft_run("deleted", "dirty", 99.1, seed=2, model=saved_model)
+    client.set_tag(dirty, CODE_DIRTY_TAG, "true")  # made from uncommitted changes...
+    # ...whose patch (what `reproduce --at-commit` rebuilds the code from) is not there.
+
+    code, out, err = run_cli(["doctor", "--data-dir", str(mnist_root)], capsys, monkeypatch)
+
+    assert code == 1, err
+    version = [line for line in out.splitlines() if "| deleted-cnn version 1 " in line]
+    assert len(version) == 1 and (f"its source run registered ({registered}) was deleted; "
+                                  f"restore it with `mlflow runs restore --run-id "
+                                  f"{registered}`") in version[0]
+    assert "code/uncommitted.patch gone (`reproduce --at-commit` needs it)" in row_of(out, dirty)
+
+    code, out, err = run_cli(["doctor", "--repair", "--data-dir", str(mnist_root)], capsys,
+                             monkeypatch)
+    assert code == 0, out
+    assert BROKEN_VERSION_TAG in client.get_model_version("deleted-cnn", "1").tags
+    assert client.get_run(registered).info.lifecycle_stage == "deleted"  # still restorable

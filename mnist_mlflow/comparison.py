@@ -85,7 +85,7 @@ from mnist_mlflow.selection import (
     ranking_reason,
     top,
 )
-from mnist_mlflow.stats import CONFIDENCE, POWER, Pooled, interval, mcnemar, seeds_to_decide
+from mnist_mlflow.stats import CONFIDENCE, POWER, interval, mcnemar, seeds_to_decide
 from mnist_mlflow.store import store_error
 
 # Images shown in the comparison's gallery of disagreements.
@@ -254,10 +254,10 @@ def _registrable(comparison: Comparison, verdict: promotion.Verdict, model_name:
     ordered = comparison.rule.best_runs(verdict.group)
     run_id, passed_over = registry.registrable([(r.run_id, r.name) for r in ordered],
                                                model_name, comparison.rule.metric)
-    for line in passed_over:
+    for passed, line in passed_over.items():
         # One line per broken run: what its records lacking means joins what to do.
         unscored = next((n for n in comparison.notes if n.startswith("could not score ")
-                         and line.split(" (", 2)[1].split(")")[0] in n), None)
+                         and f"({passed})" in n), None)
         if unscored is not None:
             comparison.notes.remove(unscored)
             line += "; without its records, its group's image term is binomial and unpaired"
@@ -283,10 +283,9 @@ def _seeds_line(c: Comparison, min_effect: float) -> str:
     alpha = judgement.needed() if judgement is not None else (1 - CONFIDENCE) / 2
     ours = c.verdict.group.sample(c.rule.metric)
     theirs = numbers.against.sample(c.rule.metric)
-    pooled = c.pooled.get(c.rule.metric) or Pooled.of([ours, theirs])
     against = "production" if numbers.against_is_production else "the runner-up"
-    plans = [seeds_to_decide(ours, theirs, pooled, effect, alpha)
-             for effect in (abs(numbers.difference.delta), min_effect)]
+    plans = [seeds_to_decide(ours, theirs, numbers.pooled, effect, alpha)
+             for effect in (abs(found.delta), min_effect)]
     if plans[0].why:
         return f"against {against}: {plans[0].why}."
     now = f"now {ours.n} and {theirs.n}"
@@ -314,7 +313,7 @@ def _verdict_metrics(c: Comparison) -> dict[str, float]:
         values |= {CHOSEN_LOW: ours.low, CHOSEN_HIGH: ours.high}
     if against is not None:
         # Means as judged: from the per-image records where there are (exact, not rounded).
-        values |= {AGAINST_MEAN: against.sample(c.rule.metric).mean, AGAINST_N: against.n,
+        values |= {AGAINST_MEAN: numbers.against_interval.mean, AGAINST_N: against.n,
                    DIFFERENCE: found.delta}
         if found.known:
             values |= {DIFFERENCE_LOW: found.low, DIFFERENCE_HIGH: found.high,

@@ -19,18 +19,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlflow.entities import LoggedModelStatus, Run, ViewType
+from mlflow.entities import LoggedModelStatus, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
 from mnist_mlflow import store
 from mnist_mlflow.mlrun import STALE_AFTER_S, lease_of, mark_killed
-from mnist_mlflow.queries import score_runs, summary_of
+from mnist_mlflow.queries import load_records, score_runs, search_all, summary_of
 from mnist_mlflow.records import Records, RecordsError
-from mnist_mlflow.registry import MODEL_FILE, PRODUCTION, version_broken
+from mnist_mlflow.registry import PRODUCTION, version_broken
 from mnist_mlflow.report import markdown_table
 from mnist_mlflow.schema import (
     BROKEN_TAG,
@@ -50,7 +49,7 @@ from mnist_mlflow.schema import (
     checkpoint_artifact,
     records_artifact,
 )
-from mnist_mlflow.store import experiment_id
+from mnist_mlflow.store import experiment_id, listed, model_files_gone_at
 
 REPAIRED_BY = "mnist-mlflow doctor --repair"
 # Records and the metric they score agree to the digits the metric is logged at.
@@ -97,7 +96,7 @@ def examine(experiment: str = "", data_dir: Path | str = "data") -> Checkup:
         names = {e.experiment_id: e.name for e in client.search_experiments()}
     checkup = Checkup()
     for found_id, name in names.items():
-        runs = _runs(client, found_id)
+        runs = search_all(client, found_id, "")
         checkup.runs += len(runs)
         models = _models_by_run(client, found_id)
         for run in runs:
@@ -135,18 +134,6 @@ def repair(checkup: Checkup) -> list[str]:
             except (MlflowException, OSError) as err:
                 done.append(f"{problem.subject}: could not repair ({store.store_error(err)})")
     return done
-
-
-def _runs(client: MlflowClient, found_id: str) -> list[Run]:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found_id], "", ViewType.ACTIVE_ONLY,
-                                  SEARCH_MAX_RESULTS_THRESHOLD, ["attributes.start_time ASC"],
-                                  token)
-        runs += page
-        token = page.token
-        if not token:
-            return runs
 
 
 def _models_by_run(client: MlflowClient, found_id: str) -> dict[str, list]:
@@ -204,14 +191,12 @@ def _check_run(client: MlflowClient, checkup: Checkup, experiment: str, run: Run
         return
     if role != TRAIN_ROLE or info.status != "FINISHED":
         return
-    gone = _missing(run, models)
-    records_only = [what for what in gone if what.startswith("records:")]
-    if records_only and len(records_only) == len(gone):
-        problem("; ".join(w.removeprefix("records: ") for w in gone),
-                f"score its model again on the MNIST files in {data_dir}",
+    gone, records = _missing(run, models)
+    if records and not gone:
+        problem("; ".join(records), f"score its model again on the MNIST files in {data_dir}",
                 lambda: _rescore(client, run, data_dir))
-    elif gone:
-        why = "; ".join(w.removeprefix("records: ") for w in gone)
+    elif gone or records:
+        why = "; ".join([*gone, *records])
         problem(why, "tag it broken: every command leaves it out, saying so",
                 _tag_broken(client, info.run_id, why))
     if not all(key in tags for key in RECORD_TAGS) or not any(
@@ -219,51 +204,42 @@ def _check_run(client: MlflowClient, checkup: Checkup, experiment: str, run: Run
         checkup.unreproducible += 1
 
 
-def _missing(run: Run, models: list) -> list[str]:
-    """What a FINISHED training run lacks or gets wrong, one phrase each (those about its
-    per-image records start `records: `)."""
-    gone = []
+def _missing(run: Run, models: list) -> tuple[list[str], list[str]]:
+    """What a FINISHED training run lacks or gets wrong, one phrase each: what no repair can
+    bring back, and its per-image records that are gone or unreadable (which its model can
+    score again)."""
+    gone, records = [], []
     location = run.info.artifact_uri
     ready = [m for m in models if m.status == LoggedModelStatus.READY]
     if not ready:
         gone.append("no complete logged model")
-    elif MODEL_FILE not in _listed(ready[0].artifact_location):
+    elif model_files_gone_at(ready[0].artifact_location):
         gone.append(f"model files gone (models:/{ready[0].model_id})")
     params, metrics = run.data.params, run.data.metrics
     epochs = params.get("epochs", "")
-    checkpoints = _listed(location, CHECKPOINT_DIR)
+    checkpoints = listed(location, CHECKPOINT_DIR)
     if epochs.isdigit() and checkpoint_artifact(int(epochs)) not in checkpoints \
             and LEGACY_CHECKPOINT not in checkpoints:
         gone.append(f"checkpoint of epoch {epochs} gone")
-    if run.data.tags.get(CODE_DIRTY_TAG) == "true" and PATCH_ARTIFACT not in _listed(
+    if run.data.tags.get(CODE_DIRTY_TAG) == "true" and PATCH_ARTIFACT not in listed(
             location, PATCH_ARTIFACT.rsplit("/", 1)[0]):
         gone.append(f"{PATCH_ARTIFACT} gone (`reproduce --at-commit` needs it)")
-    present = _listed(location, PREDICTIONS_DIR)
+    present = listed(location, PREDICTIONS_DIR)
     for metric, scored in RECORDED_METRICS.items():
         if metric not in metrics:
             continue  # a run without a validation split has no validation records
         artifact = records_artifact(scored)
         if artifact not in present:
-            gone.append(f"records: {scored} records gone")
+            records.append(f"{scored} records gone")
             continue
         found = _read(location, artifact)
         if isinstance(found, str):
-            gone.append(f"records: {scored} records unreadable ({found})")
+            records.append(f"{scored} records unreadable ({found})")
         elif abs(found.accuracy - metrics[metric]) > AGREE_WITHIN:
             # Not repaired by scoring again: which of the two is wrong is unknown.
             gone.append(f"{scored} records say {found.accuracy:.2f}%, {metric} "
                         f"{metrics[metric]:.2f}")
-    return gone
-
-
-def _listed(location: str, path: str = "") -> set[str]:
-    """The paths under `path` of the artifacts at `location` (a run's artifact URI, a logged
-    model's artifact location); none when it cannot be listed. Read from the artifact store
-    straight, not through the run (which reads the run from the tracking store each time)."""
-    try:
-        return {f.path for f in get_artifact_repository(location).list_artifacts(path or None)}
-    except (MlflowException, OSError):
-        return set()
+    return gone, records
 
 
 def _read(location: str, artifact: str) -> Records | str:
@@ -278,13 +254,7 @@ def _read(location: str, artifact: str) -> Records | str:
 def _rescore(client: MlflowClient, run: Run, data_dir: Path | str) -> str:
     summary = summary_of(run)
     scored = [s for m, s in RECORDED_METRICS.items() if m in run.data.metrics]
-    present = _listed(run.info.artifact_uri, PREDICTIONS_DIR)
-    # Unreadable records are scored again too: keep only those that read.
-    for name in scored:
-        if records_artifact(name) in present:
-            found = _read(run.info.artifact_uri, records_artifact(name))
-            if isinstance(found, Records):
-                summary.records[name] = found
+    load_records([summary], scored)  # those that read; the rest are scored again
     failed = score_runs([summary], scored, data_dir)
     if failed:
         why = f"its records cannot be scored again: {failed[0].split(': ', 1)[1]}"

@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from mnist_mlflow.config import UserError
 from mnist_mlflow.framing import ImageRejected, load_digit
-from mnist_mlflow.store import open_store
+from mnist_mlflow.store import model_files_gone, open_store
 
 DEFAULT_MODEL_URI = "models:/mnist-cnn@production"
 # Logged models are torch.export (pt2) programs with their weights on the CPU, which cannot
@@ -44,6 +44,8 @@ def load_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(model_uri, model_config={"device": PREDICTION_DEVICE})
     except (MlflowException, OSError) as err:
+        if model_files_gone(model_uri):  # MLflow says only "No such artifact: ''"
+            raise UserError(f"its model files are gone ({model_uri})") from None
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"cannot load model {model_uri!r}: {first_line}") from None
 

@@ -227,13 +227,11 @@ def score_runs(runs: Sequence[RunSummary], scored: Sequence[str], data_dir: Path
 def _score(run: RunSummary, scored: Sequence[str], data_dir: Path | str) -> dict[str, Records]:
     # Loads torch (through the model and MNIST): only for runs made before records existed.
     from mnist_mlflow.predict import load_model
-    from mnist_mlflow.registry import logged_model_uri, model_files_gone
+    from mnist_mlflow.registry import logged_model_uri
 
     uri = logged_model_uri(run.run_id)
     if uri is None:
         raise UserError("it logged no model")
-    if model_files_gone(uri):
-        raise UserError(f"its model files are gone ({uri})")
     model = load_model(uri)
     data = _mnist(str(data_dir), run.config.train_limit, run.config.test_limit,
                   run.config.val_size)

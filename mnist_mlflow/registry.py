@@ -35,8 +35,6 @@ from mnist_mlflow.store import open_store, store_error
 
 PRODUCTION = "production"
 PREVIOUS = "previous"
-# A logged model is whole when MLflow can read what it is: its MLmodel file.
-MODEL_FILE = "MLmodel"
 
 
 @dataclass(frozen=True)
@@ -142,32 +140,20 @@ def logged_model_uri(run_id: str, experiment_id: str | None = None) -> str | Non
     return f"models:/{ready[0].model_id}" if ready else None
 
 
-def model_files_gone(model_uri: str, client: MlflowClient | None = None) -> bool:
-    """Whether the files of logged model `models:/<id>` are gone (deleted by hand, by a
-    cleanup job, by an artifact store's expiry rule): it has no MLmodel file. Reads a listing
-    only, so a store of many models is checked fast."""
-    client = client or store.client()
-    try:
-        listed = client.list_logged_model_artifacts(model_uri.removeprefix("models:/"))
-    except (MlflowException, OSError):
-        return True
-    return MODEL_FILE not in {f.path for f in listed}
-
-
 def version_broken(version: ModelVersion, client: MlflowClient | None = None) -> str:
     """What is broken about a registered version ("" when nothing): tagged broken by
     `doctor --repair`, or its model files gone."""
     if BROKEN_VERSION_TAG in version.tags:
         return f"tagged broken ({version.tags[BROKEN_VERSION_TAG]})"
-    source = version.source or ""
-    if source.startswith("models:/") and model_files_gone(source, client):
-        return f"its model files are gone ({source})"
+    if store.model_files_gone(version.source or "", client):
+        return f"its model files are gone ({version.source})"
     return ""
 
 
-def check_registrable(run_id: str, model_name: str, metric: str) -> None:
-    """UserError unless run `run_id` could be registered: FINISHED, with `metric` and a
-    complete logged model (checked before a comparison records anything)."""
+def check_registrable(run_id: str, model_name: str, metric: str) -> str:
+    """The `models:/<id>` of run `run_id`'s logged model; UserError unless the run could be
+    registered: FINISHED, with `metric`, not tagged broken, and a complete logged model
+    (checked before a comparison records anything; whether it loads is check_loads')."""
     check_model_name(model_name)
     client = store.client()
     run = _finished_run(client, run_id)
@@ -178,31 +164,29 @@ def check_registrable(run_id: str, model_name: str, metric: str) -> None:
     uri = logged_model_uri(run_id, run.info.experiment_id)
     if uri is None:
         raise UserError(f"run {run.info.run_name} ({run_id}) has no logged model to register")
-    if model_files_gone(uri, client):
-        raise UserError(f"run {run.info.run_name} ({run_id}): its model files are gone ({uri})")
+    return uri
 
 
 def registrable(candidates: Sequence[tuple[str, str]], model_name: str, metric: str
-                ) -> tuple[str | None, list[str]]:
+                ) -> tuple[str | None, dict[str, str]]:
     """Of `candidates` (run id, run name), best first, the first whose model can be
-    registered (FINISHED with `metric`, a logged model that loads and answers), and a line
-    for each one passed over: what is wrong and what to do. A run whose model files are gone
-    (deleted by hand, by a cleanup job, by an artifact store's expiry rule) is one of those;
-    its metrics still count, it just cannot be production."""
+    registered (FINISHED with `metric`, a logged model that loads and answers), and for each
+    one passed over (by run id) a line: what is wrong and what to do. A run whose model files
+    are gone (deleted by hand, by a cleanup job, by an artifact store's expiry rule) is one of
+    those; its metrics still count, it just cannot be production."""
     check_model_name(model_name)
-    passed_over = []
+    passed_over = {}
     for run_id, name in candidates:
         try:
-            check_registrable(run_id, model_name, metric)
-            check_loads(logged_model_uri(run_id))
+            check_loads(check_registrable(run_id, model_name, metric))
         except UserError as err:
             why = str(err).removeprefix(f"run {name} ({run_id})").lstrip(": ")
             # Its metrics still count; a reproduction is no training run, so the way out
             # is a new training run of its configuration, or the run deleted.
-            passed_over.append(f"run {name} ({run_id}) cannot be registered: {why}. Its "
-                               "metrics still count: train its configuration again, or "
-                               "leave it out with `mnist-mlflow doctor --repair` (tags it "
-                               "broken, deletes nothing)")
+            passed_over[run_id] = (f"run {name} ({run_id}) cannot be registered: {why}. Its "
+                                   "metrics still count: train its configuration again, or "
+                                   "leave it out with `mnist-mlflow doctor --repair` (tags "
+                                   "it broken, deletes nothing)")
             continue
         return run_id, passed_over
     return None, passed_over

@@ -5,6 +5,7 @@ with it. comparison.py decides what goes in; this module only holds and renders 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +46,7 @@ class VerdictNumbers:
     against_is_production: bool
     against_interval: Interval | None
     difference: Difference | None
+    pooled: Pooled  # the seed variance the intervals used
 
 
 @dataclass
@@ -111,14 +113,14 @@ class Comparison:
         against = production or next((g for g in self.eligible if g is not verdict.group),
                                      None)
         if against is None or not against.has(rule.metric):
-            return VerdictNumbers(ours, None, False, None, None)
+            return VerdictNumbers(ours, None, False, None, None, pooled)
         found = verdict.difference if production is not None else None
         if found is None:
             found = group_difference(verdict.group.sample(rule.metric),
                                      against.sample(rule.metric), pooled,
                                      rule.higher_is_better)
         return VerdictNumbers(ours, against, production is not None,
-                              interval(against.sample(rule.metric), pooled), found)
+                              interval(against.sample(rule.metric), pooled), found, pooled)
 
     def difference_sentence(self, a: Group, b: Group, metric: str) -> str:
         label = f"{contrast(a.config, b.config)}, {metric}"
@@ -272,15 +274,15 @@ def verdict_table(comparison: Comparison) -> list[str]:
     rows = [["", "group", "seeds", f"{metric}, 95% interval"],
             ["**chosen**", c.verdict.group.name, str(numbers.ours.n), numbers.ours.format()]]
     if numbers.against is not None:
+        short = "production" if numbers.against_is_production else "runner-up"
         role = (f"production (version {c.verdict.production.version})"
-                if numbers.against_is_production else "runner-up")
+                if numbers.against_is_production else short)
         rows.append([role, numbers.against.name, str(numbers.against.n),
-                     numbers.against_interval.format() if numbers.against_interval else "—"])
+                     numbers.against_interval.format()])
         found = numbers.difference
-        p = f", one-sided p = {found.p_better:.2g}" if found.known and found.p_better == \
-            found.p_better else ""
-        rows.append(["difference", "chosen − " + role.split(" ")[0], "",
-                     f"{found.interval_text()}{p}"])
+        p = (f", one-sided p = {found.p_better:.2g}"
+             if found.known and not math.isnan(found.p_better) else "")
+        rows.append(["difference", f"chosen − {short}", "", f"{found.interval_text()}{p}"])
     return [markdown_table(rows), "", f"**Reading:** {reading(c, numbers)}."]
 
 

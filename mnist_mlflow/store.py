@@ -264,6 +264,40 @@ def open_store(writes: bool = True, patient: bool = False) -> str:
     return uri
 
 
+# A logged model is whole when MLflow can read what it is: its MLmodel file.
+MODEL_FILE = "MLmodel"
+
+
+def listed(location: str, path: str = "") -> set[str]:
+    """The paths under `path` of the artifacts at `location` (a run's artifact URI, a logged
+    model's artifact location); none when it cannot be listed. Read from the artifact store
+    straight: listing through a run reads the run from the tracking store each time."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        return {f.path for f in get_artifact_repository(location).list_artifacts(path or None)}
+    except (MlflowException, OSError):
+        return set()
+
+
+def model_files_gone_at(location: str) -> bool:
+    """Whether the logged model at artifact `location` has lost its files (deleted by hand,
+    by a cleanup job, by an artifact store's expiry rule): no MLmodel file is listed."""
+    return MODEL_FILE not in listed(location)
+
+
+def model_files_gone(model_uri: str, tracking: MlflowClient | None = None) -> bool:
+    """`model_files_gone_at` for `models:/<logged model id>`; False for any other URI (a
+    registered model's name or alias, `runs:/`, a path), whose files MLflow resolves."""
+    if not model_uri.startswith("models:/"):
+        return False
+    try:
+        model = (tracking or client()).get_logged_model(model_uri.removeprefix("models:/"))
+    except MlflowException:
+        return False
+    return model_files_gone_at(model.artifact_location)
+
+
 def _create_whole(path: Path) -> None:
     """Create and migrate a new SQLite store beside `path`, then put it in place at once.
 

@@ -104,8 +104,9 @@ def surest(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled) -> Gr
 
 
 def decide(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled,
-           production: Production | None) -> Verdict:
-    """The verdict over `eligible` (in rule order) against `production`."""
+           production: Production | None, share: float = 1.0) -> Verdict:
+    """The verdict over `eligible` (in rule order) against `production`, spending `share`
+    of this look's allowance (less than all when a sequential sweep's rounds spent part)."""
     top = eligible[0]
     if production is None:
         group = surest(eligible, rule, pooled)
@@ -121,7 +122,7 @@ def decide(eligible: Sequence[Group], rule: SelectionRule, pooled: Pooled,
         if challengers else production.looks
     judgement = judge(base.sample(rule.metric), {g.name: g.sample(rule.metric)
                                                 for g in challengers},
-                      pooled, looks, rule.higher_is_better)
+                      pooled, looks, rule.higher_is_better, share)
     winners = [g for g in challengers if g.name in judgement.beats]
     if winners:
         # Of several real gains the surest: the highest lower bound, so that a one-seed group
@@ -164,8 +165,14 @@ def _judged(group: Group, base: Group, found: Difference, judgement: Judgement,
     relation = "≤" if gain else ">"
     return (f"{label}: {found.interval_text()}; one-sided p {found.p_better:.3g} {relation} "
             f"{needed:.3g} needed (Holm over the {len(looks.seen)} group(s) judged against "
-            f"this production version, look {looks.count}): "
+            f"this production version, look {looks.count}{_round_share(judgement)}): "
             + ("a real gain" if gain else "within noise"))
+
+
+def _round_share(judgement: Judgement) -> str:
+    if judgement.share >= 1:
+        return ""
+    return f", of which a sequential sweep's round spends {judgement.share:.0%}"
 
 
 def check_models(verdict: Verdict, mcnemar: McNemar | None) -> Verdict:

@@ -412,22 +412,48 @@ class Judgement:
     differences: Mapping[str, Difference]
     beats: tuple[str, ...]
     looks: Looks
+    share: float = 1.0  # of this look's allowance: a round of a sequential sweep spends part
 
     def needed(self, rank: int = 0) -> float:
         """The one-sided p-value the best challenger needed at this look."""
-        return self.looks.alpha / (max(len(self.looks.seen), 1) - rank)
+        return self.looks.alpha * self.share / (max(len(self.looks.seen), 1) - rank)
 
 
 def judge(production: Sample, challengers: Mapping[str, Sample], pooled: Pooled,
-          looks: Looks, higher_is_better: bool = True) -> Judgement:
-    """Which challengers beat production at this look; `looks` is after this look."""
+          looks: Looks, higher_is_better: bool = True, share: float = 1.0) -> Judgement:
+    """Which challengers beat production at this look (`share` of its allowance); `looks`
+    is after this look."""
     differences = {name: difference(sample, production, pooled, higher_is_better)
                    for name, sample in challengers.items()}
     names = [name for name, d in differences.items() if d.known]
-    rejected = holm([differences[name].p_better for name in names], looks.alpha,
+    rejected = holm([differences[name].p_better for name in names], looks.alpha * share,
                     len(looks.seen))
     return Judgement(differences, tuple(n for n, r in zip(names, rejected, strict=True) if r),
-                     looks)
+                     looks, share)
+
+
+def round_seeds(first: int, per_round: int, most: int) -> list[int]:
+    """Seeds per group after each round of a sequential sweep: `first`, then `per_round` more
+    a round, the last round cut to `most`. [3, 5, 7, 9, 10] for 3, 2, 10."""
+    seeds = [min(first, most)]
+    while seeds[-1] < most:
+        seeds.append(min(seeds[-1] + per_round, most))
+    return seeds
+
+
+def round_shares(seeds: Sequence[int]) -> list[float]:
+    """The share of a look's error allowance each round may spend, for rounds ending at
+    `seeds` seeds per group (round_seeds); they add up to 1.
+
+    Lan and DeMets' Pocock-type spending, alpha·ln(1 + (e − 1)·t) by the information t =
+    seeds / most: an early round spends a large share (a clear gain is called after the
+    first round, as a fixed design of that many seeds would call it), and the later rounds
+    still have enough to find a smaller one. Each round tests at its own share, so however
+    the rounds go (and whichever round the sweep stops at), every round together spends at
+    most the look's allowance: the union bound, which needs nothing of how the rounds'
+    numbers correlate."""
+    spent = [math.log1p((math.e - 1) * n / seeds[-1]) for n in seeds]
+    return [now - before for before, now in zip([0.0, *spent], spent, strict=False)]
 
 
 # How sure a planned experiment should be of finding a difference that is there.

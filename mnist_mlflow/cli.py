@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -34,6 +34,9 @@ from mnist_mlflow.schema import (
     DEFAULT_MODEL_NAME,
     FINAL_VAL_ACC,
 )
+
+if TYPE_CHECKING:  # compare's modules load only when a command needs them
+    from mnist_mlflow.report import Comparison
 
 DEFAULTS = TrainConfig()
 CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
@@ -203,18 +206,38 @@ def train(ctx: click.Context, resume_run_id: str, **options: Any) -> None:
               help="CPUs each Ray task reserves; its torch uses as many threads.")
 @click.option("--gpus-per-run", type=float, default=0.0, show_default=True,
               help="GPUs each Ray task reserves (fractions share one).")
+@click.option("--until-decided", is_flag=True,
+              help="Train seeds in rounds until the call is made: the best group beats the "
+                   "others (and production) beyond noise, no difference as large as "
+                   "--min-effect remains, more seeds would likely not decide it, or "
+                   "--max-seeds is reached; then compare and register as `compare` does.")
+@click.option("--first-round", type=int, default=3, show_default=True, metavar="N",
+              help="--until-decided: seeds per variant in the first round (seeds 1..N, "
+                   "unless --seeds names them).")
+@click.option("--round-seeds", type=int, default=2, show_default=True, metavar="N",
+              help="--until-decided: seeds added a round to each group still in contention.")
+@click.option("--max-seeds", type=int, default=10, show_default=True, metavar="N",
+              help="--until-decided: the most seeds a group gets.")
+@click.option("--min-effect", type=float, default=DEFAULT_MIN_EFFECT, show_default=True,
+              metavar="POINTS",
+              help="--until-decided: the smallest difference worth more seeds.")
+@click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True,
+              help="--until-decided: the registered model the last compare registers to.")
 @click.pass_context
 def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds: str,
           resume_run_id: str, executor: str, workers: str, stack_seeds: bool,
-          ray_address: str, cpus_per_run: int, gpus_per_run: float, **options: Any) -> None:
+          ray_address: str, cpus_per_run: int, gpus_per_run: float, until_decided: bool,
+          first_round: int, round_seeds: int, max_seeds: int, min_effect: float,
+          model_name: str, **options: Any) -> None:
     """Train every variant as a nested child run under one parent run."""
     from mnist_mlflow.phases import over_seeds, parse_seeds, phase, phase_configs
     from mnist_mlflow.process_executor import ProcessExecutor
+    from mnist_mlflow.registry import check_model_name
+    from mnist_mlflow.sequential import Rounds, SequentialResult, resume, run_until_decided
     from mnist_mlflow.sweep import (
         LocalExecutor,
         parse_variants,
         parse_workers,
-        resume_sweep,
         run_sweep,
         sweep_configs,
     )
@@ -247,12 +270,16 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
         raise UserError("--phase and --variant exclude each other: a phase names its variants")
     if seeds and "seed" in given:
         raise UserError("--seed and --seeds exclude each other")
+    rounds = None
+    if until_decided:
+        check_model_name(model_name)
+        first = len(parse_seeds(seeds)) if seeds else first_round
+        rounds = Rounds(first, round_seeds, max_seeds, min_effect, model_name).validate()
     if resume_run_id:
-        if variants or phase_name or seeds:
-            raise UserError("--phase, --variant and --seeds do not apply with --resume: "
-                            "the sweep's own are used")
-        result = resume_sweep(resume_run_id, options["data_dir"], given,
-                              executor=children_run_by)
+        if variants or phase_name or seeds or until_decided:
+            raise UserError("--phase, --variant, --seeds and --until-decided do not apply "
+                            "with --resume: the sweep's own are used")
+        result = resume(resume_run_id, options["data_dir"], given, executor=children_run_by)
     else:
         description = ""
         if variants:
@@ -261,11 +288,22 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
             phase_name = phase_name or DEFAULT_PHASE
             configs = phase_configs(phase_name, given)
             description = phase(phase_name).description
-        if seeds:
-            configs = over_seeds(configs, parse_seeds(seeds))
-        result = run_sweep(configs, options["data_dir"], options["experiment"], phase=phase_name,
-                           command=invoked_command(), runner_run_id=runner_run_id(ctx),
-                           phase_description=description, executor=children_run_by)
+        if seeds or rounds:
+            configs = over_seeds(configs, parse_seeds(seeds) if seeds
+                                 else list(range(1, rounds.first + 1)))
+        if rounds:
+            result = run_until_decided(
+                configs, rounds, options["data_dir"], options["experiment"], phase=phase_name,
+                command=invoked_command(), runner_run_id=runner_run_id(ctx),
+                executor=children_run_by, phase_description=description)
+        else:
+            result = run_sweep(configs, options["data_dir"], options["experiment"],
+                               phase=phase_name, command=invoked_command(),
+                               runner_run_id=runner_run_id(ctx), phase_description=description,
+                               executor=children_run_by)
+    calls, comparison = [], None
+    if isinstance(result, SequentialResult):
+        calls, comparison, result = result.calls, result.comparison, result.sweep
     for child in result.children:
         detail = f": {child.error}" if child.error else ""
         click.echo(f"{child.config.run_name}: run {child.run_id} {child.status}{detail}")
@@ -277,6 +315,39 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
             f"parent run {result.parent_run_id} ended FAILED; finish them with: "
             f"mnist-mlflow sweep --resume {result.parent_run_id}")
     click.echo(f"sweep {result.parent_run_id}: all {len(result.children)} children finished")
+    for call in calls:
+        click.echo(f"Round {call['round']}: {call['sentence']}")
+    if comparison is not None:
+        click.echo()
+        print_comparison(comparison)
+
+
+def print_comparison(result: Comparison, top: int = 5) -> None:
+    """What `compare` prints: the groups, the rule, the choice, the verdict."""
+    from mnist_mlflow import report
+
+    rule = result.rule
+    for line in result.skipped:  # runs left out, each named with why
+        click.echo(f"Warning: {line}", err=True)
+    click.echo(report.headline(rule))
+    click.echo()
+    click.echo(report.markdown_table(report.summary_table(result)))
+    click.echo()
+    click.echo(report.markdown_table(report.side_by_side_table(result.groups[:top], rule)))
+    click.echo(f"\nRule: {rule.describe()}.")
+    click.echo(f"Chosen: {result.chosen_group.label()}: {result.reason}.")
+    for line in result.differences:
+        click.echo(f"Difference: {line}")
+    if result.seeds:
+        click.echo(f"Seeds to decide: {result.seeds}")
+    for line in result.notes:
+        click.echo(f"Note: {line}")
+    if result.registered_version:
+        click.echo(f"Registered run: {result.chosen.name} ({result.chosen.run_id}) as "
+                   f"{result.model_name} version {result.registered_version}")
+    for line in report.verdict_lines(result):
+        click.echo(line)
+    click.echo(f"Report logged to comparison run {result.comparison_run_id}")
 
 
 @cli.command()
@@ -325,7 +396,7 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
             force: bool, data_dir: str, min_effect: float) -> None:
     """Compare finished runs by group over seeds, pick the production candidate on
     validation, register it, and move `production` only if it is really better."""
-    from mnist_mlflow import comparison, report
+    from mnist_mlflow import comparison
     from mnist_mlflow.registry import check_model_name
     from mnist_mlflow.schema import higher_is_better as goal_of
     from mnist_mlflow.selection import SelectionRule
@@ -346,28 +417,9 @@ def compare(ctx: click.Context, experiment: str, filter_string: str, metric: str
                                 runner_run_id=runner_run_id(ctx), diffs=diffs,
                                 data_dir=data_dir, register=register, model_name=model_name,
                                 force=force, min_effect=min_effect)
-    for line in result.skipped:  # runs left out, each named with why
-        click.echo(f"Warning: {line}", err=True)
-    click.echo(report.headline(rule))
-    click.echo()
-    click.echo(report.markdown_table(report.summary_table(result)))
-    click.echo()
-    click.echo(report.markdown_table(report.side_by_side_table(result.groups[:top], rule)))
-    click.echo(f"\nRule: {rule.describe()}.")
-    click.echo(f"Chosen: {result.chosen_group.label()}: {result.reason}.")
-    for line in result.differences:
-        click.echo(f"Difference: {line}")
-    if result.seeds:
-        click.echo(f"Seeds to decide: {result.seeds}")
-    for line in result.notes:
-        click.echo(f"Note: {line}")
-    if result.registered_version:
-        click.echo(f"Registered run: {result.chosen.name} ({result.chosen.run_id}) as "
-                   f"{model_name} version {result.registered_version}")
-    for line in report.verdict_lines(result):
-        click.echo(line)
-    click.echo(f"Report logged to comparison run {result.comparison_run_id}"
-               + (f" and written to {report_dir}" if report_dir else ""))
+    print_comparison(result, top)
+    if report_dir:
+        click.echo(f"Report written to {report_dir}")
     if results_path:
         from mnist_mlflow.results import render_results
 

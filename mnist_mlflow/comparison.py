@@ -145,7 +145,7 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
             runner_run_id: str | None = None, diffs: Sequence[tuple[str, str]] = (),
             data_dir: Path | str = "data", register: bool = False,
             model_name: str = "mnist-cnn", force: bool = False,
-            min_effect: float = DEFAULT_MIN_EFFECT) -> Comparison:
+            min_effect: float = DEFAULT_MIN_EFFECT, share: float = 1.0) -> Comparison:
     """Compare the experiment's FINISHED training runs and act on the verdict.
 
     Groups over seeds, ranked by the rule; each group's intervals and the differences asked
@@ -154,7 +154,31 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
     (promotion.decide) is acted on when `register`: the chosen run is registered, production
     moves if the verdict (or `force`) says so, and a comparison run records it all. Under
     `mlflow run` (`runner_run_id`) the experiment is the one the runner put its run in.
+    `share`: of this look's error allowance, what is left to the verdict (a sequential
+    sweep's last round spends its share).
     """
+    if runner_run_id:
+        client = store.client()
+        experiment = client.get_experiment(
+            client.get_run(runner_run_id).info.experiment_id).name
+    comparison, shown, production_run = assess(
+        experiment, filter_string, rule, top_groups, diffs, data_dir, register, model_name,
+        force, min_effect, share)
+    comparison.histories = queries.mean_histories(shown)
+    # No run of the chosen group has a model to register: it reports, registering nothing.
+    register = register and not comparison.unregistrable
+    _record(comparison, shown, production_run, register, runner_run_id, data_dir, report_dir)
+    return comparison
+
+
+def assess(experiment: str, filter_string: str = "", rule: SelectionRule | None = None,
+           top_groups: int = 5, diffs: Sequence[tuple[str, str]] = (),
+           data_dir: Path | str = "data", register: bool = False,
+           model_name: str = "mnist-cnn", force: bool = False,
+           min_effect: float = DEFAULT_MIN_EFFECT, share: float = 1.0
+           ) -> tuple[Comparison, list[Group], RunSummary | None]:
+    """compare() up to its verdict, with nothing logged or registered: the comparison, the
+    groups it shows and production's run."""
     rule = rule or SelectionRule()
     if not min_effect > 0:
         raise UserError(f"invalid --min-effect: must be > 0 points, got {min_effect}")
@@ -162,10 +186,6 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
         raise UserError(f"invalid --top: must be >= 1, got {top_groups}")
     if rule.max_params < 1:
         raise UserError(f"invalid --max-params: must be >= 1, got {rule.max_params}")
-    if runner_run_id:
-        client = store.client()
-        experiment = client.get_experiment(
-            client.get_run(runner_run_id).info.experiment_id).name
     runs, skipped = queries.find_runs(experiment, filter_string, rule.metric)
     if skipped and not runs:
         raise UserError(f"none of the {len(skipped)} FINISHED runs has every metric the "
@@ -194,7 +214,8 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
     base = production.group if production is not None else None
     comparison.pooled = {rule.metric: promotion.pooled_over([*ranked, base], rule.metric),
                          FINAL_TEST_ACC: promotion.pooled_over(ranked, FINAL_TEST_ACC)}
-    verdict = promotion.decide(eligible, rule, comparison.pooled[rule.metric], production)
+    verdict = promotion.decide(eligible, rule, comparison.pooled[rule.metric], production,
+                               share)
     if register:  # before anything is logged: a broken candidate is passed over, not fatal
         verdict, register = _registrable(comparison, verdict, model_name)
     verdict = promotion.check_models(verdict, _mcnemar(verdict, production_run))
@@ -208,9 +229,7 @@ def compare(experiment: str, filter_string: str = "", rule: SelectionRule | None
             comparison.differences.append(comparison.difference_sentence(
                 a, b, FINAL_TEST_ACC) + " (reported, not used to choose)")
     comparison.seeds = _seeds_line(comparison, min_effect)
-    comparison.histories = queries.mean_histories(shown)
-    _record(comparison, shown, production_run, register, runner_run_id, data_dir, report_dir)
-    return comparison
+    return comparison, shown, production_run
 
 
 def _read_records(comparison: Comparison, shown: Sequence[Group],

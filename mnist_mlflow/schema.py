@@ -438,6 +438,28 @@ SWEEP_PARAMS = {
     "phase": "the phase, or `none`", "children": "how many children it planned"}
 for _name, _meaning in SWEEP_PARAMS.items():
     param(_name, "sweep parent", _meaning)
+# A sweep with --until-decided: how its rounds run, as params of its parent.
+SEQUENTIAL_PARAMS = {
+    "first_round": "seeds per group in the first round",
+    "round_seeds": "seeds added a round to each group still in contention",
+    "max_seeds": "the most seeds a group gets", "min_effect": "the smallest difference "
+    "worth acting on, in points", "model_name": "the registered model the last compare "
+    "registers to"}
+for _name, _meaning in SEQUENTIAL_PARAMS.items():
+    param(_name, "sweep parent", _meaning)
+# Its children: the round each was trained in. Its parent: where the rounds stand.
+ROUND_TAG = tag("mnist_mlflow.round", "training run",
+                "the round of a `sweep --until-decided` it was trained in")
+ROUNDS_TAG = tag("mnist_mlflow.rounds", "sweep parent",
+                 "a `sweep --until-decided`: the rounds so far and the call, in words")
+ROUNDS_ARTIFACT = "rounds.json"
+artifact(ROUNDS_ARTIFACT, "sweep parent",
+         "a `sweep --until-decided`: each round's seeds, share of the error allowance, call "
+         "and the groups it gave more seeds")
+# The round's best group's mean of the selection metric, at step = the round.
+ROUND_BEST = metric("round_best_mean", "sweep parent",
+                    "a `sweep --until-decided`: the leading group's mean of the selection "
+                    "metric after each round (step = the round)")
 # A comparison's rule, as params of its run.
 COMPARISON_PARAMS = {
     "metric": "the selection metric", "max_params": "the largest network eligible",

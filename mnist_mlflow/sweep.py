@@ -333,7 +333,6 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
                  phase_description: str = "") -> MlflowRun:
     """Create the parent run (or adopt the one `mlflow run` made) and record what it sweeps:
     the settings all children share as params, and every child's config as the plan."""
-    settings = [c.as_params() for c in configs]
     recorded = [settings_record(c)[0] for c in configs]
     shared = {k: v for k, v in recorded[0].items() if all(r[k] == v for r in recorded)}
     variants = dict.fromkeys(f"{c.model}:{c.dropout:g}" for c in configs)
@@ -351,23 +350,31 @@ def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "
                            **dict(zip(SWEEP_PARAMS, (",".join(variants), ",".join(seeds),
                                                      phase or "none", len(configs)),
                                       strict=True))})
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = Path(tmp) / PLAN_ARTIFACT
-        plan.write_text(json.dumps(settings, indent=1))
-        parent.log_artifact(plan)
+    log_plan(parent, configs)
     parent.hold_lease()
     return parent
 
 
-def create_child(parent: MlflowRun, config: TrainConfig) -> ChildJob:
-    """The child's run, SCHEDULED under `parent` with its params, and the job that trains it."""
-    tags = parent.client.get_run(parent.run_id).data.tags
+def log_plan(parent: MlflowRun, configs: Sequence[TrainConfig]) -> None:
+    """Every child's settings, as the parent's plan (`--resume` trains what is unfinished of
+    it); a sequential sweep logs it again as each round adds children."""
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = Path(tmp) / PLAN_ARTIFACT
+        plan.write_text(json.dumps([c.as_params() for c in configs], indent=1))
+        parent.log_artifact(plan)
+
+
+def create_child(parent: MlflowRun, config: TrainConfig,
+                 tags: Mapping[str, str] | None = None) -> ChildJob:
+    """The child's run, SCHEDULED under `parent` with its params (and `tags`), and the job
+    that trains it."""
+    parent_tags = parent.client.get_run(parent.run_id).data.tags
     params, settings_tags = settings_record(config)
     child = MlflowRun.create(
         parent.client.get_experiment(parent.experiment_id).name, config.run_name,
         parent_run_id=parent.run_id,
-        tags={ROLE_TAG: TRAIN_ROLE, **{k: v for k, v in tags.items() if k == PHASE_TAG},
-              **settings_tags},
+        tags={ROLE_TAG: TRAIN_ROLE, **{k: v for k, v in parent_tags.items() if k == PHASE_TAG},
+              **settings_tags, **(tags or {})},
         description=f"{config.variant_name}, seed {config.seed}: waiting for its turn.")
     child.log_new_params(params)
     child.client.update_run(child.run_id, status=SCHEDULED)
@@ -382,12 +389,12 @@ def run_sweep(configs: Sequence[TrainConfig], data_dir: Path | str,
     open_store()
     parent = start_parent(experiment, configs, phase, command, runner_run_id, phase_description)
     jobs = [create_child(parent, config) for config in configs]
-    return _train_children(parent, jobs, [], data_dir, progress, executor or LocalExecutor())
+    return train_children(parent, jobs, [], data_dir, progress, executor or LocalExecutor())
 
 
 def resume_sweep(parent_run_id: str, data_dir: Path | str,
                  given: Mapping[str, object] | None = None, progress: bool = True,
-                 executor: Executor | None = None) -> SweepResult:
+                 executor: Executor | None = None, end: bool = True) -> SweepResult:
     """Train, under the same parent, only the children of a sweep that did not finish.
 
     Children are matched to the sweep's variants by what they learn; a killed one goes on from
@@ -432,8 +439,8 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
             jobs.append(ChildJob(config, child.info.run_id, resume=True))
         else:
             jobs.append(create_child(parent, config))
-    return _train_children(parent, jobs, finished, data_dir, progress,
-                           executor or LocalExecutor())
+    return train_children(parent, jobs, finished, data_dir, progress,
+                          executor or LocalExecutor(), end)
 
 
 def _plan(client: MlflowClient, parent: Run, children: Mapping[TrainConfig, Run]
@@ -486,10 +493,12 @@ def _resumable(client: MlflowClient, run_id: str) -> bool:
     return True
 
 
-def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
-                    finished: Iterable[ChildOutcome], data_dir: Path | str, progress: bool,
-                    executor: Executor) -> SweepResult:
-    """Hand `jobs` to `executor`, collect the outcomes, and end the parent by them."""
+def train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
+                   finished: Iterable[ChildOutcome], data_dir: Path | str, progress: bool,
+                   executor: Executor, end: bool = True) -> SweepResult:
+    """Hand `jobs` to `executor`, collect the outcomes, and end the parent by them (unless
+    `end` is False and every child finished: a sequential sweep has rounds to go). A parent
+    whose children were stopped ends KILLED whatever `end` says."""
     children = list(finished)
     started = {job.run_id: job for job in jobs}
     outcomes = executor.run(jobs, data_dir, progress)
@@ -512,7 +521,7 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
             children.append(ChildOutcome(job.config, run_id, "KILLED", str(err)))
         children += [ChildOutcome(job.config, job.run_id, _status(parent, job.run_id))
                      for job in started.values()]
-        _end_parent(parent, SweepResult(parent.run_id, children), RunStatus.KILLED)
+        end_parent(parent, SweepResult(parent.run_id, children), RunStatus.KILLED)
         if isinstance(err, RunInterrupted):
             err.command = resume
         raise err  # the executor's, which says which child stopped where
@@ -526,7 +535,8 @@ def _train_children(parent: MlflowRun, jobs: Sequence[ChildJob],
             raise
         raise away from err
     result = SweepResult(parent.run_id, children)
-    _end_parent(parent, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
+    if end or result.failed:
+        end_parent(parent, result, RunStatus.FAILED if result.failed else RunStatus.FINISHED)
     return result
 
 
@@ -551,7 +561,7 @@ def _status(parent: MlflowRun, run_id: str) -> str:
     return parent.client.get_run(run_id).info.status
 
 
-def _end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
+def end_parent(parent: MlflowRun, result: SweepResult, status: int) -> None:
     """Record how many children finished, failed, were killed or never began, and the best
     group of the finished ones (the parent's description says it, its metrics count it);
     end the parent."""

@@ -55,7 +55,7 @@ class Pair:
         said = {BEATEN: "beats it", BEHIND: "production is better",
                 EQUAL: f"no difference as large as {min_effect:g} points either way",
                 UNDECIDABLE: "more seeds would likely not decide it",
-                OPEN: "not decided yet"}[self.state]
+                OPEN: "open: more seeds would likely decide it"}[self.state]
         return (f"{self.label}: {found.interval_text()}; one-sided p {found.p_better:.3g}, "
                 f"{self.needed:.3g} needed this round: {said}")
 
@@ -82,7 +82,7 @@ class RoundCall:
         head = {DECIDED: f"decided: {self.best.label()} beats every other",
                 SETTLED: f"settled without a sure winner; {self.best.label()} leads",
                 MOST: f"--max-seeds reached; {self.best.label()} leads",
-                MORE: f"not decided yet; {self.best.label()} leads"}[self.kind]
+                MORE: f"{self.best.label()} leads, not decided yet"}[self.kind]
         return head + (". " + "; ".join(lines) if lines else "") + "."
 
 

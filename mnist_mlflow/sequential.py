@@ -39,6 +39,7 @@ from mnist_mlflow.schema import (
     DEFAULT_MIN_EFFECT,
     DEFAULT_MODEL_NAME,
     DESCRIPTION_TAG,
+    PHASE_TAG,
     ROUND_BEST,
     ROUND_TAG,
     ROUNDS_ARTIFACT,
@@ -59,10 +60,14 @@ from mnist_mlflow.sweep import (
     log_plan,
     resume_sweep,
     start_parent,
+    sweep_name,
     train_children,
 )
 
 log = logging.getLogger("mnist_mlflow")
+
+# Where the parent's description says how the rounds stand (the sweep's outcome follows).
+ROUNDS_HEADING = "\n\n**Until decided**: "
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ def run_until_decided(configs: Sequence[TrainConfig], rounds: Rounds, data_dir: 
     rounds.validate()
     open_store()
     parent = start_parent(experiment, configs, phase, command, runner_run_id,
-                          phase_description)
+                          phase_description, rounds=True)
     parent.log_new_params(rounds.params())
     jobs = [create_child(parent, config, {ROUND_TAG: "1"}) for config in configs]
     return _go_on(parent, rounds, 1, jobs, [], [], data_dir, progress,
@@ -196,6 +201,9 @@ def _go_on(parent: MlflowRun, rounds: Rounds, round_no: int, jobs: Sequence[Chil
         configs = [c.config for c in result.children]
         new = _next_seeds(configs, call.more, rounds.per_round, rounds.max_seeds)
         log_plan(parent, [*configs, *new])  # before the children: resume trains what it lists
+        # Its name says the seeds it trains (`sweep opt, opt d0.05 s1-5`), as a sweep's does.
+        client.update_run(parent.run_id, name=sweep_name(
+            client.get_run(parent.run_id).data.tags.get(PHASE_TAG, ""), [*configs, *new]))
         round_no += 1
         jobs = [create_child(parent, config, {ROUND_TAG: str(round_no)}) for config in new]
         finished = result.children
@@ -237,10 +245,10 @@ def _record(parent: MlflowRun, rounds: Rounds, calls: list[dict[str, object]]) -
     if last["more"]:
         where += f"; next: {rounds.per_round} more seeds for {', '.join(last['more'])}"
     description = parent.client.get_run(parent.run_id).data.tags.get(DESCRIPTION_TAG, "")
-    history = " ".join(f"Round {c['round']} ({c['seeds']} seeds, {c['share']:.0%} of the "
-                       f"error allowance): {c['sentence']}" for c in calls)
-    parent.describe(f"{description.split(' Rounds, until decided: ')[0]} Rounds, until "
-                    f"decided: {history}")
+    history = "\n".join(f"- Round {c['round']} ({c['seeds']} seeds a group, {c['share']:.0%} "
+                        f"of the error allowance): {c['sentence']}" for c in calls)
+    parent.describe(f"{description.split(ROUNDS_HEADING)[0].rstrip()}{ROUNDS_HEADING}{where}."
+                    f"\n\n{history}")
     parent.set_tags({ROUNDS_TAG: where})
     parent.log_metrics({ROUND_BEST: round(float(last["best_mean"]), 3)}, step=int(last["round"]))
     with tempfile.TemporaryDirectory() as tmp:

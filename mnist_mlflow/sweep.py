@@ -330,17 +330,19 @@ def sweep_name(phase: str, configs: Sequence[TrainConfig]) -> str:
 
 def start_parent(experiment: str, configs: Sequence[TrainConfig], phase: str = "",
                  command: str = "", runner_run_id: str | None = None,
-                 phase_description: str = "") -> MlflowRun:
+                 phase_description: str = "", rounds: bool = False) -> MlflowRun:
     """Create the parent run (or adopt the one `mlflow run` made) and record what it sweeps:
-    the settings all children share as params, and every child's config as the plan."""
+    the settings all children share as params, and every child's config as the plan (with
+    `rounds`, the first round's: a sequential sweep adds more)."""
     recorded = [settings_record(c)[0] for c in configs]
     shared = {k: v for k, v in recorded[0].items() if all(r[k] == v for r in recorded)}
     variants = dict.fromkeys(f"{c.model}:{c.dropout:g}" for c in configs)
     seeds = dict.fromkeys(str(c.seed) for c in configs)
     what = phase_description or f"variants {', '.join(variants)}"
     description = (f"Sweep of phase `{phase}`: {what}" if phase else f"Sweep of {what}")
-    description += (f"; {len(configs)} children, seeds {', '.join(seeds)}. "
-                    f"Command: `{command}`" if command else f"; {len(configs)} children.")
+    children = f"{'a first round of ' if rounds else ''}{len(configs)} children"
+    description += (f"; {children}, seeds {', '.join(seeds)}. Command: `{command}`" if command
+                    else f"; {children}.")
     parent = MlflowRun.create_or_adopt(
         runner_run_id, experiment, sweep_name(phase, configs),
         # No phase tag outside a phase: an empty one reads as a phase with no name.

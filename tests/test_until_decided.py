@@ -54,7 +54,9 @@ def test_a_stopped_sequential_sweep_resumes_its_rounds_until_decided_and_registe
     assert parent.info.status == "KILLED"
     assert parent.data.tags[ROUNDS_TAG].startswith("round 1 of at most 4: more seeds; next: 1 "
                                                    "more seeds for ")
-    assert "Rounds, until decided: Round 1 (2 seeds" in parent.data.tags["mlflow.note.content"]
+    assert ("**Until decided**: round 1 of at most 4: more seeds; next: 1 more seeds for "
+            in parent.data.tags["mlflow.note.content"])
+    assert "\n- Round 1 (2 seeds a group, 52% of" in parent.data.tags["mlflow.note.content"]
     waiting = [c for c in children_of(experiment, parent_id) if c.data.tags[ROUND_TAG] == "2"]
     assert len(waiting) == 2 and {c.info.status for c in waiting} == {"SCHEDULED"}
 
@@ -81,6 +83,8 @@ def test_a_stopped_sequential_sweep_resumes_its_rounds_until_decided_and_registe
         assert [s for s, _ in sorted(seeds)] == list(range(1, len(seeds) + 1))
         assert [r for _, r in sorted(seeds)][:2] == ["1", "1"]
         assert [int(r) for _, r in sorted(seeds)][2:] == list(range(2, len(seeds)))
+    most = max(len(seeds) for seeds in by_group.values())
+    assert parent.info.run_name == f"sweep opt, opt d0.5 s1-{most}"
     # The leader's mean by round, and where it ended, on the parent.
     history = client.get_metric_history(parent_id, ROUND_BEST)
     assert [m.step for m in history] == list(range(1, len(calls) + 1))

@@ -18,6 +18,7 @@ false. Power: one challenger is truly better by +0.20 or +0.30 points on the pop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -272,6 +273,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="k = 1 and 5 only")
     parser.add_argument("--sequential-only", action="store_true",
                         help="only the tables of `sweep --until-decided`")
+    parser.add_argument("--first-round", type=int, default=DEFAULT_ROUNDS.first,
+                        help="the sequential sweeps' first round, seeds per group")
     parser.add_argument("--epoch-seconds", type=float, default=EPOCH_SECONDS,
                         help="seconds an epoch of full MNIST takes, for the CPU hours")
     args = parser.parse_args()
@@ -287,9 +290,13 @@ def main() -> None:
           f"images, recipes on {shown['disagree_recipes']:.1f}")
     ks = (1, 5) if args.quick else KS
     began = time.perf_counter()
+    rounds = dataclasses.replace(DEFAULT_ROUNDS, first=args.first_round).validate()
     worst, power_at_target = sequential_tables(world, args.replicates, args.seed,
-                                               args.epoch_seconds)
+                                               args.epoch_seconds, rounds)
     if args.sequential_only:
+        print(f"\nsequential sweeps: worst false promotion {worst:.1f}% (target <= "
+              f"{TARGET_FALSE:.0f}%), lowest power at +0.30 {power_at_target:.1f}% (target >= "
+              f"{TARGET_POWER:.0f}%); {time.perf_counter() - began:.0f} s")
         return
     print(f"\nFalse promotions (%) under no true difference, {args.replicates} replicates each"
           f" (one compare | {CALLS} successive compares, k new groups each):")
@@ -339,11 +346,10 @@ def main() -> None:
           f"{time.perf_counter() - began:.0f} s")
 
 
-def sequential_tables(world: World, replicates: int, seed: int, epoch_seconds: float
-                      ) -> tuple[float, float]:
-    """The tables of `sweep --until-decided` with its default rounds; (the worst false
-    promotion rate, the lowest power at +0.30), in %."""
-    rounds = DEFAULT_ROUNDS
+def sequential_tables(world: World, replicates: int, seed: int, epoch_seconds: float,
+                      rounds: Rounds) -> tuple[float, float]:
+    """The tables of `sweep --until-decided` with these rounds; (the worst false promotion
+    rate, the lowest power at +0.30), in %."""
     print(f"\nSequential sweeps (`sweep --until-decided`: {rounds.first} seeds, then "
           f"{rounds.per_round} a round to the groups in contention, at most "
           f"{rounds.max_seeds}; --min-effect {rounds.min_effect:g}), against a production of "
@@ -356,9 +362,9 @@ def sequential_tables(world: World, replicates: int, seed: int, epoch_seconds: f
     null_seeds = {}
     for k in SEQUENTIAL_KS:
         once, null_seeds[k] = adaptive(world, replicates, seed + 7000 + k, k=k,
-                                       base_n=SEQUENTIAL_BASE)
+                                       base_n=SEQUENTIAL_BASE, rounds=rounds)
         many, _ = adaptive(world, replicates, seed + 8000 + k, k=k, base_n=SEQUENTIAL_BASE,
-                           calls=CALLS)
+                           calls=CALLS, rounds=rounds)
         worst = max(worst, once, many)
         print(f"| {k} | {once:.1f} | {many:.1f} | {null_seeds[k]:.2f} |")
     print("\nPower (%) with one group truly better, and the seeds per group to the call, "
@@ -374,7 +380,8 @@ def sequential_tables(world: World, replicates: int, seed: int, epoch_seconds: f
         for k in SEQUENTIAL_KS:
             if gain:
                 power, seeds = adaptive(world, replicates, seed + 9000 + int(gain * 100) + k,
-                                        k=k, base_n=SEQUENTIAL_BASE, gain_shift=shift)
+                                        k=k, base_n=SEQUENTIAL_BASE, gain_shift=shift,
+                                        rounds=rounds)
                 fixed = rate(world, replicates, seed + 9500 + int(gain * 100) + k, k=k,
                              n=FIXED_N, gain_shift=shift)
                 if gain == 0.30:
@@ -390,7 +397,8 @@ def sequential_tables(world: World, replicates: int, seed: int, epoch_seconds: f
     print("| k | called |")
     print("|---|---|")
     for k in (2, 5):
-        called, _ = adaptive(world, replicates, seed + 9900 + k, k=k, production=False)
+        called, _ = adaptive(world, replicates, seed + 9900 + k, k=k, production=False,
+                             rounds=rounds)
         worst = max(worst, called)
         print(f"| {k} | {called:.1f} |")
     return worst, lowest

@@ -4,8 +4,9 @@ promotion_calibration.py runs the same function on simulated groups.
 
 A round judges the best group (the rule's first) against each other group still in
 contention and against production's group. A pair is settled when the best beats the other
-beyond noise at the round's share of the error allowance (stats.round_shares), when the
-difference is known to be smaller than `--min-effect` both ways, or when more seeds, up to
+beyond noise at the round's share of the error allowance (stats.round_shares), when no
+difference as large as `--min-effect` remains (either way between two of the sweep's groups;
+against production, no gain that large: production stays either way), or when more seeds, up to
 `--max-seeds`, would likely not decide it (the validation images' own noise, which seeds do
 not shrink, stands in the way: stats.seeds_to_decide). Groups the best beats can no longer
 win and get no more seeds. The call is made when every pair is settled.
@@ -53,7 +54,9 @@ class Pair:
         if not found.known:
             return f"{self.label}: {found.interval_text()}: no seed spread known yet"
         said = {BEATEN: "beats it", BEHIND: "production is better",
-                EQUAL: f"no difference as large as {min_effect:g} points either way",
+                EQUAL: (f"no gain as large as {min_effect:g} points over it"
+                        if self.other == PRODUCTION
+                        else f"no difference as large as {min_effect:g} points either way"),
                 UNDECIDABLE: "more seeds would likely not decide it",
                 OPEN: "open: more seeds would likely decide it"}[self.state]
         return (f"{self.label}: {found.interval_text()}; one-sided p {found.p_better:.3g}, "
@@ -119,7 +122,8 @@ def call_round(eligible: Sequence[Group], out: set[str] | frozenset[str], rule: 
         judgement = decide(eligible, rule, pooled, production, share).judgement
         judged, needed = judgement.differences[best.name], judgement.needed()
         state = BEATEN if best.name in judgement.beats else _unless_beaten(
-            ours, base.sample(metric), judged, pooled, needed, min_effect, max_seeds, higher)
+            ours, base.sample(metric), judged, pooled, needed, min_effect, max_seeds, higher,
+            production=True)
         pairs.append(Pair(PRODUCTION, f"against production ({base.label()})", judged, needed,
                           state))
     out = tuple(p.other for p in pairs if p.state == BEATEN and p.other != PRODUCTION)
@@ -137,15 +141,19 @@ def call_round(eligible: Sequence[Group], out: set[str] | frozenset[str], rule: 
 
 
 def _unless_beaten(ours: Sample, theirs: Sample, found: Difference, pooled: Pooled,
-                   needed: float, min_effect: float, max_seeds: int, higher: bool) -> str:
+                   needed: float, min_effect: float, max_seeds: int, higher: bool,
+                   production: bool = False) -> str:
     """How a pair stands that the best did not beat this round: production ahead beyond
-    noise, known to differ by less than `min_effect`, beyond what `max_seeds` seeds can
-    likely decide, or open."""
+    noise; no difference as large as `min_effect` left (either way between two of the sweep's
+    groups, either could be the better; against production, no gain that large: production
+    stays either way); beyond what `max_seeds` seeds can likely decide; or open."""
     if not found.known:
         return OPEN
-    if found.above_zero(not higher):
+    # The best's gain over the other, and its interval, whichever way the metric goes.
+    low, high = (found.low, found.high) if higher else (-found.high, -found.low)
+    if production and high < 0:
         return BEHIND
-    if -min_effect < found.low and found.high < min_effect:
+    if high < min_effect and (production or low > -min_effect):
         return EQUAL
     # At the larger of the difference seen and the smallest worth acting on: a plan for the
     # difference that is there, never for one too small to matter.
@@ -153,4 +161,3 @@ def _unless_beaten(ours: Sample, theirs: Sample, found: Difference, pooled: Pool
     if plan.seeds is None or plan.seeds > max_seeds:
         return UNDECIDABLE
     return OPEN
-

@@ -95,6 +95,12 @@ def test_production_is_one_more_side_to_beat_and_a_better_production_ends_it() -
     found = call([a, b], production=worse)
     assert found.kind == DECIDED
     assert [(p.other, p.state) for p in found.pairs] == [(b.name, BEATEN), (PRODUCTION, BEATEN)]
+    # Production as good: no gain as large as 1.5 points over it can remain, whatever its sign.
+    alike = group(0.05, 0.01, 3, rng)
+    found = call([a, b], production=alike, min_effect=1.5)
+    assert found.kind == SETTLED
+    assert dict((p.other, p.state) for p in found.pairs)[PRODUCTION] == EQUAL
+    assert "no gain as large as 1.5 points over it" in found.sentence(1.5)
     better = group(0.04, 0.002, 3, rng)
     found = call([a, b], production=better)
     assert found.kind == SETTLED

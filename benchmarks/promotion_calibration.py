@@ -6,13 +6,18 @@ The simulated world: a population of digits, each with a hardness; a recipe (gro
 an image with a probability set by the hardness plus a recipe-specific twist (recipes fail on
 different images), and each seed of the recipe errs on it independently with that
 probability. Every replicate draws fresh validation images from the population, so image
-sampling varies as well as seeds; accuracies are whole images out of N. The model's three
-numbers are fitted to real full-MNIST runs (--fit-store), or given; see docs/compare.md.
+sampling varies as well as seeds; accuracies are whole images out of N. The model's numbers
+are fitted to real full-MNIST runs: by default to the per-image records shipped in
+benchmarks/data/ (which validation images each seed of the seed phase got wrong), or to a
+store's runs (--fit-store), or given (--world); see docs/compare.md.
 
 Under "no true difference" every group has the same recipe quality, so any promotion is
 false. Power: one challenger is truly better by +0.20 or +0.30 points on the population.
+`sweep --until-decided` is run the same way, round after round (rounds.call_round).
 
     python benchmarks/promotion_calibration.py --replicates 1000
+    python benchmarks/promotion_calibration.py --fit-store sqlite:///mlflow.db \
+        --fit-experiment NAME --export benchmarks/data/seed_phase_records.npz
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ from scipy.special import expit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mnist_mlflow.config import TrainConfig  # noqa: E402
-from mnist_mlflow.promotion import Production, decide, pooled_over  # noqa: E402
+from mnist_mlflow.promotion import Production, check_models, decide, pooled_over  # noqa: E402
 from mnist_mlflow.records import Records  # noqa: E402
 from mnist_mlflow.rounds import DECIDED, call_round  # noqa: E402
 from mnist_mlflow.schema import FINAL_GAP, FINAL_VAL_ACC  # noqa: E402
 from mnist_mlflow.selection import Group, RunSummary, SelectionRule, rank  # noqa: E402
 from mnist_mlflow.sequential import Rounds  # noqa: E402
-from mnist_mlflow.stats import Looks  # noqa: E402
+from mnist_mlflow.stats import Looks, mcnemar  # noqa: E402
 
 KS = (1, 2, 5, 10)
 NS = (1, 2, 3, 5)
@@ -188,10 +193,13 @@ def adaptive(world: World, replicates: int, seed: int, **kwargs: object
 
 
 def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift: float = 0.0,
-             calls: int = 1, challenger_n: int = 0) -> bool:
+             calls: int = 1, challenger_n: int = 0, gate: dict[str, int] | None = None
+             ) -> bool:
     """Whether any of `calls` successive compares promotes one of k new challengers per call
     over a production group of n seeds (the first challenger better by `gain_shift`); the
-    challengers have `challenger_n` seeds each (0: n)."""
+    challengers have `challenger_n` seeds each (0: n). The verdict goes through McNemar's
+    gate as compare's does (the registered run's model against production's run, the
+    group's best, image by image); `gate` counts the promotions it vetoed."""
     rule = SelectionRule()
     hardness = rng.normal(world.mean, world.sd, world.images)
     base = make_group("production", 1.0, world.recipe_errors(hardness, 0, rng), n, world,
@@ -208,7 +216,11 @@ def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift:
         verdict = decide(eligible, rule, pooled_over([*eligible, base], rule.metric),
                          production)
         if verdict.moves:
-            return True
+            new, old = (rule.best_run(g).records["validation"] for g in (verdict.group, base))
+            if check_models(verdict, mcnemar(new.correct, old.correct)).moves:
+                return True
+            if gate is not None:
+                gate["vetoed"] = gate.get("vetoed", 0) + 1
         looks = verdict.judgement.looks if verdict.judgement else looks
     return False
 
@@ -218,9 +230,9 @@ def rate(world: World, replicates: int, seed: int, **kwargs: object) -> float:
     return 100.0 * sum(promotes(world, rng=rng, **kwargs) for _ in range(replicates)) / replicates
 
 
-def fit_world(store: str, experiment: str) -> World:
-    """The world whose recipes look like the runs of `experiment` in `store`: accuracy,
-    seed sd and disagreements between seeds and between recipes, from per-image records."""
+def store_records(store: str, experiment: str) -> dict[str, np.ndarray]:
+    """Which validation images each seed got wrong, by group (seeds × images, bool), for the
+    groups of 2 or more seeds with per-image records among `experiment`'s runs in `store`."""
     import mlflow
 
     from mnist_mlflow.queries import find_runs, load_records
@@ -232,15 +244,21 @@ def fit_world(store: str, experiment: str) -> World:
     runs, _ = find_runs(experiment, "")
     load_records(runs, ["validation"])
     groups = [g for g in group_runs(runs) if g.n >= 2 and g.recorded(FINAL_VAL_ACC)]
-    wrong = {g.name: np.stack([~r.records["validation"].correct for r in g.runs])
-             for g in groups}
+    return {g.name: np.stack([~r.records["validation"].correct for r in g.runs])
+            for g in groups}
+
+
+def fit_world(wrong: dict[str, np.ndarray], source: str) -> World:
+    """The world whose recipes look like these runs (`store_records`): accuracy, seed sd and
+    disagreements between seeds and between recipes."""
     accuracy = np.mean([100 * (1 - w.mean()) for w in wrong.values()])
     seed_sd = np.sqrt(np.mean([np.var(100 * (1 - w.mean(1)), ddof=1) for w in wrong.values()]))
     same = np.mean([np.sum(w[0] != w[1]) for w in wrong.values()])
     pairs = [(a, b) for i, a in enumerate(wrong.values()) for b in list(wrong.values())[i + 1:]]
     across = np.mean([np.sum(a[0] != b[0]) for a, b in pairs]) if pairs else same
     images = next(iter(wrong.values())).shape[1]
-    print(f"real runs ({experiment}, {len(groups)} groups of 2+ seeds, {images} validation "
+    print(f"real runs ({source}: {len(wrong)} groups of "
+          f"{', '.join(str(len(w)) for w in wrong.values())} seeds, {images} validation "
           f"images): accuracy {accuracy:.2f}%, seed sd {seed_sd:.3f} points, two seeds of a "
           f"recipe disagree on {same:.1f} images, two recipes on {across:.1f}")
     rng = np.random.default_rng(0)
@@ -265,11 +283,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world", type=float, nargs=4,
                         metavar=("MEAN", "SD", "TWIST", "SEED_SD"),
-                        default=None, help="the simulated world (default: fitted, or "
-                                           "DEFAULT_WORLD)")
+                        default=None, help="the simulated world (default: fitted to the "
+                                           "shipped records)")
     parser.add_argument("--fit-store", default="", help="fit the world to the runs of this "
                                                         "tracking store")
     parser.add_argument("--fit-experiment", default="validated")
+    parser.add_argument("--fit-file", default="",
+                        help=f"fit the world to the per-image records in this file (default: "
+                             f"{SHIPPED.relative_to(REPO)}, the records of real full-MNIST runs)")
+    parser.add_argument("--export", default="", metavar="FILE",
+                        help="with --fit-store: write its runs' records to FILE (.npz) and stop")
     parser.add_argument("--quick", action="store_true", help="k = 1 and 5 only")
     parser.add_argument("--sequential-only", action="store_true",
                         help="only the tables of `sweep --until-decided`")
@@ -278,10 +301,19 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=float, default=EPOCH_SECONDS,
                         help="seconds an epoch of full MNIST takes, for the CPU hours")
     args = parser.parse_args()
-    if args.fit_store:
-        world = fit_world(args.fit_store, args.fit_experiment)
+    if args.export:
+        wrong = store_records(args.fit_store, args.fit_experiment)
+        np.savez_compressed(args.export, **wrong)
+        print(f"wrote the records of {len(wrong)} groups to {args.export}")
+        return
+    if args.world:
+        world = World(*args.world)
+    elif args.fit_store:
+        world = fit_world(store_records(args.fit_store, args.fit_experiment), args.fit_store)
     else:
-        world = World(*(args.world or DEFAULT_WORLD))
+        path = Path(args.fit_file) if args.fit_file else SHIPPED
+        with np.load(path) as shipped:
+            world = fit_world({name: shipped[name] for name in shipped.files}, path.name)
     shown = world.describe(np.random.default_rng(1))
     print(f"simulated world: hardness N({world.mean:g}, {world.sd:g}), recipe twist "
           f"{world.twist:g}, seed sd {world.seed_sd:.2f} images, {world.images} images: "
@@ -325,7 +357,6 @@ def main() -> None:
     print("\nPower (%): one challenger truly better, k = 1 and k = 5 (the others no better):")
     print("| gain | k | " + " | ".join(f"n = {n}" for n in NS) + " |")
     print("|---|---|" + "---|" * len(NS))
-    power_at_target = 0.0
     for gain in GAINS:
         shift = world.shift_for(gain, np.random.default_rng(2))
         for k in (1, 5):
@@ -337,6 +368,18 @@ def main() -> None:
                     power_at_target = min(power_at_target, found)
                 cells.append(f"{found:.1f}")
             print(f"| +{gain:.2f} | {k} | " + " | ".join(cells) + " |")
+    print("\nMcNemar's gate, k = 1, n = 5: promotions made (%) and those the seed-and-image "
+          "judgement made that the gate vetoed (its own model worse than production's image "
+          "by image):")
+    print("| gain | promoted | vetoed |")
+    print("|---|---|---|")
+    for gain in (0.0, *GAINS):
+        shift = world.shift_for(gain, np.random.default_rng(2)) if gain else 0.0
+        gate: dict[str, int] = {}
+        found = rate(world, args.replicates, args.seed + 6000 + int(gain * 100), k=1, n=5,
+                     gain_shift=shift, gate=gate)
+        print(f"| +{gain:.2f} | {found:.1f} | "
+              f"{100.0 * gate.get('vetoed', 0) / args.replicates:.1f} |")
     print(f"\nworst false-promotion rate {worst:.1f}% (target <= {TARGET_FALSE:.0f}%), "
           "sequential sweeps included: "
           f"{'met' if worst <= TARGET_FALSE else 'NOT met'}; power at +0.30, n = 5, k = 1, "
@@ -411,9 +454,10 @@ FIXED_N = 5
 EPOCH_SECONDS = 28.0
 EPOCH_SECONDS_NOTE = "20 epochs of --epoch-seconds each"
 
-# A world of the validated experiment's kind, used without --fit-store; docs/compare.md
-# quotes the world fitted to those runs (--fit-store), which can differ from this one.
-DEFAULT_WORLD = (-7.0, 2.5, 0.5, 3.3)
+REPO = Path(__file__).resolve().parents[1]
+# The per-image validation records of real full-MNIST runs the world is fitted to by
+# default: which of the 5,000 validation images each seed got wrong, by group.
+SHIPPED = REPO / "benchmarks" / "data" / "seed_phase_records.npz"
 
 if __name__ == "__main__":
     main()

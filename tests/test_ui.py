@@ -262,15 +262,31 @@ def test_a_run_page_shows_its_description_datasets_and_figures(
 
 def test_the_version_page_says_the_verdict_and_production(
         ui: tuple[str, dict[str, str]], browser: webdriver.Chrome) -> None:
-    url, _ = ui
-    open_page(browser, f"{url}/#/models/{MODEL}/versions/1")
+    url, store = ui
+    # Step 5 as docs/ui.md walks it, in Model training: Model registry (left), where a fresh
+    # browser first meets a dialog about the new Model Registry UI ("Try it now" keeps it),
+    # then the model, then its version marked @ production.
+    open_page(browser, f"{url}/#/experiments/{store['experiment']}")
+    click(browser, "//*[normalize-space(.)='Model training']", "'Model training' switch",
+          "registry-mode")
+    click(browser, "//a[normalize-space(.)='Model registry']", "Model registry in the menu",
+          "registry-menu")
+    wait_for(browser, "no dialog about the new Model Registry UI on a fresh browser",
+             lambda: "governed deployments with the new Model Registry UI" in page_text(browser),
+             "registry-dialog")
+    click(browser, "//button[normalize-space(.)='Try it now']", "dialog's 'Try it now'",
+          "registry-dialog-button")
+    click(browser, f"//a[normalize-space(.)='{MODEL}']", f"model {MODEL}", "registry-model")
+    wait_for(browser, "the model's versions do not show version 1 as @ production",
+             lambda: "@ production" in page_text(browser), "registry-versions")
+    click(browser, "//a[normalize-space(.)='Version 1']", "Version 1", "registry-version")
     wait_for(browser, "the version page does not show the verdict and @ production",
              lambda: "@ production" in page_text(browser)
              and f"{MODEL} version 1, " in page_text(browser)
              and "is production: the first promotion" in page_text(browser)
              and "comparison run" in page_text(browser), "version-page")
     # The comparison run is a link to its page, where the whole report is.
-    comparison = MlflowClient(tracking_uri=ui[1]["uri"]).get_model_version(
+    comparison = MlflowClient(tracking_uri=store["uri"]).get_model_version(
         MODEL, "1").tags["comparison_run"]
     tabs = set(browser.window_handles)
     click(browser, f"//a[normalize-space(.)='{comparison}']", "link to the comparison run",

@@ -51,6 +51,9 @@ def mlproject() -> dict:
     ("main", set(), {"threads"}),
     ("sweep", {"phase", "variants", "seeds", "executor", "ray_address",
                "cpus_per_run", "gpus_per_run"}, {"model", "dropout", "threads"}),
+    ("until_decided", {"phase", "variants", "seeds", "executor", "ray_address", "cpus_per_run",
+                       "gpus_per_run", "first_round", "round_seeds", "max_seeds", "min_effect",
+                       "model_name"}, {"model", "dropout", "threads"}),
 ])
 def test_mlproject_entry_points_expose_exactly_the_settings_with_their_defaults(
         entry: str, beside: set[str], left_out: set[str]) -> None:

@@ -271,6 +271,10 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
     if seeds and "seed" in given:
         raise UserError("--seed and --seeds exclude each other")
     rounds = None
+    named = [f"--{name.replace('_', '-')}" for name in ROUND_OPTIONS
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if named and not until_decided:
+        raise UserError(f"{', '.join(named)} apply only with --until-decided")
     if until_decided:
         check_model_name(model_name)
         first = len(parse_seeds(seeds)) if seeds else first_round
@@ -320,6 +324,10 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
     if comparison is not None:
         click.echo()
         print_comparison(comparison)
+
+
+# The options of `sweep --until-decided`, meaningless without it.
+ROUND_OPTIONS = ("first_round", "round_seeds", "max_seeds", "min_effect", "model_name")
 
 
 def print_comparison(result: Comparison, top: int = 5) -> None:

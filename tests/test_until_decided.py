@@ -113,3 +113,13 @@ def test_bad_rounds_are_one_line_before_any_run(
     assert code != 0
     assert says in err and len(err.strip().splitlines()) == 1
     assert runs_of("bad-rounds") == []
+
+
+def test_the_rounds_options_without_until_decided_are_one_line(
+        store: str, mnist_root: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run_cli(["sweep", "--max-seeds", "6", "--min-effect", "0.2", "--experiment",
+                            "no-rounds", "--data-dir", str(mnist_root)], capsys, monkeypatch)
+    assert code != 0
+    assert "--max-seeds, --min-effect apply only with --until-decided" in err
+    assert len(err.strip().splitlines()) == 1 and runs_of("no-rounds") == []

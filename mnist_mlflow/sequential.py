@@ -16,6 +16,7 @@ the leader's mean by round, and `rounds.json` holds every call. A stopped sweep 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow import store
 from mnist_mlflow.comparison import assess, compare
-from mnist_mlflow.config import TrainConfig, UserError
+from mnist_mlflow.config import ServerAway, TrainConfig, UserError
 from mnist_mlflow.mlrun import MlflowRun
 from mnist_mlflow.report import Comparison
 from mnist_mlflow.rounds import MORE, RoundCall, call_round
@@ -48,7 +49,7 @@ from mnist_mlflow.schema import (
 )
 from mnist_mlflow.selection import SelectionRule
 from mnist_mlflow.stats import round_seeds, round_shares
-from mnist_mlflow.store import open_store
+from mnist_mlflow.store import open_store, store_error
 from mnist_mlflow.sweep import (
     ChildJob,
     ChildOutcome,
@@ -176,6 +177,31 @@ def _go_on(parent: MlflowRun, rounds: Rounds, round_no: int, jobs: Sequence[Chil
            progress: bool, executor: Executor) -> SequentialResult:
     """Train `jobs` (round `round_no`'s unfinished children), call the round, and go on until
     the call is made; then compare and register."""
+    try:
+        return _rounds(parent, rounds, round_no, jobs, finished, calls, data_dir, progress,
+                       executor)
+    except BaseException as err:
+        # Stopped or failed between the children (calling a round, logging it, the last
+        # compare): the parent is not left RUNNING. A server away cannot be told; a child
+        # stopped has ended the parent already.
+        if not isinstance(err, ServerAway) and _running(parent):
+            status = RunStatus.KILLED if isinstance(err, KeyboardInterrupt) \
+                else RunStatus.FAILED
+            with contextlib.suppress(Exception):
+                parent.end(status, f"{type(err).__name__}: {store_error(err)}; go on with "
+                                   f"mnist-mlflow sweep --resume {parent.run_id}")
+        raise
+
+
+def _running(parent: MlflowRun) -> bool:
+    with contextlib.suppress(Exception):
+        return parent.client.get_run(parent.run_id).info.status == "RUNNING"
+    return False
+
+
+def _rounds(parent: MlflowRun, rounds: Rounds, round_no: int, jobs: Sequence[ChildJob],
+            finished: list[ChildOutcome], calls: list[dict[str, object]],
+            data_dir: Path | str, progress: bool, executor: Executor) -> SequentialResult:
     client = parent.client
     experiment = client.get_experiment(parent.experiment_id).name
     rule = SelectionRule()

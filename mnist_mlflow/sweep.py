@@ -50,6 +50,7 @@ from mnist_mlflow.schema import (
     PHASE_TAG,
     PLAN_ARTIFACT,
     ROLE_TAG,
+    ROUND_TAG,
     SUMMARY_STEP,
     SWEEP_PARAMS,
     SWEEP_ROLE,
@@ -440,7 +441,10 @@ def resume_sweep(parent_run_id: str, data_dir: Path | str,
         elif child is not None and _resumable(client, child.info.run_id):
             jobs.append(ChildJob(config, child.info.run_id, resume=True))
         else:
-            jobs.append(create_child(parent, config))
+            # Trained again in a new child: in the same round of a sequential sweep.
+            carried = {k: v for k, v in (child.data.tags if child else {}).items()
+                       if k == ROUND_TAG}
+            jobs.append(create_child(parent, config, carried))
     return train_children(parent, jobs, finished, data_dir, progress,
                           executor or LocalExecutor(), end)
 

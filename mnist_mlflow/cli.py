@@ -33,6 +33,7 @@ from mnist_mlflow.schema import (
     DEFAULT_MIN_EFFECT,
     DEFAULT_MODEL_NAME,
     FINAL_VAL_ACC,
+    SEQUENTIAL_PARAMS,
 )
 
 if TYPE_CHECKING:  # compare's modules load only when a command needs them
@@ -326,8 +327,8 @@ def sweep(ctx: click.Context, phase_name: str, variants: tuple[str, ...], seeds:
         print_comparison(comparison)
 
 
-# The options of `sweep --until-decided`, meaningless without it.
-ROUND_OPTIONS = ("first_round", "round_seeds", "max_seeds", "min_effect", "model_name")
+# The options of `sweep --until-decided` (its parent's params), meaningless without it.
+ROUND_OPTIONS = tuple(SEQUENTIAL_PARAMS)
 
 
 def print_comparison(result: Comparison, top: int = 5) -> None:

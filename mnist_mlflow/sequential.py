@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from mnist_mlflow import store
@@ -128,10 +128,6 @@ class SequentialResult:
     calls: list[dict[str, object]]
     comparison: Comparison | None
 
-    @property
-    def parent_run_id(self) -> str:
-        return self.sweep.parent_run_id
-
 
 def run_until_decided(configs: Sequence[TrainConfig], rounds: Rounds, data_dir: Path | str,
                       experiment: str, progress: bool = True, phase: str = "",
@@ -167,7 +163,11 @@ def resume(parent_run_id: str, data_dir: Path | str,
     parent = MlflowRun(parent_run_id, client)
     if result.failed:
         return SequentialResult(result, _calls(parent), None)
-    round_no = max(int(_round_of(client, c.run_id)) for c in result.children)
+    # The round its children reached (one may have been made before the sweep stopped).
+    children = client.search_runs(
+        [parent.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+        max_results=SEARCH_MAX_RESULTS_THRESHOLD)
+    round_no = max(int(run.data.tags.get(ROUND_TAG, "1")) for run in children)
     return _go_on(parent, rounds, round_no, [], result.children, _calls(parent), data_dir,
                   progress, executor or LocalExecutor())
 
@@ -219,7 +219,8 @@ def _rounds(parent: MlflowRun, rounds: Rounds, round_no: int, jobs: Sequence[Chi
         call = call_round(comparison.eligible, out, rule, comparison.pooled[rule.metric],
                           comparison.verdict.production, share, rounds.min_effect,
                           rounds.max_seeds)
-        calls = [*calls[:round_no - 1], _entry(round_no, share, call, rounds, out)]
+        calls = [*calls[:round_no - 1], _entry(round_no, share, call, rounds, out,
+                                               rule.metric)]
         _record(parent, rounds, calls)
         log.info("round %d: %s", round_no, calls[-1]["sentence"])
         if call.kind != MORE or round_no == len(rounds.seeds):
@@ -252,11 +253,11 @@ def _next_seeds(configs: Sequence[TrainConfig], groups: Sequence[str], per_round
     return new
 
 
-def _entry(round_no: int, share: float, call: RoundCall, rounds: Rounds,
-           out: set[str]) -> dict[str, object]:
+def _entry(round_no: int, share: float, call: RoundCall, rounds: Rounds, out: set[str],
+           metric: str) -> dict[str, object]:
     """One round as rounds.json keeps it."""
     return {"round": round_no, "share": round(share, 4), "kind": call.kind,
-            "best": call.best.name, "best_mean": call.best.mean(SelectionRule().metric),
+            "best": call.best.name, "best_mean": call.best.mean(metric),
             "seeds": call.best.n, "more": list(call.more),
             "pairs": {pair.other: pair.state for pair in call.pairs},
             "out": sorted(out | set(call.out)),
@@ -296,7 +297,4 @@ def _calls(parent: MlflowRun) -> list[dict[str, object]]:
         except (MlflowException, OSError, ValueError):
             return []
 
-
-def _round_of(client: MlflowClient, run_id: str) -> str:
-    return client.get_run(run_id).data.tags.get(ROUND_TAG, "1")
 

@@ -101,7 +101,7 @@ def call_round(eligible: Sequence[Group], out: set[str] | frozenset[str], rule: 
     metric, higher = rule.metric, rule.higher_is_better
     ours = best.sample(metric)
     # The sweep's own groups, judged as a first look against a production would be (Holm).
-    level = Looks().after(["sweep"]).alpha * share
+    level = Looks(count=1).alpha * share
     found = {g.name: difference(ours, g.sample(metric), pooled, higher) for g in others}
     known = sorted((g.name for g in others if found[g.name].known),
                    key=lambda name: found[name].p_better)

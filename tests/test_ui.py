@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_mlflow.comparison import compare
 from mnist_mlflow.record import BEST_FIRST_VIEW, BY_CONFIGURATION_VIEW
-from mnist_mlflow.schema import DESCRIPTION_TAG
+from mnist_mlflow.schema import DESCRIPTION_TAG, FINAL_VAL_ACC, TEST_ACC
 from mnist_mlflow.sweep import run_sweep
 from tests.conftest import REPO, tiny_config, use_store
 
@@ -198,6 +198,17 @@ def test_a_saved_view_shows_the_training_runs_flat_in_table_and_charts(
              and f"{len(names)} matching runs" in page_text(browser), "flat-table")
     assert "sweep opt" not in page_text(browser)
     assert "Group: " not in page_text(browser)
+    # The ranking metric is the first metric column and, with the test figure after it, in
+    # view at the browser's 1600 pixels beside the Assistant panel (the grid's right edge).
+    headers, right = browser.execute_script(
+        "const grid = document.querySelector('.ag-body-viewport').getBoundingClientRect();"
+        "return [Array.from(document.querySelectorAll('.ag-header-cell')).map(cell => "
+        "[cell.getAttribute('col-id'), cell.getBoundingClientRect().right]), grid.right];")
+    metrics = [(column, edge) for column, edge in sorted(headers, key=lambda h: h[1])
+               if column and column.startswith("metrics.")]
+    assert [column for column, _ in metrics[:2]] == [f"metrics.`{FINAL_VAL_ACC}`",
+                                                     f"metrics.`{TEST_ACC}`"], headers
+    assert all(edge <= right for _, edge in metrics[:2]), (headers, right)
     click(browser, "//label[.//input[@value='CHART']]", "chart view switch", "chart-switch")
     wait_for(browser, "the chart view does not list every training run",
              lambda: all(n in page_text(browser) for n in names.values())

@@ -20,6 +20,8 @@ MODEL_CHOICES = {
     "opt": "the seed's 6,132-parameter CNN (Opt-1, Opt-2 with dropout)",
     "gap8k": "wider early layers, 1x1 transition, GAP head (7,580 parameters, < 8k)",
     "gap5k": "gap8k made narrower (4,974 parameters, < 5k)",
+    "gap3k": "gap5k made narrower again, width kept early (2,800 parameters, < 3k)",
+    "gap3k-late": "under 3k with the width moved after the transition (2,998 parameters)",
 }
 DEVICES = ("auto", "cpu", "cuda")
 PIPELINES = ("fast", "torchvision")

@@ -207,8 +207,24 @@ def gap5k(dropout: float = 0.0) -> GapNet:
     return GapNet(dropout, early=(8, 8, 12), transition=8, late=(10, 12, 12))
 
 
+def gap3k(dropout: float = 0.0) -> GapNet:
+    """2,800 parameters: 6-6-8 channels at full resolution, 8-8-10 after a 6-channel
+    transition: gap5k's shape made narrower again, for < 3k."""
+    return GapNet(dropout, early=(6, 6, 8), transition=6, late=(8, 8, 10))
+
+
+def gap3k_late(dropout: float = 0.0) -> GapNet:
+    """2,998 parameters: 4-6-8 channels at full resolution, 8-10-10 after the transition.
+
+    The other way to spend under 3k: fewer channels where the maps are large (and each
+    channel costs most compute), more on the 11x11 and smaller maps that see whole strokes.
+    """
+    return GapNet(dropout, early=(4, 6, 8), transition=6, late=(8, 10, 10))
+
+
 # config.MODEL_CHOICES name -> constructor taking the dropout probability.
-MODELS: dict[str, Callable[[float], nn.Module]] = {"opt": OptNet, "gap8k": gap8k, "gap5k": gap5k}
+MODELS: dict[str, Callable[[float], nn.Module]] = {
+    "opt": OptNet, "gap8k": gap8k, "gap5k": gap5k, "gap3k": gap3k, "gap3k-late": gap3k_late}
 if set(MODELS) != set(MODEL_CHOICES):  # the torch-free list of names is the command line's
     raise ImportError(f"models {sorted(MODELS)} differ from config's {sorted(MODEL_CHOICES)}")
 

@@ -17,7 +17,8 @@ from mnist_mlflow.training import create_state, fit
 from tests.conftest import tiny_config
 
 # Every variant's parameter count, and the limit it was designed for.
-PARAMETERS = {"opt": (6132, 8000), "gap8k": (7580, 8000), "gap5k": (4974, 5000)}
+PARAMETERS = {"opt": (6132, 8000), "gap8k": (7580, 8000), "gap5k": (4974, 5000),
+              "gap3k": (2800, 3000), "gap3k-late": (2998, 3000)}
 
 
 def test_every_variant_has_its_parameter_count() -> None:
@@ -41,7 +42,7 @@ def test_dropout_follows_every_conv_block_but_the_first() -> None:
 
 
 def test_gap_variants_end_in_global_average_pooling_not_a_dense_head() -> None:
-    for name in ("gap8k", "gap5k"):
+    for name in ("gap8k", "gap5k", "gap3k", "gap3k-late"):
         model = build_model(name, 0.05)
         assert not any(isinstance(m, nn.Linear) for m in model.modules())
         # A plain mean over height and width (AdaptiveAvgPool2d's CUDA backward is not
@@ -60,14 +61,14 @@ def test_inference_model_returns_probabilities(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_variant_trains_one_epoch_on_a_slice(mnist_root, name: str) -> None:
-    config = tiny_config(model=name, dropout=0.05, epochs=1, train_limit=2048, test_limit=500,
+    config = tiny_config(model=name, dropout=0.05, epochs=1, train_limit=4096, test_limit=500,
                          lr=0.05)
     data = load_mnist(mnist_root, config.train_limit, config.test_limit)
     pipeline = build_pipeline(config, data, resolve(config))
     state = create_state(config, resolve(config), pipeline.steps_per_epoch)
     before = [p.detach().clone() for p in state.model.parameters()]
     (epoch,) = fit(config, state, pipeline, progress=False)
-    assert epoch.test_acc > 30.0  # far above chance (10%) after one pass over 2,048 digits
+    assert epoch.test_acc > 30.0  # far above chance (10%) after one pass over 4,096 digits
     assert all(not torch.equal(a, b) for a, b in zip(before, state.model.parameters(),
                                                          strict=True))
 

@@ -101,7 +101,8 @@ BROKEN_TAG = tag("mnist_mlflow.broken", "every run",
 PHASE_TAG = tag("mnist_mlflow.phase", "training run",
                 "the phase its sweep trained (on the sweep parent too); absent on `--variant` "
                 "sweeps")
-VARIANT_TAG = tag("variant", "training run", "the model variant: `opt`, `gap8k`, `gap5k`, `gap3k`, `gap3k-late`")
+VARIANT_TAG = tag("variant", "training run",
+                  "the model variant: `opt`, `gap8k`, `gap5k`, `gap3k`, `gap3k-late`")
 # The run's configuration without its seed, readable (`opt-dropout0.05`, or
 # `gap8k-dropout0 lr=0.05 scheduler=onecycle`): the UI's "Group by" puts its seeds together,
 # and `compare` aggregates over it.

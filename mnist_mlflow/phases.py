@@ -73,9 +73,9 @@ PHASES: dict[str, Phase] = {
                     {**SMALL_RECIPE, "model": "gap3k-late", "dropout": 0.0}),
                    "the gap recipe given 20 epochs before any result (a smaller net learns "
                    "slower); the architecture chosen on validation by sweep --until-decided"),
-    "gap3k-plain": Phase("gap3k-late without the ±7° rotation: a net this small underfits "
-                         "(its training accuracy no higher than validation's), so augmentation "
-                         "may cost more than it gives",
+    "gap3k-plain": Phase("gap3k-late without the ±7° rotation: a net this small may underfit "
+                         "(its accuracy on rotated training images barely above validation's), "
+                         "and then augmentation costs more than it gives",
                          ({**SMALL_RECIPE, "model": "gap3k-late", "dropout": 0.0,
                            "rotation": 0.0},),
                          "after phase gap3k, on its training and validation accuracy (99.23% "

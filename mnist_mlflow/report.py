@@ -189,6 +189,8 @@ def summary_table(comparison: Comparison) -> list[list[str]]:
              "Test Acc min–max", "Train Acc ± sd", "Gap ± sd", "Epochs", "LR", "Batch Size",
              "Dropout", "Status", "Run"]]
     chosen = comparison.verdict.run if comparison.verdict else None
+    # `compare --no-register` chooses the same run and registers nothing.
+    registered = bool(comparison.registered_version)
     for group in comparison.groups:
         config, test = group.config, group.summary(FINAL_TEST_ACC)
         selection = comparison.interval(group, rule.metric)
@@ -202,7 +204,7 @@ def summary_table(comparison: Comparison) -> list[list[str]]:
                      str(config.epochs), f"{config.lr:g}", str(config.batch_size),
                      f"{config.dropout:g}", _status(group, comparison),
                      group.runs[0].run_id[:8] if group.n == 1 else
-                     f"{chosen.run_id[:8]} (registered)"
+                     f"{chosen.run_id[:8]} ({'registered' if registered else 'chosen'})"
                      if chosen is not None and chosen in group.runs else f"{group.n} runs"])
     return rows
 

@@ -251,3 +251,18 @@ def test_cli_prints_both_tables_and_the_choice(store: str, capsys: pytest.Captur
             "one seed: cannot tell") in out
     assert (tmp_path / "r" / "comparison.md").is_file()
     assert MlflowClient().search_registered_models() == []
+
+
+def test_the_chosen_run_is_called_registered_only_when_it_was(store: str,
+                                                              saved_model: Path) -> None:
+    for seed, val in ((1, 99.2), (2, 99.4)):
+        craft_run("named-choice", f"s{seed} opt", val, seed=seed, model=saved_model)
+    craft_run("named-choice", "s1 opt d0.05", 98.0, dropout=0.05, model=saved_model)
+
+    def run_cell(register: bool) -> str:
+        result = compare("named-choice", register=register, model_name="named-choice")
+        row = next(r for r in summary_table(result)[1:] if r[1] == "2")
+        return row[-1]
+
+    assert run_cell(register=False).endswith(" (chosen)")
+    assert run_cell(register=True).endswith(" (registered)")
